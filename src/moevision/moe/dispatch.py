@@ -1,0 +1,106 @@
+"""Dispatch (tokens -> expert inputs) and combine (expert outputs -> tokens), several interchangeable ways.
+
+- ``loop``: per-expert loop over boolean masks, the plain reference (obviously correct, slow).
+- ``einsum``: V-MoE / GShard dense one-hot dispatch and combine tensors (G, S, E, C); reference only,
+  O(T*E*C) memory.
+- ``sorted``: sort assignments by expert, gather, run each expert on its contiguous slice, scale by the
+  gate and scatter-add back (MegaBlocks-style dropless; works with capacity by skipping dropped ones).
+- ``padded``: capacity buffers (E, G*C, D) filled by index, one batched matmul (vmoe / Tutel layout).
+
+All take the flattened tokens x (T, D) and a RoutingPlan and return (T, D). They agree to 1e-6 in
+float64 forward and backward (tests). Shape legend: T tokens, D width, A assignments, E experts,
+G groups, S tokens per group, C capacity.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
+from .experts import Experts
+from .types import RoutingPlan
+
+
+def _kept(plan: RoutingPlan):
+    m = plan.kept
+    return plan.token_idx[m], plan.expert_idx[m], plan.gates[m]
+
+
+def dispatch_loop(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **_) -> torch.Tensor:
+    tok, exp, gate = _kept(plan)
+    out = torch.zeros_like(x_TD)
+    for e in range(experts.num_experts):
+        m = exp == e
+        if bool(m.any()):
+            y = experts.forward_expert(e, x_TD[tok[m]])
+            out = out.index_add(0, tok[m], y * gate[m].unsqueeze(-1))
+    return out
+
+
+def _slots_for(plan: RoutingPlan, num_experts: int, G: int, S: int) -> tuple[torch.Tensor, int]:
+    """Buffer slot of each kept assignment; counts in assignment order when the router gave none."""
+    if plan.slot is not None:
+        cap = plan.capacity if plan.capacity is not None else int(plan.slot[plan.kept].max()) + 1
+        return plan.slot[plan.kept], cap
+    tok, exp, _ = _kept(plan)
+    key = (tok // S) * num_experts + exp  # (group, expert) cell of each assignment
+    onehot = torch.nn.functional.one_hot(key, G * num_experts)
+    slot = (onehot.cumsum(0) - 1).gather(1, key.unsqueeze(1)).squeeze(1)
+    return slot, int(slot.max()) + 1 if slot.numel() else 1
+
+
+def dispatch_einsum(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, *, num_groups: int,
+                    group_size: int) -> torch.Tensor:
+    G, S, E = num_groups, group_size, experts.num_experts
+    tok, exp, gate = _kept(plan)
+    slot, C = _slots_for(plan, E, G, S)
+    g, s = tok // S, tok % S
+    dispatch = x_TD.new_zeros(G, S, E, C)
+    dispatch[g, s, exp, slot] = 1.0
+    combine = x_TD.new_zeros(G, S, E, C).index_put((g, s, exp, slot), gate)
+    x_GSD = x_TD.view(G, S, -1)
+    x_ECD = torch.einsum("gsec,gsd->egcd", dispatch, x_GSD).reshape(E, G * C, -1)
+    y_EGCD = experts.forward_padded(x_ECD).view(E, G, C, -1)
+    return torch.einsum("gsec,egcd->gsd", combine, y_EGCD).reshape(G * S, -1)
+
+
+def dispatch_sorted(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **_) -> torch.Tensor:
+    tok, exp, gate = _kept(plan)
+    order = torch.argsort(exp, stable=True)
+    tok, gate = tok[order], gate[order]
+    counts = torch.bincount(exp, minlength=experts.num_experts).tolist()  # host sync: sizes needed
+    y = experts.forward_sorted(x_TD.index_select(0, tok), counts)
+    return torch.zeros_like(x_TD).index_add_(0, tok, y * gate.unsqueeze(-1))
+
+
+def dispatch_padded(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, *, num_groups: int,
+                    group_size: int) -> torch.Tensor:
+    G, S, E = num_groups, group_size, experts.num_experts
+    tok, exp, gate = _kept(plan)
+    slot, C = _slots_for(plan, E, G, S)
+    row = exp * (G * C) + (tok // S) * C + slot  # row in the flattened (E * G * C) buffer
+    buf = x_TD.new_zeros(E * G * C, x_TD.shape[-1]).index_copy(0, row, x_TD.index_select(0, tok))
+    y = experts.forward_padded(buf.view(E, G * C, -1)).reshape(E * G * C, -1)
+    return torch.zeros_like(x_TD).index_add_(0, tok, y.index_select(0, row) * gate.unsqueeze(-1))
+
+
+DispatchFn = Callable[..., torch.Tensor]
+DISPATCH_IMPLS: dict[str, DispatchFn] = {
+    "loop": dispatch_loop,
+    "einsum": dispatch_einsum,
+    "sorted": dispatch_sorted,
+    "padded": dispatch_padded,
+}
+
+
+def register_dispatch(name: str, fn: DispatchFn) -> None:
+    """Register a dispatch implementation (e.g. a GPU kernel or the expert-parallel dispatcher)."""
+    DISPATCH_IMPLS[name] = fn
+
+
+def get_dispatch(name: str) -> DispatchFn:
+    if name not in DISPATCH_IMPLS:
+        raise ConfigError(f"unknown dispatch impl {name!r}; known: {sorted(DISPATCH_IMPLS)}")
+    return DISPATCH_IMPLS[name]

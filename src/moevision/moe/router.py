@@ -1,0 +1,327 @@
+"""Routers: token choice top-k (V-MoE / Switch / GShard / Mixtral), expert choice, soft MoE, random, hash.
+
+Papers: V-MoE (Riquelme et al., NeurIPS 2021) for noisy top-k with capacity and Batch Prioritized
+Routing; Expert Choice (Zhou et al., NeurIPS 2022); Soft MoE (Puigcerver et al., ICLR 2024); EWA
+(Huang et al., 2023) for the random uniform partition. Every router maps a (G, S, D) batch of routing
+groups to a plan; groups never influence each other.
+
+Shape legend: G groups, S tokens per group, D width, E experts, K top-k, C capacity, P = E * slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from . import losses as L
+from .capacity import compute_capacity
+from .types import RoutingPlan, SoftRoutingPlan
+
+_ZERO = torch.zeros(())
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Router math in fp32 at least (fp64 stays fp64, so float64 tests are exact)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _group_offsets(G: int, S: int, device) -> torch.Tensor:
+    return (torch.arange(G, device=device) * S).view(G, 1)
+
+
+class _LinearRouter(nn.Module):
+    """Holds ``weight`` (E, D): logits = x @ weight.T in fp32 (the checkpoint key ``router.weight``)."""
+
+    def __init__(self, dim: int, num_experts: int, init_std: float | None = None):
+        super().__init__()
+        self.dim, self.num_experts = dim, num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # LeCun normal (vmoe's Flax Dense default) unless a std is given.
+        std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.dim)
+        nn.init.normal_(self.weight, std=std) if std > 0 else nn.init.zeros_(self.weight)
+
+    def logits(self, x_GSD: torch.Tensor) -> torch.Tensor:
+        return _fp32(x_GSD) @ _fp32(self.weight).t()
+
+
+class TopKRouter(_LinearRouter):
+    """Token choice: each token picks its top-k experts; experts have a capacity per group (or none).
+
+    Defaults follow V-MoE: softmax over all experts *before* top-k, selected gates NOT renormalised,
+    Gaussian logit noise with std ``noise_std / E`` in training only (noise_std=1.0), capacity rounded up
+    to a multiple of 4, priority by token position, importance + load losses (0.005 each).
+    ``normalize_topk=True`` renormalises the selected gates (Mixtral, MoE-LLaVA, CLIP-MoE);
+    ``normalize_after_drop`` decides whether dropped assignments are zeroed before that normalisation
+    (DeepSpeed / MoE-LLaVA: True) or after it (Tutel: False, the default).
+    ``batch_priority=True`` (BPR) fills buffers in order of router confidence (max gate, or the sum of the
+    top-k gates with ``bpr_score="sum"``, [R]) instead of position; ties keep position order.
+    All first choices are placed before any second choice, so a top-1 choice is never displaced by a
+    top-2 choice.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        *,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        normalize_topk: bool = False,
+        normalize_after_drop: bool = False,
+        softmax_order: str = "before_topk",
+        noise_std: float = 1.0,
+        batch_priority: bool = False,
+        bpr_score: str = "max",
+        capacity_mode: str = "ceil",
+        capacity_multiple_of: int | None = 4,
+        importance_loss_weight: float = 0.005,
+        load_loss_weight: float = 0.005,
+        switch_loss_weight: float = 0.0,
+        switch_use_all_k: bool = False,
+        z_loss_weight: float = 0.0,
+        init_std: float | None = None,
+    ):
+        super().__init__(dim, num_experts, init_std)
+        if softmax_order not in ("before_topk", "after_topk"):
+            raise ConfigError(f"softmax_order must be 'before_topk' or 'after_topk', got {softmax_order!r}")
+        if bpr_score not in ("max", "sum"):
+            raise ConfigError(f"bpr_score must be 'max' or 'sum', got {bpr_score!r}")
+        self.top_k = top_k
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.normalize_topk, self.normalize_after_drop = normalize_topk, normalize_after_drop
+        self.softmax_order, self.noise_std = softmax_order, noise_std
+        self.batch_priority, self.bpr_score = batch_priority, bpr_score
+        self.capacity_mode, self.capacity_multiple_of = capacity_mode, capacity_multiple_of
+        self.weights = dict(importance=importance_loss_weight, load=load_loss_weight,
+                            switch=switch_loss_weight, z=z_loss_weight)
+        self.switch_use_all_k = switch_use_all_k
+
+    def current_capacity_factor(self) -> float | None:
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def forward(self, x_GSD: torch.Tensor) -> RoutingPlan:
+        G, S, _ = x_GSD.shape
+        E, K = self.num_experts, self.top_k
+        logits = self.logits(x_GSD)  # (G, S, E) clean
+        sigma = self.noise_std / E if (self.training and self.noise_std > 0) else 0.0
+        noisy = logits + sigma * torch.randn_like(logits) if sigma > 0 else logits
+        probs = noisy.softmax(dim=-1)
+        top_v, top_i = probs.topk(K, dim=-1)  # (G, S, K); top-k of probs == top-k of logits
+        if self.softmax_order == "after_topk":
+            top_v = noisy.gather(-1, top_i).softmax(dim=-1)
+
+        cf = self.current_capacity_factor()
+        if cf is None:
+            capacity, slot = None, None
+            kept = torch.ones_like(top_i, dtype=torch.bool)
+        else:
+            capacity = compute_capacity(S * K, E, cf, mode=self.capacity_mode, multiple_of=self.capacity_multiple_of)
+            slot = self._slots(top_i, top_v)
+            kept = slot < capacity
+
+        gates = top_v
+        if self.normalize_topk and not self.normalize_after_drop:
+            gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
+        gates = gates * kept
+        if self.normalize_topk and self.normalize_after_drop:
+            gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
+
+        clean_probs = logits.softmax(dim=-1)
+        aux_losses: dict[str, torch.Tensor] = {}
+        if self.weights["importance"]:
+            aux_losses["importance"] = L.importance_cv2(clean_probs)
+        if self.weights["load"] and sigma > 0:
+            aux_losses["load"] = L.load_cv2(logits, noisy, sigma, K)
+        if self.weights["switch"]:
+            aux_losses["switch"] = L.switch_loss(clean_probs, top_i, use_all_k=self.switch_use_all_k)
+        if self.weights["z"]:
+            aux_losses["z"] = L.z_loss(logits)
+        aux = sum((self.weights[k] * v for k, v in aux_losses.items()), logits.new_zeros(()))
+
+        token = (torch.arange(S, device=x_GSD.device).view(1, S, 1) + _group_offsets(G, S, x_GSD.device).view(G, 1, 1))
+        return RoutingPlan(
+            token_idx=token.expand(G, S, K).reshape(-1),
+            expert_idx=top_i.reshape(-1),
+            gates=gates.reshape(-1).to(x_GSD.dtype),
+            kept=kept.reshape(-1),
+            slot=None if slot is None else slot.reshape(-1),
+            probs_GSE=clean_probs,
+            logits_GSE=logits,
+            capacity=capacity,
+            aux_losses=aux_losses,
+            aux_loss=aux,
+            top_k=K,
+        )
+
+    def _slots(self, top_i: torch.Tensor, top_v: torch.Tensor) -> torch.Tensor:
+        """Position of each (token, choice) in its expert's buffer: choice-major, then by priority."""
+        G, S, K = top_i.shape
+        E = self.num_experts
+        if self.batch_priority:
+            score = top_v[..., 0] if self.bpr_score == "max" else top_v.sum(-1)
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices  # (G, S)
+            idx = top_i.gather(1, order.unsqueeze(-1).expand(G, S, K))
+        else:
+            order, idx = None, top_i
+        flat = idx.transpose(1, 2).reshape(G, K * S)  # all 1st choices, then all 2nd choices
+        onehot = F.one_hot(flat, E).to(torch.int32)  # (G, K*S, E): O(T*K*E), never (T, E, C)
+        pos = (onehot.cumsum(dim=1) - 1).gather(2, flat.unsqueeze(-1)).squeeze(-1)  # (G, K*S)
+        pos = pos.view(G, K, S).transpose(1, 2)  # (G, S, K) in priority order
+        if order is not None:
+            pos = torch.empty_like(pos).scatter_(1, order.unsqueeze(-1).expand(G, S, K), pos)
+        return pos.long()
+
+
+class ExpertChoiceRouter(_LinearRouter):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of the group.
+
+    C = capacity(S, E, capacity_factor) (default factor 1.0, vmoe ceil / multiple of 4; clamped to S).
+    Combine weight = the token's softmax probability for that expert, not renormalised; no aux loss
+    (z-loss on request). Logit noise (vmoe option; the paper uses none) defaults to 0.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        *,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        noise_std: float = 0.0,
+        capacity_mode: str = "ceil",
+        capacity_multiple_of: int | None = 4,
+        z_loss_weight: float = 0.0,
+        init_std: float | None = None,
+    ):
+        super().__init__(dim, num_experts, init_std)
+        self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
+        self.eval_capacity_factor = self.capacity_factor if eval_capacity_factor is None else eval_capacity_factor
+        self.noise_std, self.capacity_mode, self.capacity_multiple_of = noise_std, capacity_mode, capacity_multiple_of
+        self.z_loss_weight = z_loss_weight
+
+    def forward(self, x_GSD: torch.Tensor) -> RoutingPlan:
+        G, S, _ = x_GSD.shape
+        E = self.num_experts
+        logits = self.logits(x_GSD)
+        sigma = self.noise_std / E if (self.training and self.noise_std > 0) else 0.0
+        noisy = logits + sigma * torch.randn_like(logits) if sigma > 0 else logits
+        probs = noisy.softmax(dim=-1)  # (G, S, E)
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        C = min(compute_capacity(S, E, cf, mode=self.capacity_mode, multiple_of=self.capacity_multiple_of), S)
+        gates_GEC, tok_GEC = probs.transpose(1, 2).topk(C, dim=-1)  # each expert's top-C tokens
+        token = tok_GEC + _group_offsets(G, S, x_GSD.device).view(G, 1, 1)
+        expert = torch.arange(E, device=x_GSD.device).view(1, E, 1).expand(G, E, C)
+        slot = torch.arange(C, device=x_GSD.device).view(1, 1, C).expand(G, E, C)
+        aux_losses = {"z": L.z_loss(logits)} if self.z_loss_weight else {}
+        aux = self.z_loss_weight * aux_losses["z"] if aux_losses else logits.new_zeros(())
+        return RoutingPlan(
+            token_idx=token.reshape(-1),
+            expert_idx=expert.reshape(-1),
+            gates=gates_GEC.reshape(-1).to(x_GSD.dtype),
+            kept=torch.ones(G * E * C, dtype=torch.bool, device=x_GSD.device),
+            slot=slot.reshape(-1),
+            probs_GSE=logits.softmax(dim=-1),
+            logits_GSE=logits,
+            capacity=C,
+            aux_losses=aux_losses,
+            aux_loss=aux,
+            top_k=0,
+        )
+
+
+class SoftRouter(nn.Module):
+    """Soft MoE (Puigcerver et al. 2024): logits L = scale * <x/|x|, phi/|phi|> for E*P slots.
+
+    ``weight`` (E*P, D) holds phi (slot-major per expert: rows e*P .. e*P+P-1 belong to expert e) and
+    ``scale`` (init 1.0) the learned temperature. Dispatch = softmax over the group's tokens, combine =
+    softmax over all slots. The group is one image's tokens by default. No aux loss.
+    """
+
+    def __init__(self, dim: int, num_experts: int, *, slots_per_expert: int = 1, noise_std: float = 0.0,
+                 z_loss_weight: float = 0.0, init_std: float | None = None):
+        super().__init__()
+        if slots_per_expert < 1:
+            raise ConfigError(f"slots_per_expert must be >= 1, got {slots_per_expert}")
+        self.dim, self.num_experts, self.slots_per_expert = dim, num_experts, slots_per_expert
+        self.weight = nn.Parameter(torch.empty(num_experts * slots_per_expert, dim))
+        self.scale = nn.Parameter(torch.ones(()))
+        self.noise_std, self.z_loss_weight, self.init_std = noise_std, z_loss_weight, init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.dim))
+        nn.init.ones_(self.scale)
+
+    def forward(self, x_GSD: torch.Tensor) -> SoftRoutingPlan:
+        x = _fp32(x_GSD)
+        x_hat = x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+        w = _fp32(self.weight)
+        w_hat = w * torch.rsqrt(w.square().sum(-1, keepdim=True) + 1e-6)
+        logits = self.scale * (x_hat @ w_hat.t())  # (G, S, P)
+        if self.training and self.noise_std > 0:
+            logits = logits + self.noise_std * torch.randn_like(logits)
+        aux_losses = {"z": L.z_loss(logits)} if self.z_loss_weight else {}
+        aux = self.z_loss_weight * aux_losses["z"] if aux_losses else logits.new_zeros(())
+        return SoftRoutingPlan(
+            dispatch_GSP=logits.softmax(dim=1),
+            combine_GSP=logits.softmax(dim=2),
+            logits_GSP=logits,
+            slots_per_expert=self.slots_per_expert,
+            aux_losses=aux_losses,
+            aux_loss=aux,
+        )
+
+
+class RandomRouter(nn.Module):
+    """Parameter-free routing with weight-1 gates: random uniform partition (EWA) or hash by position.
+
+    ``mode="random"``: in training each group's tokens are shuffled and split into E contiguous chunks of
+    sizes floor(S/E) or ceil(S/E) (EWA's random uniform partition; balanced, nothing dropped). In
+    evaluation the partition is deterministic by default (``eval_mode="hash"``), so eval is repeatable;
+    ``eval_mode="random"`` keeps the random partition (EWA ablation). ``mode="hash"``: token s of a group
+    goes to expert s mod E, always.
+    """
+
+    def __init__(self, num_experts: int, *, mode: str = "random", eval_mode: str = "hash"):
+        super().__init__()
+        if mode not in ("random", "hash"):
+            raise ConfigError(f"random router mode must be 'random' or 'hash', got {mode!r}")
+        if eval_mode not in ("random", "hash"):
+            raise ConfigError(f"eval_mode must be 'random' or 'hash', got {eval_mode!r}")
+        self.num_experts, self.mode, self.eval_mode = num_experts, mode, eval_mode
+
+    def forward(self, x_GSD: torch.Tensor) -> RoutingPlan:
+        G, S, _ = x_GSD.shape
+        E, dev = self.num_experts, x_GSD.device
+        mode = self.mode if self.training else (self.eval_mode if self.mode == "random" else "hash")
+        pos = torch.arange(S, device=dev)
+        if mode == "random":
+            perm = torch.rand(G, S, device=dev).argsort(dim=1)  # perm[g, i] = token in rank i
+            chunk = (pos * E) // S  # rank i -> expert, contiguous chunks of floor/ceil(S/E)
+            expert = torch.empty(G, S, dtype=torch.long, device=dev).scatter_(1, perm, chunk.expand(G, S))
+        else:
+            expert = (pos % E).expand(G, S)
+        probs = torch.full((G, S, E), 1.0 / E, device=dev, dtype=_fp32(x_GSD).dtype)
+        token = pos.view(1, S) + _group_offsets(G, S, dev)
+        return RoutingPlan(
+            token_idx=token.reshape(-1),
+            expert_idx=expert.reshape(-1),
+            gates=torch.ones(G * S, dtype=x_GSD.dtype, device=dev),
+            kept=torch.ones(G * S, dtype=torch.bool, device=dev),
+            slot=None,
+            probs_GSE=probs,
+            logits_GSE=torch.zeros_like(probs),
+            capacity=None,
+            aux_losses={},
+            aux_loss=probs.new_zeros(()),
+            top_k=1,
+        )
