@@ -1,0 +1,60 @@
+# moevision: `make demo` (train + evaluate the main job) and `make test` (the test suite).
+# Both create .venv and install what they need; re-running them only installs what changed.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+RECIPE ?= fmnist_moe
+ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: demo test data install bench clean help
+
+help:
+	@echo "make demo    install moevision and Fashion-MNIST, train + evaluate the default MoE ViT ($(RECIPE))"
+	@echo "make test    install moevision with test extras and run the test suite"
+	@echo "make bench   MoE layer and model benchmarks (ratios to dense)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first (a CPU build where pip finds one locally), then the package and its extras.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev,plots]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST: the Debian package dataset-fashion-mnist when apt is available, else say what to do
+# (the demo also passes --download, which fetches it from the official mirror when online).
+data:
+	@if [ -n "$$MOEVISION_DATA" ] || [ -e "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ]; then \
+		echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Fashion-MNIST: installing the Debian package dataset-fashion-mnist"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+		|| echo "apt-get could not install dataset-fashion-mnist; the demo will try --download"; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+		|| echo "apt-get could not install dataset-fashion-mnist; the demo will try --download"; \
+	else \
+		echo "Fashion-MNIST not found. Install it with 'sudo apt-get install dataset-fashion-mnist', or put the"; \
+		echo "four IDX files in a directory and set MOEVISION_DATA=DIR; the demo will now try to download it."; \
+	fi
+
+demo: install data
+	$(BIN)/moevision train --recipe $(RECIPE) --download $(ARGS)
+
+test: install
+	-@$(MAKE) --no-print-directory data >/dev/null 2>&1
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	mkdir -p runs
+	$(BIN)/moevision bench moe-layer --json runs/bench_moe_layer.json
+	$(BIN)/moevision bench model --json runs/bench_model.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -1,0 +1,198 @@
+"""``moevision``: train, evaluate and benchmark sparse MoE vision models.
+
+Every user error (unknown recipe, bad --set, missing data, corrupt run directory) prints one line
+``moevision: error: ...`` and exits with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import MoEVisionError
+
+EPILOG = """examples:
+  moevision train                                   # the default recipe (MoE ViT on Fashion-MNIST)
+  moevision train --recipe fmnist_dense --out runs/dense
+  moevision train --set model.num_experts=8 --set train.epochs=3
+  moevision train --resume runs/fmnist_moe-20261126-120000
+  moevision eval runs/fmnist_moe-20261126-120000
+  moevision list-models 'moe_*'
+  moevision bench moe-layer
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moevision", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a model from a recipe (or resume a run)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a recipe. The run directory gets config.json, metrics.jsonl, "
+                                   "checkpoint.safetensors, model/ and summary.json.")
+    t.add_argument("--recipe", default=None, help="recipe name (see list-recipes; default fmnist_moe)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. model.num_experts=8 or train.epochs=3 (repeatable)")
+    t.add_argument("--data-dir", default=None, help="directory holding the data set files (Fashion-MNIST IDX)")
+    t.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is found nowhere")
+    t.add_argument("--out", default=None, help="run directory (default runs/<recipe>-<time>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR", help="resume this run from its checkpoint")
+    t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's, auto)")
+    t.add_argument("--overwrite", action="store_true", help="allow --out to name an existing run directory")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a run directory (or a save_pretrained directory)")
+    e.add_argument("run_dir", help="a run directory written by `moevision train`")
+    e.add_argument("--data-dir", default=None, help="directory holding the data set files")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--eval-capacity-factor", type=float, default=None,
+                   help="override every MoE layer's evaluation capacity factor (e.g. 0.5 to test BPR)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    lm = sub.add_parser("list-models", help="list registered models")
+    lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'moe_*'")
+    sub.add_parser("list-recipes", help="list recipes with what they reach")
+
+    b = sub.add_parser("bench", help="benchmarks: MoE layer vs dense FFN, MoE-ViT step vs dense twin")
+    b.add_argument("what", choices=["moe-layer", "model"])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    b.add_argument("--shapes", default=None, help="comma-separated shape names (default: all for the device)")
+    b.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
+    b.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from .. import config as C
+    from ..recipes import DEFAULT_RECIPE, get_recipe
+    from ..train import fit, format_summary, read_run_config
+
+    progress = not args.no_progress
+    if args.resume:
+        if args.recipe or args.overrides:
+            raise MoEVisionError("--resume takes the run's own config; drop --recipe/--set (only --device "
+                                 "and --data-dir may change)")
+        run_dir = Path(args.resume)
+        cfg = read_run_config(run_dir)
+        if not (run_dir / "checkpoint.safetensors").is_file():
+            raise MoEVisionError(f"{run_dir}/checkpoint.safetensors is missing: nothing to resume")
+    else:
+        cfg = get_recipe(args.recipe or DEFAULT_RECIPE)
+        for key, value in C.parse_overrides(args.overrides):
+            C.set_by_path(cfg, key, value)
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+            raise MoEVisionError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, "
+                                 f"--overwrite to replace it, or another --out")
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
+    if args.download:
+        cfg.data.download = True
+    if args.device:
+        cfg.train.device = args.device
+    C.validate_config(cfg)
+    print(f"moevision train: recipe {cfg.recipe}, model {cfg.model_name}, run directory {run_dir}", flush=True)
+    try:
+        summary = fit(cfg, run_dir, resume=bool(args.resume), progress=progress)
+    except KeyboardInterrupt:
+        return 130
+    print()
+    print(format_summary(summary))
+    print(f"\nrun directory: {run_dir}  (evaluate: moevision eval {run_dir})")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from ..errors import CheckpointError
+    from ..models import from_pretrained
+    from ..train import evaluate, format_summary, load_checkpoint, read_run_config
+    from ..train.engine import MODEL_DIR, build_model, load_data, make_summary, resolve_device
+
+    run_dir = Path(args.run_dir)
+    cfg = read_run_config(run_dir)
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
+    device = resolve_device(args.device)
+    if (run_dir / MODEL_DIR / "config.json").is_file():
+        model = from_pretrained(run_dir / MODEL_DIR)
+        source = f"{run_dir / MODEL_DIR}"
+    elif (run_dir / "checkpoint.safetensors").is_file():
+        model = build_model(cfg)
+        load_checkpoint(run_dir / "checkpoint.safetensors", model=model, restore_rng=False)
+        source = f"{run_dir / 'checkpoint.safetensors'} (training did not finish)"
+    else:
+        raise CheckpointError(f"{run_dir} has neither model/ nor checkpoint.safetensors: nothing to evaluate")
+    if args.eval_capacity_factor is not None:
+        if not args.eval_capacity_factor > 0:
+            raise MoEVisionError(f"--eval-capacity-factor must be > 0, got {args.eval_capacity_factor}")
+        for m in model.modules():
+            if hasattr(m, "eval_capacity_factor") and m.__class__.__name__.endswith("Router"):
+                m.eval_capacity_factor = args.eval_capacity_factor
+    model.to(device)
+    _, test = load_data(cfg)
+    t0 = time.perf_counter()
+    ev = evaluate(model, test, batch_size=cfg.data.eval_batch_size, device=device, progress=not args.no_progress)
+    s = make_summary(cfg, model, ev, train_seconds=0.0, steps=0, images_seen=0, device=device)
+    s["train_seconds"] = None
+    s["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    s["eval_capacity_factor"] = args.eval_capacity_factor
+    print(f"evaluated {source}")
+    print(format_summary(s))
+    out = run_dir / "eval.json"
+    out.write_text(json.dumps(s, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _cmd_list_models(args) -> int:
+    from ..models import create_model, list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise MoEVisionError(f"no model matches {args.pattern!r}")
+    for n in names:
+        m = create_model(n)
+        kind = f"MoE blocks {list(m.moe_layers)}, E={m.config.num_experts}" if m.moe_layers else "dense"
+        print(f"{n:<28}{m.num_params() / 1e6:>8.3f}M params  {kind}")
+    return 0
+
+
+def _cmd_list_recipes(args) -> int:
+    from ..recipes import list_recipes, recipe_doc
+
+    for n in list_recipes():
+        doc = recipe_doc(n)
+        print(f"{n}\n    " + "\n    ".join(doc.splitlines()) + "\n")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from ..bench import run_bench
+
+    return run_bench(args)
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "list-models": _cmd_list_models,
+            "list-recipes": _cmd_list_recipes, "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MoEVisionError as e:
+        print(f"moevision: error: {e}", file=sys.stderr)
+        return 2
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Model registry (timm-style): ``register_model``, ``create_model``, ``list_models``, and
+``save_pretrained`` / ``from_pretrained`` (``config.json`` + ``model.safetensors``; no pickles)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..utils import atomic_write
+
+_MODELS: dict[str, Callable[..., torch.nn.Module]] = {}
+_ARCHS: dict[str, tuple[type, type]] = {}  # architecture name -> (model class, config class)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelOutput:
+    """What classification models return."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor  # summed over MoE layers, already weighted
+    routing: list = field(default_factory=list)  # RoutingStats per MoE layer, in block order
+    moe_layers: tuple[int, ...] = ()  # block index of each entry of ``routing``
+
+
+def register_arch(name: str, model_cls: type, config_cls: type) -> None:
+    _ARCHS[name] = (model_cls, config_cls)
+
+
+def register_model(fn: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+
+
+def create_model(name: str, **overrides: Any) -> torch.nn.Module:
+    if name not in _MODELS:
+        close = [m for m in _MODELS if name.split("_")[0] in m][:5]
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint} (see `moevision list-models`)")
+    model = _MODELS[name](**overrides)
+    model.model_name = name
+    return model
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (full model, contiguous CPU tensors)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    meta = {"format_version": FORMAT_VERSION, "architecture": model.arch_name,
+            "model_name": getattr(model, "model_name", None), "config": cfg.to_dict()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(d / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return d
+
+
+def read_model_config(directory: str | os.PathLike):
+    d = Path(directory)
+    path = d / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a moevision model directory (expected config.json "
+                              f"and model.safetensors written by save_pretrained)")
+    try:
+        meta = json.loads(path.read_text())
+        arch = meta["architecture"]
+        raw = meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); re-save the model") from None
+    if arch not in _ARCHS:
+        raise CheckpointError(f"{path}: unknown architecture {arch!r}; known: {sorted(_ARCHS)}")
+    model_cls, config_cls = _ARCHS[arch]
+    try:
+        cfg = config_cls.from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: invalid model config: {e}") from None
+    return model_cls, cfg, meta
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
+
+
+def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild a model written by ``save_pretrained``; every key must match (no expert silently lost)."""
+    d = Path(directory)
+    model_cls, cfg, meta = read_model_config(d)
+    model = model_cls(cfg)
+    model.model_name = meta.get("model_name")
+    state = load_state_file(d / "model.safetensors")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{d}: weights do not match the config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    bad = [k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{d}: {k} has shape {tuple(state[k].shape)}, config expects {tuple(expected[k].shape)}")
+    model.load_state_dict(state)
+    return model.to(map_location)

@@ -1,0 +1,307 @@
+"""Vision Transformer, dense and MoE (V-MoE: Riquelme et al., NeurIPS 2021).
+
+Pre-norm blocks ``x + Attn(LN1(x)); x + MLP(LN2(x))``; the MLP of the blocks listed in ``moe_layers``
+is a ``moevision.MoE`` (same width, experts of the dense MLP's shape). Tokens come from a linear patch
+embedding (``stem="patch"``) or a small conv stem (``stem="conv"``, a hybrid ViT). State-dict keys
+follow timm (``patch_embed.proj``, ``blocks.i.attn.qkv``, ``blocks.i.mlp.fc1`` ...), MoE blocks hold
+``blocks.i.mlp.router.weight`` and ``blocks.i.mlp.experts.w1`` ...
+
+Shape legend: B batch, N tokens (incl. class token), D width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import config as C
+from ..layers import Attention, ConvStem, DropPath, Mlp, PatchEmbed
+from ..moe import ROUTERS, MoE, moe_layer_indices
+from ..moe.types import MoEOutput
+from ._builder import ModelOutput, register_arch, register_model
+
+
+@dataclass
+class ViTConfig:
+    """A dense or MoE ViT. ``moe_layers`` (block indices, ``every_2``, ``last_odd_2`` ...) decides which
+    blocks are MoE; ``none`` gives the dense model. MoE options mirror ``moevision.MoE``."""
+
+    img_size: int = 28
+    in_chans: int = 1
+    num_classes: int = 10
+    stem: str = "patch"  # "patch" | "conv"
+    patch_size: int = 4
+    stem_channels: int = 32
+    embed_dim: int = 128
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    class_token: bool = True
+    global_pool: str = "token"  # "token" | "avg"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # MoE
+    moe_layers: str | list[int] = "none"
+    num_experts: int = 8
+    top_k: int = 1
+    router: str = "topk"
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    normalize_topk: bool = False
+    noise_std: float | None = None
+    batch_priority: bool = False
+    group_size: int | None = None  # tokens per routing group; None = the whole batch
+    slots_per_expert: int = 1
+    expert_hidden_ratio: float | None = None  # expert hidden width / D; None = mlp_ratio
+    expert_init: str = "independent"
+    importance_loss_weight: float = 0.005
+    load_loss_weight: float = 0.005
+    switch_loss_weight: float = 0.0
+    z_loss_weight: float = 0.0
+    moe_impl: str = "sorted"
+
+    # -- config protocol
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+        cfg = C.from_dict(cls, d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        for k in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads",
+                  "num_experts", "top_k", "slots_per_expert", "stem_channels"):
+            v = getattr(self, k)
+            C.check(isinstance(v, int) and v >= 1, f"model.{k}", v, "must be a positive integer")
+        C.check(self.stem in ("patch", "conv"), "model.stem", self.stem, "must be 'patch' or 'conv'")
+        C.check(self.img_size % self.patch_size == 0, "model.patch_size", self.patch_size,
+                f"must divide img_size={self.img_size}")
+        C.check(self.embed_dim % self.num_heads == 0, "model.num_heads", self.num_heads,
+                f"must divide embed_dim={self.embed_dim}")
+        C.check(self.global_pool in ("token", "avg"), "model.global_pool", self.global_pool, "'token' or 'avg'")
+        C.check(self.class_token or self.global_pool == "avg", "model.global_pool", self.global_pool,
+                "must be 'avg' when class_token is false")
+        C.check(self.mlp_ratio > 0, "model.mlp_ratio", self.mlp_ratio, "must be > 0")
+        for k in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            C.check(0.0 <= getattr(self, k) < 1.0, f"model.{k}", getattr(self, k), "must be in [0, 1)")
+        C.check(self.router in ROUTERS, "model.router", self.router, f"must be one of {ROUTERS}")
+        C.check(self.top_k <= self.num_experts, "model.top_k", self.top_k,
+                f"must be <= num_experts={self.num_experts}")
+        for k in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, k)
+            C.check(v is None or v > 0, f"model.{k}", v, "must be > 0, or none for dropless")
+        moe_layer_indices(self.moe_layers, self.depth)  # raises on a bad spec
+
+    @property
+    def moe_block_indices(self) -> tuple[int, ...]:
+        return moe_layer_indices(self.moe_layers, self.depth)
+
+    def moe_kwargs(self) -> dict[str, Any]:
+        return dict(
+            router=self.router, capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor if self.eval_capacity_factor is not None
+            else self.capacity_factor,
+            normalize_topk=self.normalize_topk, noise_std=self.noise_std, batch_priority=self.batch_priority,
+            group_size=self.group_size, slots_per_expert=self.slots_per_expert, expert_init=self.expert_init,
+            importance_loss_weight=self.importance_loss_weight, load_loss_weight=self.load_loss_weight,
+            switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``mlp`` is an ``Mlp`` or a ``MoE`` (which also returns aux/stats)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, *, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 attn: nn.Module | None = None):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn if attn is not None else Attention(dim, num_heads, qkv_bias=qkv_bias,
+                                                            attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        y = self.mlp(self.norm2(x))
+        if isinstance(y, MoEOutput):
+            return x + self.drop_path(y.out), y.aux_loss, y.stats
+        return x + self.drop_path(y), None, None
+
+
+class VisionTransformer(nn.Module):
+    arch_name = "vit"
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        D = cfg.embed_dim
+        stem_cls = PatchEmbed if cfg.stem == "patch" else ConvStem
+        stem_kw = {} if cfg.stem == "patch" else {"channels": cfg.stem_channels}
+        self.patch_embed = stem_cls(cfg.img_size, cfg.patch_size, cfg.in_chans, D, **stem_kw)
+        n_prefix = 1 if cfg.class_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + n_prefix, D))
+        self.num_prefix_tokens = n_prefix
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        hidden = int(D * cfg.mlp_ratio)
+        expert_hidden = int(D * (cfg.expert_hidden_ratio or cfg.mlp_ratio))
+        self.moe_layers = cfg.moe_block_indices
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        blocks = []
+        for i in range(cfg.depth):
+            if i in self.moe_layers:
+                mlp = MoE(D, expert_hidden, cfg.num_experts, cfg.top_k, **cfg.moe_kwargs())
+            else:
+                mlp = Mlp(D, hidden, drop=cfg.drop_rate)
+            blocks.append(Block(D, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
+                                attn_drop=cfg.attn_drop_rate, drop_path=dpr[i]))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(D)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(D, cfg.num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm's ViT init: trunc-normal(0.02) linear weights and positions, zero biases; experts too."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, MoE):
+                with torch.no_grad():
+                    ex = m.experts
+                    for name in ("w1", "w2", "w3"):
+                        if hasattr(ex, name):
+                            p = getattr(ex, name)
+                            nn.init.trunc_normal_(p, std=0.02)
+                            if ex.init == "shared":
+                                p.copy_(p[:1].expand_as(p))
+                    for name in ("b1", "b2"):
+                        if hasattr(ex, name):
+                            nn.init.zeros_(getattr(ex, name))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    # -- forward
+    def _features(self, x: torch.Tensor):
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        aux = x.new_zeros((), dtype=torch.float32)
+        stats = []
+        for blk in self.blocks:
+            x, a, s = blk(x)
+            if a is not None:
+                aux = aux + a
+                stats.append(s)
+        return self.norm(x), aux, stats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The token sequence after the final norm, (B, N, D)."""
+        return self._features(x)[0]
+
+    def forward_head(self, x_BND: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x_BND[:, 0] if self.config.global_pool == "token" else x_BND[:, self.num_prefix_tokens:].mean(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
+                             f"got {tuple(x.shape)}")
+        feats, aux, stats = self._features(x)
+        return ModelOutput(logits=self.forward_head(feats), aux_loss=aux, routing=stats, moe_layers=self.moe_layers)
+
+    # -- parameter counts
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self) -> int:
+        """Parameters used per token: each MoE layer counts its router plus top_k experts (soft MoE and
+        expert choice: on average capacity-factor experts; reported as top_k=1 for them)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if ".experts." in name:
+                blk = self.blocks[int(name.split(".")[1])].mlp
+                k = blk.top_k if blk.router_name == "topk" else 1
+                total += p.numel() // blk.num_experts * k
+            else:
+                total += p.numel()
+        return total
+
+    def save_pretrained(self, directory) -> Any:
+        from ._builder import save_pretrained
+        return save_pretrained(self, directory)
+
+
+register_arch("vit", VisionTransformer, ViTConfig)
+
+
+def _vit(defaults: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
+    cfg = ViTConfig.from_dict({**defaults, **overrides})
+    return VisionTransformer(cfg)
+
+
+# ---- registered entrypoints -------------------------------------------------------------------
+_FMNIST = dict(img_size=28, in_chans=1, num_classes=10)
+
+
+@register_model
+def vit_tiny_test(**kw) -> VisionTransformer:
+    """Tiny dense ViT for tests (16x16 inputs, 2 blocks)."""
+    return _vit(dict(img_size=16, in_chans=1, num_classes=4, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                     mlp_ratio=2.0), kw)
+
+
+@register_model
+def moe_vit_tiny_test(**kw) -> VisionTransformer:
+    """Tiny MoE ViT for tests: 2 blocks, block 1 MoE (E=4, top-2, capacity 1.25)."""
+    return _vit(dict(img_size=16, in_chans=1, num_classes=4, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                     mlp_ratio=2.0, moe_layers="every_2", num_experts=4, top_k=2, capacity_factor=1.25), kw)
+
+
+@register_model
+def vit_fmnist_patch4(**kw) -> VisionTransformer:
+    """Plain ViT, patch 4 on 28x28 (49 tokens + CLS), d=128, 6 blocks (the anchors' baseline)."""
+    return _vit(dict(_FMNIST, patch_size=4, embed_dim=128, depth=6, num_heads=4), kw)
+
+
+@register_model
+def moe_vit_fmnist_patch4(**kw) -> VisionTransformer:
+    """V-MoE version of ``vit_fmnist_patch4``: E=8 top-1 in odd blocks."""
+    return _vit(dict(_FMNIST, patch_size=4, embed_dim=128, depth=6, num_heads=4, moe_layers="every_2",
+                     num_experts=8, top_k=1), kw)
+
+
+@register_model
+def vit_fmnist_hybrid(**kw) -> VisionTransformer:
+    """Hybrid ViT: conv stem to a 7x7 grid (49 tokens + CLS), d=96, 4 blocks; the dense twin of
+    ``moe_vit_fmnist_hybrid`` (same active parameters per token)."""
+    return _vit(dict(_FMNIST, stem="conv", patch_size=4, stem_channels=16, embed_dim=96, depth=4, num_heads=4,
+                     mlp_ratio=2.0), kw)
+
+
+@register_model
+def moe_vit_fmnist_hybrid(**kw) -> VisionTransformer:
+    """MoE hybrid ViT: ``vit_fmnist_hybrid`` with E=4 top-1 experts in the odd blocks (V-MoE "every 2")."""
+    return _vit(dict(_FMNIST, stem="conv", patch_size=4, stem_channels=16, embed_dim=96, depth=4, num_heads=4,
+                     mlp_ratio=2.0, moe_layers="every_2", num_experts=4, top_k=1, capacity_factor=1.25,
+                     eval_capacity_factor=2.0), kw)

@@ -1,0 +1,93 @@
+"""Training checkpoints: one safetensors file (model, optimizer tensors, RNG states) whose metadata holds
+the JSON state (step, epoch, optimizer hyper-parameters, run config). Written to a temporary file and
+renamed, so a crash never leaves a half-written checkpoint; loading never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..utils import atomic_write
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, state_meta = {}, {}
+    for pid, st in opt_state["state"].items():
+        entry = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+                entry[k] = "tensor"
+            else:
+                entry[k] = v
+        state_meta[str(pid)] = entry
+    return tensors, {"state": state_meta, "param_groups": opt_state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {"state": json.dumps(state), "optimizer": json.dumps(opt_meta), "format": "moevision-ckpt-1"}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore what is given; return the JSON state. Raises CheckpointError on a missing/corrupt file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing; the run has no checkpoint to resume from")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != "moevision-ckpt-1":
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        state = json.loads(meta["state"])
+        opt_meta = json.loads(meta["optimizer"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if model is not None:
+        sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0:2]
+            raise CheckpointError(f"checkpoint {path} does not match the model: {' '.join(first)}") from None
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(tensors, opt_meta))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: optimizer state does not match ({e})") from None
+    if restore_rng:
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    return state

@@ -1,0 +1,92 @@
+"""The complete description of a run: model, data and training settings (a recipe returns one)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import config as C
+from ..data import AUGMENTS, DATASETS
+from ..models.vit import ViTConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None  # None: $MOEVISION_DATA, the Debian package, the user cache
+    download: bool = False  # fetch Fashion-MNIST from its official mirror when found nowhere
+    train_subset: int | None = None  # use a random subset of this many training images
+    test_subset: int | None = None
+    augment: str = "flip_crop"
+    batch_size: int = 128
+    eval_batch_size: int = 500
+
+    def validate(self) -> None:
+        C.check(self.dataset in DATASETS, "data.dataset", self.dataset, f"must be one of {DATASETS}")
+        C.check(self.augment in AUGMENTS, "data.augment", self.augment, f"must be one of {AUGMENTS}")
+        for k in ("batch_size", "eval_batch_size"):
+            C.check(getattr(self, k) >= 1, f"data.{k}", getattr(self, k), "must be >= 1")
+        for k in ("train_subset", "test_subset"):
+            v = getattr(self, k)
+            C.check(v is None or v >= 1, f"data.{k}", v, "must be >= 1 or none")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int | None = None  # stop early after this many optimiser steps (tests, smoke runs)
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 0.5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+    aux_loss_weight: float = 1.0  # multiplies the (already weighted) MoE aux losses
+    amp: bool = False  # bfloat16 autocast
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None  # torch CPU threads; None = all cores
+    log_every: int = 50
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at the end of every epoch
+    eval_every: int = 1  # epochs
+
+    def validate(self) -> None:
+        C.check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        C.check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
+        C.check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        C.check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        C.check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        C.check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        C.check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", self.betas,
+                "must be two numbers in [0, 1)")
+        C.check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        C.check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0 or none")
+        C.check(self.aux_loss_weight >= 0, "train.aux_loss_weight", self.aux_loss_weight, "must be >= 0")
+        C.check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
+        C.check(self.num_threads is None or self.num_threads >= 1, "train.num_threads", self.num_threads, ">= 1")
+        for k in ("log_every", "checkpoint_every", "eval_every"):
+            C.check(getattr(self, k) >= 1, f"train.{k}", getattr(self, k), "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "custom"
+    model_name: str = "moe_vit_fmnist_hybrid"
+    model: ViTConfig = field(default_factory=ViTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        pass  # sections validate themselves (config.validate_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        cfg = C.from_dict(cls, d)
+        C.validate_config(cfg)
+        return cfg

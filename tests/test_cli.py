@@ -1,0 +1,84 @@
+"""CLI smoke tests through main(argv): success paths and one-line errors with non-zero exit."""
+
+import json
+
+import pytest
+
+from moevision.cli import main
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_models_and_recipes(capsys):
+    code, out, _ = _run(["list-models", "moe_*"], capsys)
+    assert code == 0 and "moe_vit_fmnist_hybrid" in out and not any(l.startswith("vit_") for l in out.splitlines())
+    code, out, _ = _run(["list-recipes"], capsys)
+    assert code == 0 and "fmnist_moe" in out and "fmnist_dense" in out
+
+
+def test_train_eval_resume_round_trip(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = _run(["train", "--recipe", "smoke_synthetic", "--out", str(run), "--no-progress",
+                           "--set", "train.epochs=1", "--set", "model.num_experts=2"], capsys)
+    assert code == 0, err
+    assert "test accuracy" in out and "active per token" in out and "dropped" in out
+    assert json.loads((run / "config.json").read_text())["model"]["num_experts"] == 2
+    code, out, err = _run(["eval", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((run / "eval.json").read_text())["test_accuracy"] == \
+        json.loads((run / "summary.json").read_text())["test_accuracy"]
+    code, out, err = _run(["eval", str(run), "--no-progress", "--eval-capacity-factor", "0.25"], capsys)
+    assert code == 0 and json.loads((run / "eval.json").read_text())["moe_layers"][0]["dropped_fraction"] > 0
+    # resuming a finished run trains nothing more and reports the same accuracy
+    code, out, err = _run(["train", "--resume", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    # refusing to overwrite an existing run
+    code, _, err = _run(["train", "--recipe", "smoke_synthetic", "--out", str(run), "--no-progress"], capsys)
+    assert code == 2 and "already exists" in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["train", "--recipe", "smoke_synthetic", "--set", "model.num_expertz=3"], "unknown config key"),
+    (["train", "--recipe", "smoke_synthetic", "--set", "model.num_experts=0"], "model.num_experts=0"),
+    (["train", "--recipe", "smoke_synthetic", "--set", "train.lr=abc"], "train.lr='abc'"),
+    (["train", "--recipe", "smoke_synthetic", "--set", "novalue"], "key=value"),
+    (["train", "--recipe", "smoke_synthetic", "--set", "model.name=x"], "unknown config key"),
+    (["train", "--recipe", "fmnist_moe", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["eval", "/nonexistent/run"], "does not exist"),
+])
+def test_bad_input_is_one_line_error(argv, match, capsys, tmp_path):
+    code, out, err = _run(argv + (["--out", str(tmp_path / "o")] if argv[0] == "train" else []), capsys)
+    assert code == 2
+    assert match in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_corrupt_run_dirs(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke_synthetic", "--out", str(run), "--no-progress",
+                 "--set", "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    (run / "checkpoint.safetensors").write_bytes(b"garbage")
+    code, _, err = _run(["train", "--resume", str(run), "--no-progress"], capsys)
+    assert code == 2 and "corrupt" in err and len(err.strip().splitlines()) == 1
+    (run / "config.json").write_text("{")
+    code, _, err = _run(["eval", str(run)], capsys)
+    assert code == 2 and "config.json" in err and "corrupt" in err
+    (run / "config.json").unlink()
+    code, _, err = _run(["eval", str(run)], capsys)
+    assert code == 2 and "missing" in err
+
+
+def test_unknown_command_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    assert "--set" in capsys.readouterr().out
