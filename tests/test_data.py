@@ -540,3 +540,12 @@ def test_batch_iterator_len_and_reiterable():
     assert len(it) == 3
     first, second = list(it), list(it)
     assert len(first) == 3 and all(torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
+
+
+def test_flip_augment_flips_whole_images_per_sample():
+    x = torch.rand(64, 1, 8, 8)
+    y = build_augment("flip")(x, torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(y[i], x[i].flip(-1))) for i in range(64)]
+    kept = [bool(torch.equal(y[i], x[i])) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 10 < sum(flipped) < 54  # p = 0.5

@@ -47,12 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="evaluate a run directory (or a save_pretrained directory)")
-    e.add_argument("run_dir", help="a run directory written by `moevision train`")
+    e.add_argument("run_dir", help="a run directory written by `moevision train`, or a model directory "
+                                   "written by save_pretrained / `moevision merge`")
+    e.add_argument("--dataset", default="fashion_mnist", help="data set for a model directory (run directories "
+                                                              "use their own)")
     e.add_argument("--data-dir", default=None, help="directory holding the data set files")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--eval-capacity-factor", type=float, default=None,
                    help="override every MoE layer's evaluation capacity factor (e.g. 0.5 to test BPR)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    mg = sub.add_parser("merge", help="EWA: average each MoE layer's experts into one FFN (a dense ViT)")
+    mg.add_argument("run_dir", help="a run directory (its final model) or a model directory")
+    mg.add_argument("--out", required=True, help="directory for the merged dense model (save_pretrained format)")
 
     lm = sub.add_parser("list-models", help="list registered models")
     lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'moe_*'")
@@ -109,27 +116,22 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
-    from ..errors import CheckpointError
-    from ..models import from_pretrained
-    from ..train import evaluate, format_summary, load_checkpoint, read_run_config
-    from ..train.engine import MODEL_DIR, build_model, load_data, make_summary, resolve_device
+    from ..train import RunConfig, evaluate, format_summary, read_run_config
+    from ..train.engine import MODEL_DIR, load_data, make_summary, resolve_device
 
     run_dir = Path(args.run_dir)
-    cfg = read_run_config(run_dir)
+    model = _load_final_model(run_dir)
+    if _is_model_dir(run_dir):  # a save_pretrained directory: evaluate it on --dataset
+        cfg = RunConfig(recipe="-", model_name=model.model_name or "?", model=model.config)
+        cfg.data.dataset = args.dataset
+        source = str(run_dir)
+    else:
+        cfg = read_run_config(run_dir)
+        finished = (run_dir / MODEL_DIR / "config.json").is_file()
+        source = str(run_dir / MODEL_DIR) if finished else f"{run_dir}/checkpoint.safetensors (unfinished run)"
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
     device = resolve_device(args.device)
-    if (run_dir / MODEL_DIR / "config.json").is_file():
-        model = from_pretrained(run_dir / MODEL_DIR)
-        source = f"{run_dir / MODEL_DIR}"
-    elif (run_dir / "checkpoint.safetensors").is_file():
-        model = build_model(cfg)
-        load_checkpoint(run_dir / "checkpoint.safetensors", model=model, restore_rng=False)
-        source = f"{run_dir / 'checkpoint.safetensors'} (training did not finish)"
-    else:
-        raise CheckpointError(f"{run_dir} has neither model/ nor checkpoint.safetensors: nothing to evaluate")
     if args.eval_capacity_factor is not None:
         if not args.eval_capacity_factor > 0:
             raise MoEVisionError(f"--eval-capacity-factor must be > 0, got {args.eval_capacity_factor}")
@@ -146,9 +148,49 @@ def _cmd_eval(args) -> int:
     s["eval_capacity_factor"] = args.eval_capacity_factor
     print(f"evaluated {source}")
     print(format_summary(s))
-    out = run_dir / "eval.json"
+    out = run_dir / "eval.json"  # next to the model it evaluates
     out.write_text(json.dumps(s, indent=2) + "\n")
     print(f"\nwritten to {out}")
+    return 0
+
+
+def _is_model_dir(path: Path) -> bool:
+    try:
+        return "architecture" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _load_final_model(path: Path):
+    """The final model of a run directory, or the model in a save_pretrained directory."""
+    from ..errors import CheckpointError
+    from ..models import from_pretrained
+    from ..train import load_checkpoint, read_run_config
+    from ..train.engine import MODEL_DIR, build_model
+
+    if _is_model_dir(path):
+        return from_pretrained(path)
+    cfg = read_run_config(path)
+    if (path / MODEL_DIR / "config.json").is_file():
+        return from_pretrained(path / MODEL_DIR)
+    if (path / "checkpoint.safetensors").is_file():
+        model = build_model(cfg)
+        load_checkpoint(path / "checkpoint.safetensors", model=model, restore_rng=False)
+        return model
+    raise CheckpointError(f"{path} has neither model/ nor checkpoint.safetensors")
+
+
+def _cmd_merge(args) -> int:
+    from ..techniques import merge_experts_to_dense
+
+    model = _load_final_model(Path(args.run_dir))
+    if not getattr(model, "moe_layers", ()):
+        raise MoEVisionError(f"{args.run_dir} holds a dense model: nothing to merge")
+    dense = merge_experts_to_dense(model)
+    dense.save_pretrained(args.out)
+    print(f"merged {len(model.moe_layers)} MoE layers into dense MLPs: {model.num_params() / 1e6:.3f}M -> "
+          f"{dense.num_params() / 1e6:.3f}M parameters; written to {args.out} "
+          f"(evaluate: moevision eval {args.out})")
     return 0
 
 
@@ -180,7 +222,7 @@ def _cmd_bench(args) -> int:
     return run_bench(args)
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "list-models": _cmd_list_models,
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "list-models": _cmd_list_models,
             "list-recipes": _cmd_list_recipes, "bench": _cmd_bench}
 
 

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-AUGMENTS: tuple[str, ...] = ("none", "flip_crop", "flip_crop_erase")
+AUGMENTS: tuple[str, ...] = ("none", "flip", "flip_crop", "flip_crop_erase")
 
 
 def _rand(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -101,6 +101,8 @@ def build_augment(name: str, *, padding: int = 2, flip_p: float = 0.5, erase_p: 
     flip = partial(random_hflip, p=flip_p)
     if name == "none":
         return Augment(name)
+    if name == "flip":
+        return Augment(name, (flip,))
     if name == "flip_crop":
         return Augment(name, (crop, flip))
     if name == "flip_crop_erase":

@@ -36,6 +36,7 @@ class ViTConfig:
     stem: str = "patch"  # "patch" | "conv"
     patch_size: int = 4
     stem_channels: int = 32
+    stem_convs_per_stage: int = 1
     embed_dim: int = 128
     depth: int = 6
     num_heads: int = 4
@@ -78,12 +79,14 @@ class ViTConfig:
 
     def validate(self) -> None:
         for k in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads",
-                  "num_experts", "top_k", "slots_per_expert", "stem_channels"):
+                  "num_experts", "top_k", "slots_per_expert", "stem_channels", "stem_convs_per_stage"):
             v = getattr(self, k)
             C.check(isinstance(v, int) and v >= 1, f"model.{k}", v, "must be a positive integer")
         C.check(self.stem in ("patch", "conv"), "model.stem", self.stem, "must be 'patch' or 'conv'")
-        C.check(self.img_size % self.patch_size == 0, "model.patch_size", self.patch_size,
-                f"must divide img_size={self.img_size}")
+        C.check(self.stem == "conv" or self.img_size % self.patch_size == 0, "model.patch_size", self.patch_size,
+                f"must divide img_size={self.img_size} with stem='patch'")
+        C.check(self.stem == "patch" or (self.patch_size & (self.patch_size - 1)) == 0, "model.patch_size",
+                self.patch_size, "must be a power of two with stem='conv'")
         C.check(self.embed_dim % self.num_heads == 0, "model.num_heads", self.num_heads,
                 f"must divide embed_dim={self.embed_dim}")
         C.check(self.global_pool in ("token", "avg"), "model.global_pool", self.global_pool, "'token' or 'avg'")
@@ -146,7 +149,8 @@ class VisionTransformer(nn.Module):
         self.config = cfg = config
         D = cfg.embed_dim
         stem_cls = PatchEmbed if cfg.stem == "patch" else ConvStem
-        stem_kw = {} if cfg.stem == "patch" else {"channels": cfg.stem_channels}
+        stem_kw = {} if cfg.stem == "patch" else {"channels": cfg.stem_channels,
+                                                  "convs_per_stage": cfg.stem_convs_per_stage}
         self.patch_embed = stem_cls(cfg.img_size, cfg.patch_size, cfg.in_chans, D, **stem_kw)
         n_prefix = 1 if cfg.class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
@@ -293,15 +297,15 @@ def moe_vit_fmnist_patch4(**kw) -> VisionTransformer:
 
 @register_model
 def vit_fmnist_hybrid(**kw) -> VisionTransformer:
-    """Hybrid ViT: conv stem to a 7x7 grid (49 tokens + CLS), d=96, 4 blocks; the dense twin of
-    ``moe_vit_fmnist_hybrid`` (same active parameters per token)."""
-    return _vit(dict(_FMNIST, stem="conv", patch_size=4, stem_channels=16, embed_dim=96, depth=4, num_heads=4,
-                     mlp_ratio=2.0), kw)
+    """Hybrid ViT: a conv stem (4 stages of 2 convs, 16-32-64-128 channels) to a 4x4 grid (16 tokens +
+    CLS), d=128, 4 blocks; the dense twin of ``moe_vit_fmnist_hybrid`` (same active parameters per token)."""
+    return _vit(dict(_FMNIST, stem="conv", patch_size=8, stem_channels=16, stem_convs_per_stage=2, embed_dim=128,
+                     depth=4, num_heads=4, mlp_ratio=2.0), kw)
 
 
 @register_model
 def moe_vit_fmnist_hybrid(**kw) -> VisionTransformer:
     """MoE hybrid ViT: ``vit_fmnist_hybrid`` with E=4 top-1 experts in the odd blocks (V-MoE "every 2")."""
-    return _vit(dict(_FMNIST, stem="conv", patch_size=4, stem_channels=16, embed_dim=96, depth=4, num_heads=4,
-                     mlp_ratio=2.0, moe_layers="every_2", num_experts=4, top_k=1, capacity_factor=1.25,
+    return _vit(dict(_FMNIST, stem="conv", patch_size=8, stem_channels=16, stem_convs_per_stage=2, embed_dim=128,
+                     depth=4, num_heads=4, mlp_ratio=2.0, moe_layers="every_2", num_experts=4, top_k=1, capacity_factor=1.25,
                      eval_capacity_factor=2.0), kw)

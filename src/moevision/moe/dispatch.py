@@ -5,6 +5,7 @@
   O(T*E*C) memory.
 - ``sorted``: sort assignments by expert, gather, run each expert on its contiguous slice, scale by the
   gate and scatter-add back (MegaBlocks-style dropless; works with capacity by skipping dropped ones).
+- ``grouped``: like ``sorted`` but one ``torch._grouped_mm`` per projection (GPU fast path; CPU fp32 too).
 - ``padded``: capacity buffers (E, G*C, D) filled by index, one batched matmul (vmoe / Tutel layout).
 
 All take the flattened tokens x (T, D) and a RoutingPlan and return (T, D). They agree to 1e-6 in
@@ -24,6 +25,9 @@ from .types import RoutingPlan
 
 
 def _kept(plan: RoutingPlan):
+    """The kept assignments. Dropless token choice keeps all of them: no mask, no host sync."""
+    if plan.capacity is None and plan.top_k > 0:
+        return plan.token_idx, plan.expert_idx, plan.gates
     m = plan.kept
     return plan.token_idx[m], plan.expert_idx[m], plan.gates[m]
 
@@ -75,6 +79,21 @@ def dispatch_sorted(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **_
     return torch.zeros_like(x_TD).index_add_(0, tok, y * gate.unsqueeze(-1))
 
 
+def dispatch_grouped(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
+    """Sort by expert + ``torch._grouped_mm`` (one GEMM launch per projection, no Python loop over
+    experts). Host syncs: none when dropless; with a capacity, one to drop the dropped assignments
+    (their number is a size). Falls back to ``sorted`` where grouped GEMM cannot run (float64,
+    unaligned widths, pre-Hopper GPUs)."""
+    if not experts.grouped_mm_ok(x_TD):
+        return dispatch_sorted(x_TD, plan, experts, **kw)
+    tok, exp, gate = _kept(plan)
+    order = torch.argsort(exp, stable=True)
+    tok, exp, gate = tok[order], exp[order], gate[order]
+    offs = torch.bincount(exp, minlength=experts.num_experts).cumsum(0).to(torch.int32)
+    y = experts.forward_grouped(x_TD.index_select(0, tok), offs, exp)
+    return torch.zeros_like(x_TD).index_add_(0, tok, y * gate.unsqueeze(-1))
+
+
 def dispatch_padded(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, *, num_groups: int,
                     group_size: int) -> torch.Tensor:
     G, S, E = num_groups, group_size, experts.num_experts
@@ -91,6 +110,7 @@ DISPATCH_IMPLS: dict[str, DispatchFn] = {
     "loop": dispatch_loop,
     "einsum": dispatch_einsum,
     "sorted": dispatch_sorted,
+    "grouped": dispatch_grouped,
     "padded": dispatch_padded,
 }
 

@@ -89,11 +89,44 @@ class Experts(nn.Module):
         y = torch.bmm(h, self.w2)
         return y + self.b2.unsqueeze(1) if self.has_bias else y
 
+    # -- tokens sorted by expert, one grouped GEMM per projection (torch._grouped_mm) -------------
+    def grouped_mm_ok(self, x: torch.Tensor) -> bool:
+        """Whether ``torch._grouped_mm`` can run these shapes: fp32/bf16/fp16, rows 16-byte aligned;
+        on CUDA it also needs a Hopper-class GPU (sm90+)."""
+        if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if self.w1.dtype != x.dtype:
+            return False
+        align = 16 // x.element_size()
+        if self.dim % align or self.hidden_dim % align:
+            return False
+        if x.is_cuda:
+            return torch.cuda.get_device_capability(x.device) >= (9, 0)
+        return True
+
+    def forward_grouped(self, x_ND: torch.Tensor, offs: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert; ``offs`` (E,) int32 = cumulative counts; ``expert_of_row`` (N,)."""
+        h = torch._grouped_mm(x_ND, self.w1, offs=offs)
+        if self.has_bias:
+            h = h + self.b1.index_select(0, expert_of_row)
+        h = self.act(h) * torch._grouped_mm(x_ND, self.w3, offs=offs) if self.swiglu else self.act(h)
+        y = torch._grouped_mm(h, self.w2, offs=offs)
+        return y + self.b2.index_select(0, expert_of_row) if self.has_bias else y
+
     # -- tokens sorted by expert with a count per expert ------------------------------------------
     def forward_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Tokens grouped by expert (expert 0's first), ``counts[e]`` of them for expert e."""
+        """Tokens grouped by expert (expert 0's first), ``counts[e]`` of them for expert e.
+
+        The stacked weights are unbound once (one UnbindBackward stacks the gradients) rather than
+        indexed per expert (each SelectBackward would allocate a full (E, ...) gradient)."""
+        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
+        w3 = self.w3.unbind(0) if self.swiglu else None
+        b1, b2 = (self.b1.unbind(0), self.b2.unbind(0)) if self.has_bias else (None, None)
         outs = []
         for e, chunk in enumerate(torch.split(x_ND, counts)):
-            if chunk.shape[0]:
-                outs.append(self.forward_expert(e, chunk))
+            if not chunk.shape[0]:
+                continue
+            h = torch.addmm(b1[e], chunk, w1[e]) if b1 is not None else chunk @ w1[e]
+            h = self.act(h) * (chunk @ w3[e]) if w3 is not None else self.act(h)
+            outs.append(torch.addmm(b2[e], h, w2[e]) if b2 is not None else h @ w2[e])
         return torch.cat(outs) if outs else x_ND.new_zeros(0, self.dim)

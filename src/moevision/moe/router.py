@@ -135,7 +135,7 @@ class TopKRouter(_LinearRouter):
         if self.normalize_topk and self.normalize_after_drop:
             gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
 
-        clean_probs = logits.softmax(dim=-1)
+        clean_probs = probs if sigma == 0 else logits.softmax(dim=-1)
         aux_losses: dict[str, torch.Tensor] = {}
         if self.weights["importance"]:
             aux_losses["importance"] = L.importance_cv2(clean_probs)

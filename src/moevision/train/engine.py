@@ -26,6 +26,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..utils import atomic_write
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .hooks import build_step_hooks
 from .optim import build_optimizer, set_lr, warmup_cosine
 from .run_config import RunConfig
 
@@ -173,6 +174,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
     augment = build_augment(cfg.data.augment)
+    hooks = build_step_hooks(cfg, model)
     bs = cfg.data.batch_size
     steps_per_epoch = num_batches(len(train_ds), bs, drop_last=len(train_ds) >= bs)
     total_steps = tc.epochs * steps_per_epoch
@@ -226,6 +228,8 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
                 step += 1
+                for hook in hooks:
+                    hook(model, step, total_steps)
                 batch_in_epoch += 1
                 train_seconds += time.perf_counter() - t0
                 run_loss += float(task_loss.detach()) * labels.numel()

@@ -72,12 +72,35 @@ class TrainConfig:
 
 
 @dataclass
+class EWAConfig:
+    """Experts Weights Averaging (Huang et al. 2023): after each optimiser step, pull every expert of the
+    random-routed MoE layers toward the others with share rate ``beta`` ([R] defaults)."""
+
+    enabled: bool = False
+    beta: float = 0.3
+    mode: str = "others"  # "others" (paper's share-rate form) | "mean"
+    stop_fraction: float = 1.0  # "Early EWA": apply only during this fraction of training
+
+    def validate(self) -> None:
+        C.check(0.0 <= self.beta <= 1.0, "techniques.ewa.beta", self.beta, "must be in [0, 1]")
+        C.check(self.mode in ("others", "mean"), "techniques.ewa.mode", self.mode, "must be 'others' or 'mean'")
+        C.check(0.0 < self.stop_fraction <= 1.0, "techniques.ewa.stop_fraction", self.stop_fraction,
+                "must be in (0, 1]")
+
+
+@dataclass
+class TechniquesConfig:
+    ewa: EWAConfig = field(default_factory=EWAConfig)
+
+
+@dataclass
 class RunConfig:
     recipe: str = "custom"
     model_name: str = "moe_vit_fmnist_hybrid"
     model: ViTConfig = field(default_factory=ViTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    techniques: TechniquesConfig = field(default_factory=TechniquesConfig)
 
     def validate(self) -> None:
         pass  # sections validate themselves (config.validate_config)

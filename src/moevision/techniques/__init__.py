@@ -1,0 +1,6 @@
+"""Techniques from the papers, reaching models by weight surgery, wrappers or module replacement
+(never by branches inside the core)."""
+
+from .ewa import ewa_layers, ewa_update, merge_experts_to_dense
+
+__all__ = ["ewa_layers", "ewa_update", "merge_experts_to_dense"]

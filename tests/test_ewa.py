@@ -1,0 +1,73 @@
+"""Experts Weights Averaging: update rule, merge oracle, training hook, merge command."""
+
+import json
+
+import pytest
+import torch
+
+import moevision as mv
+from moevision.cli import main
+from moevision.data import get_dataset
+from moevision.train import evaluate
+from moevision.techniques import ewa_layers, ewa_update, merge_experts_to_dense
+
+
+def _ewa_model(**kw):
+    return mv.create_model("vit_tiny_test", moe_layers="every_2", router="random", num_experts=4, **kw)
+
+
+def test_ewa_update_two_experts_hand_computed():
+    layer = mv.MoE(2, 3, 2, router="random")
+    with torch.no_grad():
+        layer.experts.b2.copy_(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    ewa_update([layer], 0.3, mode="others")
+    # N=2, "others": P_0 <- 0.7*P_0 + 0.3*P_1 = [0.7+0.9, 1.4+1.8] = [1.6, 3.2]; P_1 <- 0.7*P_1 + 0.3*P_0 = [2.4, 4.8]
+    torch.testing.assert_close(layer.experts.b2, torch.tensor([[1.6, 3.2], [2.4, 4.8]]))
+
+
+@pytest.mark.parametrize("mode", ["others", "mean"])
+def test_ewa_update_keeps_mean_and_shrinks_deviations(mode):
+    m = _ewa_model()
+    layer = ewa_layers(m)[0]
+    w = layer.experts.w1.detach().clone()
+    ewa_update([layer], 0.3, mode=mode)
+    new = layer.experts.w1.detach()
+    torch.testing.assert_close(new.mean(0), w.mean(0))
+    factor = 1 - 0.3 * 4 / 3 if mode == "others" else 1 - 0.3
+    torch.testing.assert_close(new - new.mean(0), factor * (w - w.mean(0)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="beta"):
+        ewa_update([layer], 1.5)
+
+
+def test_merged_dense_equals_moe_when_experts_are_equal():
+    m = _ewa_model(expert_init="shared").eval()
+    d = merge_experts_to_dense(m).eval()
+    assert not d.moe_layers and d.num_params() < m.num_params()
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(d(x).logits, m(x).logits)
+    # and merging averages: fc1.weight is the mean of the experts' w1 (transposed)
+    m2 = _ewa_model()
+    d2 = merge_experts_to_dense(m2)
+    torch.testing.assert_close(d2.blocks[1].mlp.fc1.weight, m2.blocks[1].mlp.experts.w1.mean(0).t())
+
+
+def test_ewa_training_hook_and_merge_command(tmp_path, capsys):
+    run = tmp_path / "ewa"
+    argv = ["train", "--recipe", "smoke_synthetic", "--out", str(run), "--no-progress",
+            "--set", "model.router=random", "--set", "techniques.ewa.enabled=true",
+            "--set", "techniques.ewa.beta=1.0", "--set", "techniques.ewa.mode=mean"]
+    assert main(argv) == 0
+    model = mv.from_pretrained(run / "model")
+    w = model.blocks[1].mlp.experts.w1
+    # beta=1 in "mean" mode sets every expert to the mean after each step: experts stay equal
+    torch.testing.assert_close(w, w[:1].expand_as(w))
+    capsys.readouterr()
+    assert main(["merge", str(run), "--out", str(tmp_path / "dense")]) == 0
+    assert main(["eval", str(tmp_path / "dense"), "--dataset", "synthetic", "--no-progress"]) == 0
+    merged_acc = json.loads((tmp_path / "dense" / "eval.json").read_text())["test_accuracy"]
+    moe_acc = evaluate(model, get_dataset("synthetic", "test"))["accuracy"]
+    assert merged_acc == moe_acc  # equal experts: the merged model computes the same function
+    # EWA on a model without random-routed MoE layers is a config error
+    code = main(["train", "--recipe", "smoke_synthetic", "--out", str(tmp_path / "bad"), "--no-progress",
+                 "--set", "techniques.ewa.enabled=true"])
+    assert code == 2 and "router=random" in capsys.readouterr().err
