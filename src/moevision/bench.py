@@ -112,7 +112,7 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int,
     return rows
 
 
-def bench_model(device, dtype, repeats: int, batch: int = 128):
+def bench_model(device, dtype, repeats: int, batch: int = 64):
     from .models import create_model
 
     out = []
@@ -174,9 +174,10 @@ def run_bench(args) -> int:
                 print(f"{r['impl']:<20}{r['fwd_ms']:>9.2f}{r['fwd_ratio']:>9.2f}{r['fwdbwd_ms']:>12.2f}"
                       f"{r['fwdbwd_ratio']:>9.2f}")
     else:
-        rows = bench_model(device, dtype, repeats)
-        result["rows"] = rows
-        print(f"training step, batch 128, 28x28 ({dtype_name}, {result['threads']} threads)")
+        batch = args.batch or 64
+        rows = bench_model(device, dtype, repeats, batch=batch)
+        result["rows"], result["batch"] = rows, batch
+        print(f"training step, batch {batch}, 28x28 ({dtype_name}, {result['threads']} threads)")
         print(f"{'model':<36}{'step ms':>9}{'x dense':>9}{'img/s':>8}{'params':>10}")
         for r in rows:
             print(f"{r['model']:<36}{r['step_ms']:>9.1f}{r['ratio']:>9.2f}{r['images_per_s']:>8.0f}"

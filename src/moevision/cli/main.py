@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     b.add_argument("--shapes", default=None, help="comma-separated shape names (default: all for the device)")
     b.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
+    b.add_argument("--batch", type=int, default=None, help="model benchmark batch size (default 64, the recipe's)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     return p
 

@@ -40,11 +40,17 @@ def _model_config(model_name: str):
 
 @register_recipe
 def fmnist_moe() -> RunConfig:
-    """The main job: MoE hybrid ViT (conv stem -> 7x7 tokens, d=96, 4 blocks, E=4 top-1 experts in
-    blocks 1 and 3, capacity 1.25 train / 2.0 eval) on the full Fashion-MNIST training set.
+    """The main job: an MoE hybrid ViT on the full Fashion-MNIST training set (60k), 5 epochs.
 
-    Measured: see docs/results/main_job.md (filled by `moevision train`); expected >= 90% test accuracy
-    in under 10 minutes on 2 CPU cores (torch 2.13 CPU, fp32).
+    Model ``moe_vit_fmnist_hybrid``: conv stem (4 stages of 2 convs, 16-32-64-128 channels) to a 4x4
+    grid (16 tokens + CLS), d=128, 4 pre-norm blocks, 4 heads; blocks 1 and 3 are V-MoE layers with
+    E=4 top-1 experts (capacity 1.25 train / 2.0 eval, noisy gating, importance + load losses).
+    AdamW lr 1e-3, warmup 0.3 epoch + cosine, batch 64, label smoothing 0.1, random horizontal flips.
+
+    Measured (torch 2.13 CPU, fp32, 2 cores of an Intel Xeon with AVX-512, seed 0, one run):
+    92.33% test accuracy, 460 s training (652 images/s), 8 min 52 s for the whole `make demo` from a
+    fresh clone. 1.24M parameters, 0.85M active per token. Its dense twin (``fmnist_dense``) reaches
+    92.48% in 372 s: at this size the MoE matches, not beats, the dense model (docs/results/main_job.md).
     """
     return RunConfig(model_name="moe_vit_fmnist_hybrid", model=_model_config("moe_vit_fmnist_hybrid"),
                      data=DataConfig(dataset="fashion_mnist", augment="flip", batch_size=64),
@@ -55,7 +61,11 @@ def fmnist_moe() -> RunConfig:
 @register_recipe
 def fmnist_dense() -> RunConfig:
     """Dense twin of ``fmnist_moe``: the same hybrid ViT with a dense MLP in every block (the same
-    active parameters per token, minus the routers), same data, schedule and epochs."""
+    active parameters per token, minus the two routers), same data, schedule and epochs.
+
+    Measured (same machine and settings as ``fmnist_moe``, seed 0, one run): 92.48% test accuracy,
+    372 s training (806 images/s), 0.84M parameters.
+    """
     cfg = fmnist_moe()
     cfg.model_name = "vit_fmnist_hybrid"
     cfg.model = _model_config("vit_fmnist_hybrid")

@@ -200,6 +200,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_seconds": train_seconds,
             "last_eval": last_eval, "total_steps": total_steps})
 
+    final = None
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
@@ -259,6 +260,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                     epoch, batch_in_epoch = epoch + 1, 0
                 if step >= total_steps or epoch % tc.eval_every == 0:
                     ev = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device, amp=tc.amp)
+                    final = ev if step >= total_steps else None
                     last_eval = {"accuracy": ev["accuracy"], "loss": ev["loss"]}
                     _append_jsonl(metrics_path, {"type": "eval", "step": step, "epoch": epoch,
                                                  "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
@@ -272,7 +274,8 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
         raise
     bar.close()
 
-    final = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device, amp=tc.amp)
+    if final is None:  # the run ended without evaluating its final weights (resumed finished run, ...)
+        final = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device, amp=tc.amp)
     model.save_pretrained(run_dir / MODEL_DIR)
     summary = make_summary(cfg, model, final, train_seconds=train_seconds, steps=step,
                            images_seen=step * bs, device=device)
