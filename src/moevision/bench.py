@@ -49,21 +49,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device, repeats: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append((time.perf_counter() - t) * 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 def bench_layer(shape: LayerShape, device, dtype, repeats: int,
                 impls=("loop", "einsum", "sorted", "padded", "grouped")):
     from .moe import MoE
@@ -71,7 +56,7 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int,
     torch.manual_seed(0)
     T, D, Fh, E, K = shape.tokens, shape.dim, shape.hidden, shape.experts, shape.top_k
     x = torch.randn(T, D, device=device, dtype=dtype)
-    xk = torch.randn(T * K, D, device=device, dtype=dtype)
+    xk = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)  # in a network dgrad is needed
     w1 = (torch.randn(D, Fh, device=device, dtype=dtype) * D**-0.5).requires_grad_()
     w2 = (torch.randn(Fh, D, device=device, dtype=dtype) * Fh**-0.5).requires_grad_()
     b1 = torch.zeros(Fh, device=device, dtype=dtype, requires_grad=True)
@@ -85,9 +70,7 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int,
         y = F.gelu(xk @ w1 + b1) @ w2 + b2
         y.sum().backward()
 
-    rows = []
-    d_f, d_fb = time_fn(dense_fwd, device, repeats), time_fn(dense_fb, device, repeats)
-    rows.append(dict(impl="dense (T*k tokens)", fwd_ms=d_f, fwdbwd_ms=d_fb, fwd_ratio=1.0, fwdbwd_ratio=1.0))
+    cases = [("dense (T*k tokens)", dense_fwd, dense_fb)]
     base = None
     for impl in impls:
         if impl == "einsum" and T * T * K > 7e8:
@@ -97,50 +80,74 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int,
             base = moe
         else:
             moe.load_state_dict(base.state_dict())
-        xr = x.clone().requires_grad_()
+        cases.append((impl, *_moe_fns(moe, x)))
+    fwd, fb = _interleaved([c[1] for c in cases], device, repeats), _interleaved([c[2] for c in cases], device, repeats)
+    return [dict(impl=name, fwd_ms=f, fwdbwd_ms=b, fwd_ratio=f / fwd[0], fwdbwd_ratio=b / fb[0])
+            for (name, _, _), f, b in zip(cases, fwd, fb)]
 
-        def fwd():
-            with torch.no_grad():
-                return moe(x).out
 
-        def fb():
-            o = moe(xr)
-            (o.out.sum() + o.aux_loss).backward()
+def _moe_fns(moe, x):
+    xr = x.clone().requires_grad_()
 
-        f, fbt = time_fn(fwd, device, repeats), time_fn(fb, device, repeats)
-        rows.append(dict(impl=impl, fwd_ms=f, fwdbwd_ms=fbt, fwd_ratio=f / d_f, fwdbwd_ratio=fbt / d_fb))
-    return rows
+    def fwd():
+        with torch.no_grad():
+            return moe(x).out
+
+    def fb():
+        o = moe(xr)
+        (o.out.sum() + o.aux_loss).backward()
+
+    return fwd, fb
+
+
+def _interleaved(fns, device, repeats: int, warmup: int = 2) -> list[float]:
+    """Median ms of each fn, timed round-robin so machine drift hits every candidate alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[i].append((time.perf_counter() - t) * 1e3)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
 def bench_model(device, dtype, repeats: int, batch: int = 64):
     from .models import create_model
 
-    out = []
     pairs = [("vit_fmnist_hybrid", {}), ("moe_vit_fmnist_hybrid", {}),
              ("moe_vit_fmnist_hybrid", {"moe_impl": "padded"}), ("moe_vit_fmnist_hybrid", {"moe_impl": "grouped"}),
              ("moe_vit_fmnist_hybrid", {"moe_impl": "loop"})]
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    dense_ms = None
+    steps, labels, params = [], [], []
     for name, kw in pairs:
         torch.manual_seed(0)
         model = create_model(name, **kw).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        steps.append(_train_step(model, x, y, dtype))
+        labels.append(name + (f" ({kw['moe_impl']})" if kw else ""))
+        params.append(sum(p.numel() for p in model.parameters()))
+    ms = _interleaved(steps, device, repeats)
+    return [dict(model=label, step_ms=m, ratio=m / ms[0], images_per_s=batch / m * 1e3, params=p)
+            for label, m, p in zip(labels, ms, params)]
 
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                o = model(x)
-            loss = F.cross_entropy(o.logits.float(), y) + o.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
 
-        ms = time_fn(step, device, repeats)
-        dense_ms = dense_ms or ms
-        label = name + (f" ({kw['moe_impl']})" if kw else "")
-        out.append(dict(model=label, step_ms=ms, ratio=ms / dense_ms, images_per_s=batch / ms * 1e3,
-                        params=sum(p.numel() for p in model.parameters())))
-    return out
+def _train_step(model, x, y, dtype):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            o = model(x)
+        loss = F.cross_entropy(o.logits.float(), y) + o.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def run_bench(args) -> int:

@@ -12,14 +12,15 @@ Shape legend: B batch, N tokens (incl. class token), D width.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .. import config as C
-from ..layers import Attention, ConvStem, DropPath, Mlp, PatchEmbed
+from ..errors import ConfigError
+from ..layers import Attention, ConvStem, DropPath, Mlp, PatchEmbed, get_attention
 from ..moe import ROUTERS, MoE, moe_layer_indices
 from ..moe.types import MoEOutput
 from ._builder import ModelOutput, register_arch, register_model
@@ -47,6 +48,10 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # attention layer by name ("mha"; "moh" = Mixture-of-Head attention) in the blocks ``attention_layers``
+    attention: str = "mha"
+    attention_layers: str | list[int] = "all"
+    attention_options: dict = field(default_factory=dict)  # e.g. {"shared_heads": 2, "top_k": 2} for moh
     # MoE
     moe_layers: str | list[int] = "none"
     num_experts: int = 8
@@ -102,6 +107,8 @@ class ViTConfig:
             v = getattr(self, k)
             C.check(v is None or v > 0, f"model.{k}", v, "must be > 0, or none for dropless")
         moe_layer_indices(self.moe_layers, self.depth)  # raises on a bad spec
+        moe_layer_indices(self.attention_layers, self.depth)
+        get_attention(self.attention)
 
     @property
     def moe_block_indices(self) -> tuple[int, ...]:
@@ -133,11 +140,18 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        """Returns (x, aux loss or None, MoE-FFN routing stats or None). Attention layers that route
+        (MoH) return an ``MoEOutput`` too; their aux loss is added, their stats are not reported."""
+        aux = None
+        a = self.attn(self.norm1(x))
+        if isinstance(a, MoEOutput):
+            a, aux = a.out, a.aux_loss
+        x = x + self.drop_path(a)
         y = self.mlp(self.norm2(x))
         if isinstance(y, MoEOutput):
-            return x + self.drop_path(y.out), y.aux_loss, y.stats
-        return x + self.drop_path(y), None, None
+            aux = y.aux_loss if aux is None else aux + y.aux_loss
+            return x + self.drop_path(y.out), aux, y.stats
+        return x + self.drop_path(y), aux, None
 
 
 class VisionTransformer(nn.Module):
@@ -161,14 +175,24 @@ class VisionTransformer(nn.Module):
         expert_hidden = int(D * (cfg.expert_hidden_ratio or cfg.mlp_ratio))
         self.moe_layers = cfg.moe_block_indices
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        attn_cls = get_attention(cfg.attention)
+        attn_blocks = moe_layer_indices(cfg.attention_layers, cfg.depth) if cfg.attention != "mha" else ()
         blocks = []
         for i in range(cfg.depth):
             if i in self.moe_layers:
                 mlp = MoE(D, expert_hidden, cfg.num_experts, cfg.top_k, **cfg.moe_kwargs())
             else:
                 mlp = Mlp(D, hidden, drop=cfg.drop_rate)
+            attn = None
+            if i in attn_blocks:
+                try:
+                    attn = attn_cls(D, cfg.num_heads, qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate,
+                                    proj_drop=cfg.drop_rate, **cfg.attention_options)
+                except TypeError as e:
+                    raise ConfigError(f"model.attention_options={cfg.attention_options!r} not accepted by "
+                                      f"attention {cfg.attention!r}: {e}") from None
             blocks.append(Block(D, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
-                                attn_drop=cfg.attn_drop_rate, drop_path=dpr[i]))
+                                attn_drop=cfg.attn_drop_rate, drop_path=dpr[i], attn=attn))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(D)
         self.head_drop = nn.Dropout(cfg.drop_rate)
@@ -214,6 +238,7 @@ class VisionTransformer(nn.Module):
             x, a, s = blk(x)
             if a is not None:
                 aux = aux + a
+            if s is not None:
                 stats.append(s)
         return self.norm(x), aux, stats
 

@@ -2,5 +2,6 @@
 (never by branches inside the core)."""
 
 from .ewa import ewa_layers, ewa_update, merge_experts_to_dense
+from .moh import MoHAttention
 
-__all__ = ["ewa_layers", "ewa_update", "merge_experts_to_dense"]
+__all__ = ["ewa_layers", "ewa_update", "merge_experts_to_dense", "MoHAttention"]
