@@ -52,6 +52,9 @@ class ViTConfig:
     attention: str = "mha"
     attention_layers: str | list[int] = "all"
     attention_options: dict = field(default_factory=dict)  # e.g. {"shared_heads": 2, "top_k": 2} for moh
+    # block class by name ("standard"; "momentum" = MomentumSMoE residuals), with its options
+    block: str = "standard"
+    block_options: dict = field(default_factory=dict)
     # MoE
     moe_layers: str | list[int] = "none"
     num_experts: int = 8
@@ -109,6 +112,7 @@ class ViTConfig:
         moe_layer_indices(self.moe_layers, self.depth)  # raises on a bad spec
         moe_layer_indices(self.attention_layers, self.depth)
         get_attention(self.attention)
+        get_block(self.block)
 
     @property
     def moe_block_indices(self) -> tuple[int, ...]:
@@ -139,9 +143,11 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, state: dict | None = None):
         """Returns (x, aux loss or None, MoE-FFN routing stats or None). Attention layers that route
-        (MoH) return an ``MoEOutput`` too; their aux loss is added, their stats are not reported."""
+        (MoH) return an ``MoEOutput`` too; their aux loss is added, their stats are not reported.
+        ``state`` is a dict threaded through the blocks of one forward pass (used by block variants
+        such as MomentumSMoE's; the standard block ignores it)."""
         aux = None
         a = self.attn(self.norm1(x))
         if isinstance(a, MoEOutput):
@@ -152,6 +158,22 @@ class Block(nn.Module):
             aux = y.aux_loss if aux is None else aux + y.aux_loss
             return x + self.drop_path(y.out), aux, y.stats
         return x + self.drop_path(y), aux, None
+
+
+BLOCKS: dict[str, type] = {"standard": Block}
+
+
+def register_block(name: str, cls: type) -> None:
+    """Register a block class with Block's constructor signature (plus its own keyword options)."""
+    BLOCKS[name] = cls
+
+
+def get_block(name: str) -> type:
+    if name not in BLOCKS:
+        from .. import techniques  # noqa: F401  (techniques register their block variants)
+    if name not in BLOCKS:
+        raise ConfigError(f"unknown block {name!r}; known: {sorted(BLOCKS)}")
+    return BLOCKS[name]
 
 
 class VisionTransformer(nn.Module):
@@ -175,7 +197,7 @@ class VisionTransformer(nn.Module):
         expert_hidden = int(D * (cfg.expert_hidden_ratio or cfg.mlp_ratio))
         self.moe_layers = cfg.moe_block_indices
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        attn_cls = get_attention(cfg.attention)
+        attn_cls, block_cls = get_attention(cfg.attention), get_block(cfg.block)
         attn_blocks = moe_layer_indices(cfg.attention_layers, cfg.depth) if cfg.attention != "mha" else ()
         blocks = []
         for i in range(cfg.depth):
@@ -191,8 +213,13 @@ class VisionTransformer(nn.Module):
                 except TypeError as e:
                     raise ConfigError(f"model.attention_options={cfg.attention_options!r} not accepted by "
                                       f"attention {cfg.attention!r}: {e}") from None
-            blocks.append(Block(D, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
-                                attn_drop=cfg.attn_drop_rate, drop_path=dpr[i], attn=attn))
+            try:
+                blocks.append(block_cls(D, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
+                                        attn_drop=cfg.attn_drop_rate, drop_path=dpr[i], attn=attn,
+                                        **cfg.block_options))
+            except TypeError as e:
+                raise ConfigError(f"model.block_options={cfg.block_options!r} not accepted by block "
+                                  f"{cfg.block!r}: {e}") from None
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(D)
         self.head_drop = nn.Dropout(cfg.drop_rate)
@@ -234,8 +261,9 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x + self.pos_embed)
         aux = x.new_zeros((), dtype=torch.float32)
         stats = []
+        state: dict = {}  # fresh per forward: nothing leaks across batches
         for blk in self.blocks:
-            x, a, s = blk(x)
+            x, a, s = blk(x, state)
             if a is not None:
                 aux = aux + a
             if s is not None:

@@ -3,5 +3,7 @@
 
 from .ewa import ewa_layers, ewa_update, merge_experts_to_dense
 from .moh import MoHAttention
+from .momentum import MomentumBlock, robust_constants
 
-__all__ = ["ewa_layers", "ewa_update", "merge_experts_to_dense", "MoHAttention"]
+__all__ = ["ewa_layers", "ewa_update", "merge_experts_to_dense", "MoHAttention", "MomentumBlock",
+           "robust_constants"]
