@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("run_dir", help="a run directory (its final model) or a model directory")
     mg.add_argument("--out", required=True, help="directory for the merged dense model (save_pretrained format)")
 
+    rp = sub.add_parser("reproduce", help="a technique against its baselines over seeds; writes a Markdown table")
+    rp.add_argument("name", help="experiment: momentum, ewa or moh")
+    rp.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    rp.add_argument("--out", default="docs/results", help="directory for reproduce_<name>.md")
+
     lm = sub.add_parser("list-models", help="list registered models")
     lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'moe_*'")
     sub.add_parser("list-recipes", help="list recipes with what they reach")
@@ -195,6 +200,14 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from ..recipes.reproduce import run_experiment
+
+    path = run_experiment(args.name, seeds=args.seeds, out_dir=args.out)
+    print(f"\nwritten to {path}")
+    return 0
+
+
 def _cmd_list_models(args) -> int:
     from ..models import create_model, list_models
 
@@ -223,7 +236,7 @@ def _cmd_bench(args) -> int:
     return run_bench(args)
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "list-models": _cmd_list_models,
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reproduce": _cmd_reproduce, "list-models": _cmd_list_models,
             "list-recipes": _cmd_list_recipes, "bench": _cmd_bench}
 
 

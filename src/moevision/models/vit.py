@@ -362,3 +362,11 @@ def moe_vit_fmnist_hybrid(**kw) -> VisionTransformer:
     return _vit(dict(_FMNIST, stem="conv", patch_size=8, stem_channels=16, stem_convs_per_stage=2, embed_dim=128,
                      depth=4, num_heads=4, mlp_ratio=2.0, moe_layers="every_2", num_experts=4, top_k=1, capacity_factor=1.25,
                      eval_capacity_factor=2.0), kw)
+
+
+@register_model
+def vit_digits(**kw) -> VisionTransformer:
+    """DigitsViT of the specs (vision_moe.md §0.6): sklearn digits 8x8, patch 2 (16 tokens + CLS), d=64,
+    4 blocks, 4 heads, MLP 128. Set ``moe_layers`` etc. for its MoE versions."""
+    return _vit(dict(img_size=8, in_chans=1, num_classes=10, patch_size=2, embed_dim=64, depth=4, num_heads=4,
+                     mlp_ratio=2.0), kw)

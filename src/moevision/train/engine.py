@@ -93,8 +93,10 @@ class _LayerStats:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: ImageDataset, *, batch_size: int = 500, device="cpu",
-             amp: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Accuracy, mean cross-entropy and per-MoE-layer routing statistics on ``dataset``."""
+             amp: bool = False, progress: bool = False,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy and per-MoE-layer routing statistics on ``dataset``.
+    ``transform`` (e.g. a corruption) is applied to the [0, 1] images before normalisation."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -103,6 +105,8 @@ def evaluate(model: torch.nn.Module, dataset: ImageDataset, *, batch_size: int =
     it = iterate_batches(dataset, batch_size, shuffle=False, device=device)
     for images, labels in tqdm(it, total=num_batches(len(dataset), batch_size), desc="eval", leave=False,
                                disable=not progress, dynamic_ncols=True):
+        if transform is not None:
+            images = transform(images.cpu()).to(device)
         with _autocast(device, amp):
             out = model(normalize(images, dataset.mean, dataset.std))
         logits = out.logits.float()
@@ -265,8 +269,8 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                     _append_jsonl(metrics_path, {"type": "eval", "step": step, "epoch": epoch,
                                                  "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
                                                  "moe_layers": ev["moe_layers"]})
-                    bar.write(f"epoch {epoch}/{tc.epochs}  step {step}  test accuracy {ev['accuracy']:.4f}  "
-                              f"test loss {ev['loss']:.4f}")
+                    (bar.write if progress else log)(f"epoch {epoch}/{tc.epochs}  step {step}  test accuracy "
+                                                     f"{ev['accuracy']:.4f}  test loss {ev['loss']:.4f}")
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
