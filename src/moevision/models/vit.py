@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .. import config as C
 from ..errors import ConfigError
+from ..registry import Registry
 from ..layers import Attention, ConvStem, DropPath, Mlp, PatchEmbed, get_attention
 from ..moe import ROUTERS, MoE, moe_layer_indices
 from ..moe.types import MoEOutput
@@ -160,20 +161,10 @@ class Block(nn.Module):
         return x + self.drop_path(y), aux, None
 
 
-BLOCKS: dict[str, type] = {"standard": Block}
-
-
-def register_block(name: str, cls: type) -> None:
-    """Register a block class with Block's constructor signature (plus its own keyword options)."""
-    BLOCKS[name] = cls
-
-
-def get_block(name: str) -> type:
-    if name not in BLOCKS:
-        from .. import techniques  # noqa: F401  (techniques register their block variants)
-    if name not in BLOCKS:
-        raise ConfigError(f"unknown block {name!r}; known: {sorted(BLOCKS)}")
-    return BLOCKS[name]
+BLOCKS = Registry("block")
+BLOCKS.register("standard", Block)
+register_block = BLOCKS.register  # (name, cls): cls has Block's constructor signature plus its own options
+get_block = BLOCKS.get
 
 
 class VisionTransformer(nn.Module):
