@@ -32,6 +32,7 @@ def test_smoke_run_learns_and_writes_run_dir(tmp_path):
     for k in ("test_accuracy", "train_seconds", "params_total", "params_active"):
         assert k in summary
     assert 0 <= summary["test_accuracy"] <= 1 and summary["params_active"] < summary["params_total"]
+    assert summary["wall_seconds"] >= summary["train_seconds"] > 0
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["type"] for r in recs} == {"train", "eval"}
     assert [r["epoch"] for r in recs if r["type"] == "eval"] == [1, 2, 3]

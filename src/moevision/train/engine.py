@@ -168,6 +168,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     ``on_step(step)`` is called after every optimiser step (hooks, tests). An interrupt (Ctrl-C) leaves
     the last complete checkpoint in place: a checkpoint is only ever written between steps.
     """
+    wall_start = time.perf_counter()
     run_dir = Path(run_dir)
     tc = cfg.train
     if tc.num_threads:
@@ -187,11 +188,12 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     warmup = int(round(tc.warmup_epochs * steps_per_epoch))
     ckpt_path, metrics_path = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME
 
-    step, epoch, batch_in_epoch, train_seconds, last_eval = 0, 0, 0, 0.0, None
+    step, epoch, batch_in_epoch, train_seconds, last_eval, prior_wall = 0, 0, 0, 0.0, None, 0.0
     if resume:
         st = load_checkpoint(ckpt_path, model=model, optimizer=optimizer)
         step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         train_seconds, last_eval = st["train_seconds"], st.get("last_eval")
+        prior_wall = st.get("wall_seconds", 0.0)
         _truncate_metrics(metrics_path, step)
         log(f"resumed {run_dir} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
     else:
@@ -202,7 +204,8 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, model=model, optimizer=optimizer, state={
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_seconds": train_seconds,
-            "last_eval": last_eval, "total_steps": total_steps})
+            "last_eval": last_eval, "total_steps": total_steps,
+            "wall_seconds": prior_wall + time.perf_counter() - wall_start})
 
     final = None
     model.train()
@@ -284,6 +287,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     summary = make_summary(cfg, model, final, train_seconds=train_seconds, steps=step,
                            images_seen=step * bs, device=device)
     summary["epochs"] = round(step / steps_per_epoch, 3)
+    summary["wall_seconds"] = round(prior_wall + time.perf_counter() - wall_start, 2)
     atomic_write(run_dir / SUMMARY_NAME, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
 
@@ -308,8 +312,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{'parameters':<22}{s['params_total'] / 1e6:.3f}M total, {s['params_active'] / 1e6:.3f}M active per token",
     ]
     if s.get("train_seconds") is not None:
-        lines.append(f"{'training':<22}{s['train_seconds']:.1f} s, {s['steps']} steps, "
+        lines.append(f"{'training':<22}{s['train_seconds']:.1f} s in steps, {s['steps']} steps, "
                      f"{s['images_per_s']:.0f} images/s on {s['device']} ({s['threads']} threads)")
+    if s.get("wall_seconds") is not None:
+        lines.append(f"{'wall time':<22}{s['wall_seconds']:.1f} s (data, evaluation and checkpoints included)")
     if s["moe_layers"]:
         lines.append("MoE layers (test set):")
         lines.append(f"  {'block':<7}{'dropped':>9}{'load CV':>9}   expert load (share of assignments)")
