@@ -71,3 +71,17 @@ def test_ewa_training_hook_and_merge_command(tmp_path, capsys):
     code = main(["train", "--recipe", "smoke_synthetic", "--out", str(tmp_path / "bad"), "--no-progress",
                  "--set", "techniques.ewa.enabled=true"])
     assert code == 2 and "router=random" in capsys.readouterr().err
+
+
+def test_others_and_mean_modes_agree_with_rescaled_beta():
+    a, b = _ewa_model(), _ewa_model()
+    b.load_state_dict(a.state_dict())
+    n, beta = 4, 0.3
+    ewa_update(ewa_layers(a), beta, mode="others")
+    ewa_update(ewa_layers(b), beta * n / (n - 1), mode="mean")  # beta' = beta N / (N - 1)
+    for pa, pb in zip(ewa_layers(a)[0].experts.parameters(), ewa_layers(b)[0].experts.parameters()):
+        torch.testing.assert_close(pa, pb)
+    # beta = (N-1)/N in "others" makes all experts identical after one update
+    ewa_update(ewa_layers(a), (n - 1) / n, mode="others")
+    w = ewa_layers(a)[0].experts.w1
+    torch.testing.assert_close(w, w[:1].expand_as(w))
