@@ -215,11 +215,13 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     try:
         while epoch < tc.epochs and step < total_steps:
             batches = iterate_batches(train_ds, bs, shuffle=True, seed=tc.seed, epoch=epoch,
-                                      drop_last=len(train_ds) >= bs, start_batch=batch_in_epoch, device=device)
+                                      drop_last=len(train_ds) >= bs, start_batch=batch_in_epoch)
             for images, labels in batches:
                 t0 = time.perf_counter()
                 gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-                x = normalize(augment(images.cpu(), gen).to(device), train_ds.mean, train_ds.std)
+                # augment on the host with its seeded generator, then one transfer to the device
+                x = normalize(augment(images, gen).to(device), train_ds.mean, train_ds.std)
+                labels = labels.to(device)
                 set_lr(optimizer, warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup,
                                                 lr=tc.lr, min_lr=tc.min_lr))
                 with _autocast(device, tc.amp):
