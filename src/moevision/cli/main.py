@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'moe_*'")
     sub.add_parser("list-recipes", help="list recipes with what they reach")
 
+    for mod in _plugin_modules():
+        COMMANDS.update(mod.register(sub))
+
     b = sub.add_parser("bench", help="benchmarks: MoE layer vs dense FFN, MoE-ViT step vs dense twin")
     b.add_argument("what", choices=["moe-layer", "model"])
     b.add_argument("--device", default="cpu")
@@ -238,6 +241,17 @@ def _cmd_bench(args) -> int:
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reproduce": _cmd_reproduce, "list-models": _cmd_list_models,
             "list-recipes": _cmd_list_recipes, "bench": _cmd_bench}
+
+
+# Commands that live in their own module (moevision.cli.<name>): each module has
+# ``register(subparsers) -> {command: handler}``; handlers take the parsed args and return an exit code.
+PLUGIN_COMMANDS: tuple[str, ...] = ()
+
+
+def _plugin_modules():
+    import importlib
+
+    return [importlib.import_module(f"{__package__}.{name}") for name in PLUGIN_COMMANDS]
 
 
 def main(argv: list[str] | None = None) -> int:
