@@ -166,7 +166,9 @@ class MoE(nn.Module):
                               f"use a batch whose token count is a multiple of it")
         return T // S, S
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> MoEOutput:
+        """``expert_mask`` (optional, bool, shape ``x.shape[:-1] + (E,)``, True = allowed): the experts each
+        token may be routed to (MoMa-style modality groups; ``topk`` router only)."""
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE input width must be dim={self.dim}, got input of shape {tuple(x.shape)}")
         if self.check_finite and not bool(torch.isfinite(x).all()):
@@ -175,7 +177,15 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
         G, S = self._groups(x, T)
-        plan = self.router(x_TD.view(G, S, self.dim))
+        if expert_mask is None:
+            plan = self.router(x_TD.view(G, S, self.dim))
+        else:
+            if self.router_name != "topk":
+                raise ConfigError(f"expert_mask needs router='topk', this layer has router={self.router_name!r}")
+            if tuple(expert_mask.shape) != tuple(lead) + (self.num_experts,):
+                raise ValueError(f"expert_mask must have shape {tuple(lead) + (self.num_experts,)}, "
+                                 f"got {tuple(expert_mask.shape)}")
+            plan = self.router(x_TD.view(G, S, self.dim), expert_mask.reshape(G, S, self.num_experts).bool())
         if isinstance(plan, SoftRoutingPlan):
             out, stats = self._soft(x_TD.view(G, S, self.dim), plan)
         else:

@@ -108,14 +108,25 @@ class TopKRouter(_LinearRouter):
     def current_capacity_factor(self) -> float | None:
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
-    def forward(self, x_GSD: torch.Tensor) -> RoutingPlan:
+    def forward(self, x_GSD: torch.Tensor, expert_mask_GSE: torch.Tensor | None = None) -> RoutingPlan:
+        """``expert_mask_GSE`` (bool, True = allowed) restricts each token to a subset of the experts
+        (MoMa's modality groups): the other logits become -inf, so their probability is exactly 0 and
+        top-k is taken over the allowed experts only. Every token needs at least K allowed experts."""
         G, S, _ = x_GSD.shape
         E, K = self.num_experts, self.top_k
         logits = self.logits(x_GSD)  # (G, S, E) clean
+        if expert_mask_GSE is not None:
+            if bool((expert_mask_GSE.sum(-1) < K).any()):
+                raise ValueError(f"expert_mask allows fewer than top_k={K} experts for some token")
+            logits = logits.masked_fill(~expert_mask_GSE, float("-inf"))
         sigma = self.noise_std / E if (self.training and self.noise_std > 0) else 0.0
         noisy = logits + sigma * torch.randn_like(logits) if sigma > 0 else logits
         probs = noisy.softmax(dim=-1)
-        top_v, top_i = probs.topk(K, dim=-1)  # (G, S, K); top-k of probs == top-k of logits
+        if expert_mask_GSE is None:
+            top_v, top_i = probs.topk(K, dim=-1)  # (G, S, K); top-k of probs == top-k of logits
+        else:  # select on logits: an allowed expert whose probability underflows still beats a masked one
+            top_i = noisy.topk(K, dim=-1).indices
+            top_v = probs.gather(-1, top_i)
         if self.softmax_order == "after_topk":
             top_v = noisy.gather(-1, top_i).softmax(dim=-1)
 
