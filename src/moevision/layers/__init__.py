@@ -3,6 +3,7 @@
 from ..registry import Registry
 from .attention import Attention
 from .drop import DropPath
+from .layer_scale import LayerScale
 from .mlp import Mlp
 from .patch_embed import ConvStem, PatchEmbed
 
@@ -12,5 +13,5 @@ ATTENTION_LAYERS.register("mha", Attention)
 register_attention = ATTENTION_LAYERS.register
 get_attention = ATTENTION_LAYERS.get
 
-__all__ = ["Attention", "DropPath", "Mlp", "ConvStem", "PatchEmbed", "ATTENTION_LAYERS", "register_attention",
+__all__ = ["Attention", "DropPath", "LayerScale", "Mlp", "ConvStem", "PatchEmbed", "ATTENTION_LAYERS", "register_attention",
            "get_attention"]

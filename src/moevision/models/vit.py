@@ -12,6 +12,7 @@ Shape legend: B batch, N tokens (incl. class token), D width.
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 from .. import config as C
 from ..errors import ConfigError
 from ..registry import Registry
-from ..layers import Attention, ConvStem, DropPath, Mlp, PatchEmbed, get_attention
+from ..layers import Attention, ConvStem, DropPath, LayerScale, Mlp, PatchEmbed, get_attention
 from ..moe import ROUTERS, MoE, moe_layer_indices
 from ..moe.types import MoEOutput
 from ._builder import ModelOutput, register_arch, register_model
@@ -49,6 +50,12 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # LayerNorm eps (PyTorch's default 1e-5; HF ViT uses 1e-12, DINOv2 and timm 1e-6), MLP/expert
+    # activation ("gelu" exact, "gelu_tanh", "relu", "silu"), and LayerScale (CaiT/DINOv2): None = off,
+    # else the initial value of ``blocks.i.ls1.gamma`` / ``ls2.gamma`` (standard block only)
+    norm_eps: float = 1e-5
+    mlp_act: str = "gelu"
+    layer_scale_init: float | None = None
     # attention layer by name ("mha"; "moh" = Mixture-of-Head attention) in the blocks ``attention_layers``
     attention: str = "mha"
     attention_layers: str | list[int] = "all"
@@ -102,6 +109,10 @@ class ViTConfig:
         C.check(self.class_token or self.global_pool == "avg", "model.global_pool", self.global_pool,
                 "must be 'avg' when class_token is false")
         C.check(self.mlp_ratio > 0, "model.mlp_ratio", self.mlp_ratio, "must be > 0")
+        C.check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
+        C.check(self.mlp_act in MLP_ACTS, "model.mlp_act", self.mlp_act, f"must be one of {tuple(MLP_ACTS)}")
+        C.check(self.layer_scale_init is None or self.block == "standard", "model.layer_scale_init",
+                self.layer_scale_init, f"is only applied by the standard block, not block={self.block!r}")
         for k in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             C.check(0.0 <= getattr(self, k) < 1.0, f"model.{k}", getattr(self, k), "must be in [0, 1)")
         C.check(self.router in ROUTERS, "model.router", self.router, f"must be one of {ROUTERS}")
@@ -127,7 +138,13 @@ class ViTConfig:
             normalize_topk=self.normalize_topk, noise_std=self.noise_std, batch_priority=self.batch_priority,
             group_size=self.group_size, slots_per_expert=self.slots_per_expert, expert_init=self.expert_init,
             importance_loss_weight=self.importance_loss_weight, load_loss_weight=self.load_loss_weight,
-            switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl)
+            switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl,
+            activation=self.mlp_act)
+
+
+# MLP activations by name; each is also an expert activation of ``moevision.MoE`` (same function)
+MLP_ACTS: dict[str, Any] = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU,
+                            "silu": nn.SiLU}
 
 
 class Block(nn.Module):
@@ -135,7 +152,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp: nn.Module, *, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm,
-                 attn: nn.Module | None = None):
+                 attn: nn.Module | None = None, layer_scale_init: float | None = None):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = attn if attn is not None else Attention(dim, num_heads, qkv_bias=qkv_bias,
@@ -143,6 +160,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = mlp
+        # LayerScale on both residual branches (CaiT, DINOv2); Identity (no state-dict keys) when off
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
         """Returns (x, aux loss or None, MoE-FFN routing stats or None). Attention layers that route
@@ -153,12 +173,12 @@ class Block(nn.Module):
         a = self.attn(self.norm1(x))
         if isinstance(a, MoEOutput):
             a, aux = a.out, a.aux_loss
-        x = x + self.drop_path(a)
+        x = x + self.drop_path(self.ls1(a))
         y = self.mlp(self.norm2(x))
         if isinstance(y, MoEOutput):
             aux = y.aux_loss if aux is None else aux + y.aux_loss
-            return x + self.drop_path(y.out), aux, y.stats
-        return x + self.drop_path(y), aux, None
+            return x + self.drop_path(self.ls2(y.out)), aux, y.stats
+        return x + self.drop_path(self.ls2(y)), aux, None
 
 
 BLOCKS = Registry("block")
@@ -190,12 +210,16 @@ class VisionTransformer(nn.Module):
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         attn_cls, block_cls = get_attention(cfg.attention), get_block(cfg.block)
         attn_blocks = moe_layer_indices(cfg.attention_layers, cfg.depth) if cfg.attention != "mha" else ()
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        block_kw: dict[str, Any] = {"norm_layer": norm_layer}
+        if cfg.layer_scale_init is not None:
+            block_kw["layer_scale_init"] = cfg.layer_scale_init
         blocks = []
         for i in range(cfg.depth):
             if i in self.moe_layers:
                 mlp = MoE(D, expert_hidden, cfg.num_experts, cfg.top_k, **cfg.moe_kwargs())
             else:
-                mlp = Mlp(D, hidden, drop=cfg.drop_rate)
+                mlp = Mlp(D, hidden, act_layer=MLP_ACTS[cfg.mlp_act], drop=cfg.drop_rate)
             attn = None
             if i in attn_blocks:
                 try:
@@ -207,12 +231,12 @@ class VisionTransformer(nn.Module):
             try:
                 blocks.append(block_cls(D, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
                                         attn_drop=cfg.attn_drop_rate, drop_path=dpr[i], attn=attn,
-                                        **cfg.block_options))
+                                        **block_kw, **cfg.block_options))
             except TypeError as e:
                 raise ConfigError(f"model.block_options={cfg.block_options!r} not accepted by block "
                                   f"{cfg.block!r}: {e}") from None
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.LayerNorm(D)
+        self.norm = norm_layer(D)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes)
         self.init_weights()
