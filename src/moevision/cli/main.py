@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is found nowhere")
     t.add_argument("--out", default=None, help="run directory (default runs/<recipe>-<time>)")
     t.add_argument("--resume", default=None, metavar="RUN_DIR", help="resume this run from its checkpoint")
+    t.add_argument("--init", default=None, metavar="MODEL_DIR",
+                   help="start from the weights AND model config of a model directory (save_pretrained, "
+                        "`moevision upcycle`, a run's model/); --set may still change non-structural model fields")
     t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's, auto)")
     t.add_argument("--overwrite", action="store_true", help="allow --out to name an existing run directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,7 +94,7 @@ def _cmd_train(args) -> int:
 
     progress = not args.no_progress
     if args.resume:
-        if args.recipe or args.overrides:
+        if args.recipe or args.overrides or args.init:
             raise MoEVisionError("--resume takes the run's own config; drop --recipe/--set (only --device "
                                  "and --data-dir may change)")
         run_dir = Path(args.resume)
@@ -100,6 +103,10 @@ def _cmd_train(args) -> int:
             raise MoEVisionError(f"{run_dir}/checkpoint.safetensors is missing: nothing to resume")
     else:
         cfg = get_recipe(args.recipe or DEFAULT_RECIPE)
+        if args.init:
+            from ..train.init_from import init_run_config
+
+            init_run_config(cfg, args.init)
         for key, value in C.parse_overrides(args.overrides):
             C.set_by_path(cfg, key, value)
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -245,7 +252,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reprod
 
 # Commands that live in their own module (moevision.cli.<name>): each module has
 # ``register(subparsers) -> {command: handler}``; handlers take the parsed args and return an exit code.
-PLUGIN_COMMANDS: tuple[str, ...] = ()
+PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle",)
 
 
 def _plugin_modules():

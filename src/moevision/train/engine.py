@@ -60,6 +60,13 @@ def load_data(cfg: RunConfig) -> tuple[ImageDataset, ImageDataset]:
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
+    """The run's model with fresh weights (``fit`` loads ``train.init_from`` weights into it)."""
+    if cfg.train.init_from is not None:  # the name may be unregistered (an upcycled or converted model)
+        from ..models import VisionTransformer
+
+        model = VisionTransformer(cfg.model)
+        model.model_name = cfg.model_name
+        return model
     return create_model(cfg.model_name, **cfg.model.to_dict())
 
 
@@ -197,6 +204,12 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
         _truncate_metrics(metrics_path, step)
         log(f"resumed {run_dir} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
     else:
+        if tc.init_from is not None:
+            from .init_from import load_init_optimizer_state, load_init_weights
+
+            load_init_weights(model, tc.init_from)
+            if tc.init_optimizer_state:
+                load_init_optimizer_state(model, optimizer, tc.init_from)
         write_run_config(cfg, run_dir)
         if metrics_path.exists():
             metrics_path.unlink()

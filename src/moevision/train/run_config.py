@@ -51,8 +51,14 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 200  # steps; a checkpoint is also written at the end of every epoch
     eval_every: int = 1  # epochs
+    # start from the weights of a model directory (save_pretrained / `moevision upcycle`); strict key and
+    # shape checks (moevision.train.init_from). `moevision train --init DIR` also takes its model config.
+    init_from: str | None = None
+    init_optimizer_state: bool = False  # also load DIR/optimizer.safetensors (upcycled Adam moments)
 
     def validate(self) -> None:
+        C.check(not self.init_optimizer_state or self.init_from is not None, "train.init_optimizer_state",
+                self.init_optimizer_state, "needs train.init_from")
         C.check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
         C.check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
         C.check(self.lr > 0, "train.lr", self.lr, "must be > 0")
