@@ -187,13 +187,13 @@ class MoE(nn.Module):
                                  f"got {tuple(expert_mask.shape)}")
             plan = self.router(x_TD.view(G, S, self.dim), expert_mask.reshape(G, S, self.num_experts).bool())
         if isinstance(plan, SoftRoutingPlan):
-            out, stats = self._soft(x_TD.view(G, S, self.dim), plan)
+            out, stats = self._soft(x_TD.view(G, S, self.dim), plan, lead)
         else:
             out = get_dispatch(self.impl)(x_TD, plan, self.experts, num_groups=G, group_size=S)
             stats = self._stats(plan, T, lead)
         return MoEOutput(out=out.view(*lead, self.dim), aux_loss=plan.aux_loss, stats=stats)
 
-    def _soft(self, x_GSD: torch.Tensor, plan: SoftRoutingPlan):
+    def _soft(self, x_GSD: torch.Tensor, plan: SoftRoutingPlan, lead=None):
         G, S, D = x_GSD.shape
         E, p = self.num_experts, plan.slots_per_expert
         disp, comb = plan.dispatch_GSP.to(x_GSD.dtype), plan.combine_GSP.to(x_GSD.dtype)
@@ -208,6 +208,9 @@ class MoE(nn.Module):
                 tokens_per_expert=cw.sum(dim=(0, 1)), dropped_fraction=zero, dropped_token_fraction=zero,
                 router_entropy=L.router_entropy(cw), importance=cw.sum(dim=(0, 1)),
                 aux_losses={k: v.detach() for k, v in plan.aux_losses.items()}, capacity=p)
+            if self.record_routing and lead is not None:
+                stats.gates = stats.probs = cw.reshape(*lead, E)
+                stats.dispatch = plan.dispatch_GSP.view(G, S, E, p).sum(-1).reshape(*lead, E)
         return out, stats
 
     @torch.no_grad()
@@ -219,11 +222,13 @@ class MoE(nn.Module):
         dropped_tokens = (per_token == 0).float().mean()
         # expert choice drops no assignment; the tokens nobody picked are its dropped ones
         dropped = dropped_tokens if plan.top_k == 0 else 1.0 - kept.mean()
-        expert_idx = gates = None
+        expert_idx = gates = kept_k = probs = None
         if self.record_routing:
+            probs = plan.probs_GSE.reshape(*lead, E)
             if plan.top_k > 0:
                 expert_idx = plan.expert_idx.view(*lead, plan.top_k)
                 gates = plan.gates.detach().view(*lead, plan.top_k)
+                kept_k = plan.kept.view(*lead, plan.top_k)
             else:  # expert choice: dense (T, E) combine weights
                 dense = torch.zeros(T, E, device=kept.device, dtype=plan.gates.dtype)
                 dense.index_put_((plan.token_idx, plan.expert_idx), plan.gates.detach(), accumulate=True)
@@ -232,4 +237,4 @@ class MoE(nn.Module):
             tokens_per_expert=tpe, dropped_fraction=dropped, dropped_token_fraction=dropped_tokens,
             router_entropy=L.router_entropy(plan.probs_GSE), importance=plan.probs_GSE.sum(dim=(0, 1)),
             aux_losses={k: v.detach() for k, v in plan.aux_losses.items()}, capacity=plan.capacity,
-            expert_idx=expert_idx, gates=gates)
+            expert_idx=expert_idx, gates=gates, kept=kept_k, probs=probs)

@@ -58,6 +58,11 @@ class RoutingStats:
     capacity: int | None = None
     expert_idx: torch.Tensor | None = None  # (..., K) per-token expert ids, only when recording
     gates: torch.Tensor | None = None  # (..., K) per-token combine weights, only when recording
+    # also only when recording (analytics): token choice's kept flags, router probabilities, and for
+    # soft MoE each token's dispatch mass per expert (``gates``/``probs`` then hold its combine mass)
+    kept: torch.Tensor | None = None  # (..., K) bool: assignment not dropped by capacity (token choice)
+    probs: torch.Tensor | None = None  # (..., E) clean router probabilities (soft MoE: combine mass)
+    dispatch: torch.Tensor | None = None  # (..., E) soft MoE only: dispatch mass per expert
 
 
 @dataclass
