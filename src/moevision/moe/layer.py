@@ -210,7 +210,7 @@ class MoE(nn.Module):
                 aux_losses={k: v.detach() for k, v in plan.aux_losses.items()}, capacity=p)
             if self.record_routing and lead is not None:
                 stats.gates = stats.probs = cw.reshape(*lead, E)
-                stats.dispatch = plan.dispatch_GSP.view(G, S, E, p).sum(-1).reshape(*lead, E)
+                stats.dispatch = plan.dispatch_GSP.detach().view(G, S, E, p).sum(-1).reshape(*lead, E)
         return out, stats
 
     @torch.no_grad()
@@ -224,7 +224,7 @@ class MoE(nn.Module):
         dropped = dropped_tokens if plan.top_k == 0 else 1.0 - kept.mean()
         expert_idx = gates = kept_k = probs = None
         if self.record_routing:
-            probs = plan.probs_GSE.reshape(*lead, E)
+            probs = plan.probs_GSE.detach().reshape(*lead, E)
             if plan.top_k > 0:
                 expert_idx = plan.expert_idx.view(*lead, plan.top_k)
                 gates = plan.gates.detach().view(*lead, plan.top_k)
