@@ -25,6 +25,15 @@ def freeze_all_but(model: torch.nn.Module, trainable: Callable[[str], bool]) -> 
     return names
 
 
+def freeze_norm_stats(model: torch.nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are all frozen in eval mode, so a phase that trains other
+    parameters does not move their running statistics (call after ``model.train()``)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
+
+
 def shuffled_batches(dataset: ImageDataset, batch_size: int, *, seed: int, epoch: int, augment: str = "none",
                      device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (x, y) batches in the seeded order of ``epoch`` (full batches only)."""

@@ -47,7 +47,7 @@ from ..data import ImageDataset
 from ..errors import ConfigError
 from ..models.vit import VisionTransformer
 from ..moe.router import TopKRouter
-from ._loop import epochs_of, freeze_all_but, index_batches, run_steps, shuffled_batches, steps_per_epoch
+from ._loop import epochs_of, freeze_all_but, freeze_norm_stats, index_batches, run_steps, shuffled_batches, steps_per_epoch
 from .upcycling import init_router, upcycle_named_tensors, upcycled_config
 
 MCL_LOSSES = ("batch_classes", "ce")
@@ -191,6 +191,7 @@ def mcl_stages(base: VisionTransformer, train: ImageDataset, *, num_experts: int
         model = copy.deepcopy(base if start_from == "base" else prev_model)
         model.train()
         names = lock_except_mlp(model, unlocked_from)
+        freeze_norm_stats(model)
         params = [p for n, p in model.named_parameters() if n in set(names)]
         if random_batches:
             per_epoch = steps_per_epoch(len(train), batch_size)
@@ -255,6 +256,7 @@ def train_routers(model: VisionTransformer, train: ImageDataset, *, epochs: int 
     """Router-only training (everything else frozen): cross-entropy + the layers' balance losses."""
     model.train()
     names = set(lock_except_gate(model))
+    freeze_norm_stats(model)
     params = [p for n, p in model.named_parameters() if n in names]
     total = steps_per_epoch(len(train), batch_size) * epochs
     batches = epochs_of(lambda e: shuffled_batches(train, batch_size, seed=seed, epoch=e, augment=augment), epochs)
