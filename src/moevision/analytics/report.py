@@ -137,7 +137,7 @@ def interpret(summary: dict, records: list[dict]) -> dict[str, list[str]]:
                 f"{counts[e_top]}/{P_} positions, {len(counts)} expert(s) are the most frequent somewhere, and "
                 f"at {strong}/{P_} positions one expert takes over 80% of the images.")
         if L["kind"] == "soft":
-            notes["drops"].append(f"block {b}: soft MoE drops nothing; " + "; ".join(L["not_applicable"]) + ".")
+            notes["drops"].append(f"block {b}: soft MoE, so these do not apply: " + "; ".join(L["not_applicable"]) + ".")
         elif not L["assignment_drop_rate"] and not L["token_drop_rate"]:
             cf = L["eval_capacity_factor"]
             notes["drops"].append(f"block {b}: no token dropped ("

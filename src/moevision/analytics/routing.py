@@ -319,8 +319,10 @@ def summarize_layer(layer: LayerRouting, labels_B: torch.Tensor, num_classes: in
         lost_B = layer.dropped_BN().double().mean(1)  # fraction of each image's tokens dropped
         per_class = joint_counts(labels_B, lost_B[:, None], num_classes)[:, 0]
         s["class_drop_rate"] = (per_class / torch.bincount(labels_B, minlength=num_classes).clamp_min(1)).tolist()
-        if batch_size:
-            late = (torch.arange(B) % batch_size) >= batch_size / 2
+        if batch_size and B > 1:
+            i = torch.arange(B)
+            start = i // batch_size * batch_size
+            late = (i - start) >= (torch.clamp(B - start, max=batch_size) / 2)  # 2nd half of its own batch
             s["drop_rate_batch_halves"] = [float(lost_B[~late].mean()), float(lost_B[late].mean()) if late.any()
                                            else 0.0]
     if num_prefix > 0:
