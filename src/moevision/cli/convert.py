@@ -116,7 +116,7 @@ def run(args) -> int:
         {"source": str(args.source), "format": report.format, "options": {k: v for k, v in opts.items()},
          "mapped": report.mapped, "ignored": report.ignored, "notes": report.notes}, indent=2) + "\n")
     print(f"model: ViT {cfg.embed_dim}-d, {cfg.depth} blocks, {cfg.num_heads} heads, patch {cfg.patch_size}, "
-          f"{cfg.img_size} px, {cfg.in_chans} channels, {cfg.num_classes} classes, "
+          f"{cfg.img_size} px, in_chans {cfg.in_chans}, {cfg.num_classes} classes, "
           f"{model.num_params() / 1e6:.2f}M parameters")
     if args.verify:
         r = verify_conversion(args.source, args.format, **opts)

@@ -2,6 +2,7 @@
 
 from ._builder import ModelOutput, create_model, from_pretrained, list_models, register_model, save_pretrained
 from .vit import Block, ViTConfig, VisionTransformer
+from ._convert_auto import convert_checkpoint  # HF / timm / ONNX dense ViTs -> moevision
 
 __all__ = ["ModelOutput", "create_model", "from_pretrained", "list_models", "register_model", "save_pretrained",
-           "Block", "ViTConfig", "VisionTransformer"]
+           "Block", "ViTConfig", "VisionTransformer", "convert_checkpoint"]
