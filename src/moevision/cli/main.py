@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ EPILOG = """examples:
   moevision train --recipe fmnist_dense --out runs/dense
   moevision train --set model.num_experts=8 --set train.epochs=3
   moevision train --resume runs/fmnist_moe-20261126-120000
+  torchrun --nproc-per-node 2 -m moevision train --out runs/ep2 --set parallel.ep=2   # expert parallel
   moevision eval runs/fmnist_moe-20261126-120000
   moevision list-models 'moe_*'
   moevision bench moe-layer
@@ -34,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a recipe (or resume a run)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a recipe. The run directory gets config.json, metrics.jsonl, "
-                                   "checkpoint.safetensors, model/ and summary.json.")
+                                   "checkpoint.safetensors, model/ and summary.json. On several processes: "
+                                   "torchrun --nproc-per-node N -m moevision train --out DIR --set parallel.ep=N "
+                                   "(expert parallel; parallel.ep=1 is data parallel; docs/distributed.md).")
     t.add_argument("--recipe", default=None, help="recipe name (see list-recipes; default fmnist_moe)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. model.num_experts=8 or train.epochs=3 (repeatable)")
@@ -92,13 +96,20 @@ def _cmd_train(args) -> int:
     from ..recipes import DEFAULT_RECIPE, get_recipe
     from ..train import fit, format_summary, read_run_config
 
+    from ..distributed.mesh import is_main_process, launched
+
+    main_rank = is_main_process()  # under torchrun only rank 0 checks the run directory and prints
+    say = print if main_rank else (lambda *a, **k: None)
     progress = not args.no_progress
     if args.resume:
-        if args.recipe or args.overrides or args.init:
-            raise MoEVisionError("--resume takes the run's own config; drop --recipe/--set (only --device "
-                                 "and --data-dir may change)")
+        overrides = C.parse_overrides(args.overrides)
+        if args.recipe or args.init or any(not k.startswith("parallel.") for k, _ in overrides):
+            raise MoEVisionError("--resume takes the run's own config; drop --recipe/--set (only --device, "
+                                 "--data-dir and --set parallel.* may change)")
         run_dir = Path(args.resume)
         cfg = read_run_config(run_dir)
+        for key, value in overrides:  # a checkpoint loads at any world size: the layout may change
+            C.set_by_path(cfg, key, value)
         if not (run_dir / "checkpoint.safetensors").is_file():
             raise MoEVisionError(f"{run_dir}/checkpoint.safetensors is missing: nothing to resume")
     else:
@@ -109,8 +120,10 @@ def _cmd_train(args) -> int:
             init_run_config(cfg, args.init)
         for key, value in C.parse_overrides(args.overrides):
             C.set_by_path(cfg, key, value)
+        if not args.out and launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MoEVisionError("under torchrun, name the run directory with --out (every rank must agree on it)")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+        if main_rank and run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
             raise MoEVisionError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, "
                                  f"--overwrite to replace it, or another --out")
     if args.data_dir:
@@ -120,14 +133,14 @@ def _cmd_train(args) -> int:
     if args.device:
         cfg.train.device = args.device
     C.validate_config(cfg)
-    print(f"moevision train: recipe {cfg.recipe}, model {cfg.model_name}, run directory {run_dir}", flush=True)
+    say(f"moevision train: recipe {cfg.recipe}, model {cfg.model_name}, run directory {run_dir}", flush=True)
     try:
         summary = fit(cfg, run_dir, resume=bool(args.resume), progress=progress)
     except KeyboardInterrupt:
         return 130
-    print()
-    print(format_summary(summary))
-    print(f"\nrun directory: {run_dir}  (evaluate: moevision eval {run_dir})")
+    say()
+    say(format_summary(summary))
+    say(f"\nrun directory: {run_dir}  (evaluate: moevision eval {run_dir})")
     return 0
 
 

@@ -44,14 +44,20 @@ def iterate_batches(
     drop_last: bool = False,
     start_batch: int = 0,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float32 images in [0, 1], int64 labels) batches of one epoch, skipping the first ``start_batch``."""
+    """Yield (float32 images in [0, 1], int64 labels) batches of one epoch, skipping the first ``start_batch``.
+
+    ``shard=(rank, world_size)``: yield only this rank's contiguous slice of every batch (distributed
+    training: the W slices of a batch make up the single-process batch; a slice may be empty)."""
     total = num_batches(len(dataset), batch_size, drop_last)
     if not 0 <= start_batch <= total:
         raise ValueError(f"start_batch={start_batch} must be in [0, {total}] for this epoch")
     order = epoch_order(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch)
     for i in range(start_batch, total):
         idx = order[i * batch_size : (i + 1) * batch_size]
+        if shard is not None:
+            idx = torch.tensor_split(idx, shard[1])[shard[0]]
         images, labels = dataset.float_images(idx), dataset.labels[idx]
         if device is not None:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -57,6 +57,10 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Pat
     """Write ``config.json`` and ``model.safetensors`` (full model, contiguous CPU tensors)."""
     from safetensors.torch import save_file
 
+    if any(getattr(m, "expert_shard", False) for m in model.modules()):
+        raise CheckpointError("this model's experts are sharded over ranks (expert parallel): a save here would "
+                              "hold only this rank's experts. Call moevision.distributed.save_pretrained(model, "
+                              "directory) on every rank: it gathers the experts and rank 0 writes the full model")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cfg = model.config

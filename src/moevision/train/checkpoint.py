@@ -38,26 +38,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any],
+                    model_state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model and optimizer (modules, or their state dicts: ``model_state`` /
+    ``optimizer_state``, e.g. gathered from expert-parallel ranks), the RNG state and ``state``."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    model_state = model.state_dict() if model_state is None else model_state
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
+    tensors.update(extra_tensors or {})
     meta = {"state": json.dumps(state), "optimizer": json.dumps(opt_meta), "format": "moevision-ckpt-1"}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> dict[str, Any]:
-    """Restore what is given; return the JSON state. Raises CheckpointError on a missing/corrupt file."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """(all tensors, JSON state, optimizer metadata) of a checkpoint; CheckpointError if missing/corrupt."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -73,8 +79,24 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = 
         opt_meta = json.loads(meta["optimizer"])
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    return tensors, state, opt_meta
+
+
+def model_state_from(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def optimizer_state_from(tensors: dict[str, torch.Tensor], opt_meta: dict) -> dict:
+    return _unflatten_optimizer(tensors, opt_meta)
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore what is given; return the JSON state. Raises CheckpointError on a missing/corrupt file."""
+    path = Path(path)
+    tensors, state, opt_meta = read_checkpoint(path)
     if model is not None:
-        sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        sd = model_state_from(tensors)
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:

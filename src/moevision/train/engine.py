@@ -88,6 +88,18 @@ class _LayerStats:
             self.load[blk] = self.load.get(blk, 0) + st.tokens_per_expert.float().cpu()
             self.dropped[blk] = self.dropped.get(blk, 0.0) + float(st.dropped_fraction)
 
+    def all_reduce(self, all_sum) -> None:
+        """Sum the accumulated statistics over ranks (``all_sum``: a list of floats -> their sums)."""
+        keys = sorted(self.load)
+        sizes = [self.load[k].numel() for k in keys]
+        flat = all_sum([x for k in keys for x in self.load[k].tolist()] + [self.dropped[k] for k in keys] + [self.n])
+        off = 0
+        for k, m in zip(keys, sizes):
+            self.load[k], off = torch.tensor(flat[off:off + m]), off + m
+        for k in keys:
+            self.dropped[k], off = flat[off], off + 1
+        self.n = int(flat[off])
+
     def summary(self) -> list[dict[str, Any]]:
         rows = []
         for blk, load in self.load.items():
@@ -101,17 +113,24 @@ class _LayerStats:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: ImageDataset, *, batch_size: int = 500, device="cpu",
              amp: bool = False, progress: bool = False,
-             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, parallel=None) -> dict[str, Any]:
     """Accuracy, mean cross-entropy and per-MoE-layer routing statistics on ``dataset``.
-    ``transform`` (e.g. a corruption) is applied to the [0, 1] images before normalisation."""
+    ``transform`` (e.g. a corruption) is applied to the [0, 1] images before normalisation.
+    ``parallel`` (a ``distributed.training.DistributedRun``): every rank evaluates its slice of each
+    batch and the results are summed over ranks (every rank calls this)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     layers = _LayerStats()
-    it = iterate_batches(dataset, batch_size, shuffle=False, device=device)
+    shard = parallel.data_shard if parallel is not None else None
+    it = iterate_batches(dataset, batch_size, shuffle=False, device=device, shard=shard)
     for images, labels in tqdm(it, total=num_batches(len(dataset), batch_size), desc="eval", leave=False,
                                disable=not progress, dynamic_ncols=True):
+        if images.shape[0] == 0:  # this rank's slice of a short last batch: still join the collectives
+            with _autocast(device, amp):
+                parallel.idle_forward(model, dataset.image_shape, device)
+            continue
         if transform is not None:
             images = transform(images.cpu()).to(device)
         with _autocast(device, amp):
@@ -121,6 +140,10 @@ def evaluate(model: torch.nn.Module, dataset: ImageDataset, *, batch_size: int =
         correct += int((logits.argmax(-1) == labels).sum())
         n += labels.numel()
         layers.add(out)
+    if parallel is not None and parallel.world_size > 1:
+        correct, loss_sum, n = parallel.all_sum([correct, loss_sum, n])
+        correct, n = int(correct), int(n)
+        layers.all_reduce(parallel.all_sum)
     model.train(was_training)
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "num_images": n,
             "moe_layers": layers.summary()}
@@ -180,13 +203,21 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = resolve_device(tc.device)
+    from ..distributed.training import setup_parallel
+
+    par = setup_parallel(cfg)  # torchrun: W ranks (DP x EP); else one process, exactly as before
+    write_jsonl = _append_jsonl if par.is_main else (lambda *_: None)  # rank 0 writes files and logs
+    if not par.is_main:
+        progress, log = False, (lambda *_: None)
+    device = par.device or resolve_device(tc.device)
     train_ds, test_ds = load_data(cfg)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg).to(device)
+    model = par.prepare_model(build_model(cfg).to(device), tc.seed)
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
     augment = build_augment(cfg.data.augment)
     hooks = build_step_hooks(cfg, model)
+    if par.world_size > 1:
+        par.check_hooks(hooks)
     bs = cfg.data.batch_size
     steps_per_epoch = num_batches(len(train_ds), bs, drop_last=len(train_ds) >= bs)
     total_steps = tc.epochs * steps_per_epoch
@@ -197,7 +228,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
 
     step, epoch, batch_in_epoch, train_seconds, last_eval, prior_wall = 0, 0, 0, 0.0, None, 0.0
     if resume:
-        st = load_checkpoint(ckpt_path, model=model, optimizer=optimizer)
+        st = par.load_checkpoint(ckpt_path, model=model, optimizer=optimizer)
         step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         train_seconds, last_eval = st["train_seconds"], st.get("last_eval")
         prior_wall = st.get("wall_seconds", 0.0)
@@ -210,12 +241,13 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
             load_init_weights(model, tc.init_from)
             if tc.init_optimizer_state:
                 load_init_optimizer_state(model, optimizer, tc.init_from)
-        write_run_config(cfg, run_dir)
-        if metrics_path.exists():
-            metrics_path.unlink()
+        if par.is_main:
+            write_run_config(cfg, run_dir)
+            if metrics_path.exists():
+                metrics_path.unlink()
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_path, model=model, optimizer=optimizer, state={
+        par.save_checkpoint(ckpt_path, model=model, optimizer=optimizer, state={
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_seconds": train_seconds,
             "last_eval": last_eval, "total_steps": total_steps,
             "wall_seconds": prior_wall + time.perf_counter() - wall_start})
@@ -228,10 +260,11 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     try:
         while epoch < tc.epochs and step < total_steps:
             batches = iterate_batches(train_ds, bs, shuffle=True, seed=tc.seed, epoch=epoch,
-                                      drop_last=len(train_ds) >= bs, start_batch=batch_in_epoch)
+                                      drop_last=len(train_ds) >= bs, start_batch=batch_in_epoch,
+                                      shard=par.data_shard)
             for images, labels in batches:
                 t0 = time.perf_counter()
-                gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+                gen = torch.Generator().manual_seed(par.aug_seed(tc.seed * 1_000_003 + step))
                 # augment on the host with its seeded generator, then one transfer to the device
                 x = normalize(augment(images, gen).to(device), train_ds.mean, train_ds.std)
                 labels = labels.to(device)
@@ -247,8 +280,9 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                                              f"train.grad_clip")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                par.reduce_gradients(model)
                 if tc.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    par.clip_grad_norm_(model, tc.grad_clip)
                 optimizer.step()
                 step += 1
                 for hook in hooks:
@@ -261,12 +295,13 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                 window_imgs += labels.numel()
                 bar.update(1)
                 if step % tc.log_every == 0 or step == total_steps:
+                    run_loss, run_correct, run_n, window_imgs = par.all_sum([run_loss, run_correct, run_n, window_imgs])
                     ips = window_imgs / max(time.perf_counter() - window_t, 1e-9)
                     rec = {"type": "train", "step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch,
                            "loss": run_loss / run_n, "train_accuracy": run_correct / run_n,
                            "aux_loss": float(out.aux_loss.detach()), "lr": optimizer.param_groups[0]["lr"],
                            "images_per_s": ips}
-                    _append_jsonl(metrics_path, rec)
+                    write_jsonl(metrics_path, rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.3f}",
                                     img_s=f"{ips:.0f}", epoch=f"{rec['epoch']:.2f}")
                     run_loss, run_correct, run_n, window_t, window_imgs = 0.0, 0, 0, time.perf_counter(), 0
@@ -281,10 +316,11 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                 if finished_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
                 if step >= total_steps or epoch % tc.eval_every == 0:
-                    ev = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device, amp=tc.amp)
+                    ev = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device, amp=tc.amp,
+                                  parallel=par if par.world_size > 1 else None)
                     final = ev if step >= total_steps else None
                     last_eval = {"accuracy": ev["accuracy"], "loss": ev["loss"]}
-                    _append_jsonl(metrics_path, {"type": "eval", "step": step, "epoch": epoch,
+                    write_jsonl(metrics_path, {"type": "eval", "step": step, "epoch": epoch,
                                                  "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
                                                  "moe_layers": ev["moe_layers"]})
                     (bar.write if progress else log)(f"epoch {epoch}/{tc.epochs}  step {step}  test accuracy "
@@ -297,13 +333,18 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     bar.close()
 
     if final is None:  # the run ended without evaluating its final weights (resumed finished run, ...)
-        final = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device, amp=tc.amp)
-    model.save_pretrained(run_dir / MODEL_DIR)
-    summary = make_summary(cfg, model, final, train_seconds=train_seconds, steps=step,
+        final = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device, amp=tc.amp,
+                         parallel=par if par.world_size > 1 else None)
+    par.save_pretrained(model, run_dir / MODEL_DIR)  # always the full model
+    summary = make_summary(cfg, par.full_model(model), final, train_seconds=train_seconds, steps=step,
                            images_seen=step * bs, device=device)
     summary["epochs"] = round(step / steps_per_epoch, 3)
     summary["wall_seconds"] = round(prior_wall + time.perf_counter() - wall_start, 2)
-    atomic_write(run_dir / SUMMARY_NAME, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+    if par.world_size > 1:
+        summary["world_size"], summary["ep"] = par.world_size, par.mesh.ep
+    if par.is_main:
+        atomic_write(run_dir / SUMMARY_NAME, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+    par.close()
     return summary
 
 

@@ -100,6 +100,26 @@ class TechniquesConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Multi-process training, launched with ``torchrun --nproc-per-node N -m moevision train ...``.
+    ``ep``: expert-parallel degree (each MoE layer's experts are split over ``ep`` ranks; the world is
+    ``world_size // ep`` data-parallel replicas of that group); 1 = pure data parallel. ``backend``:
+    auto (nccl on CUDA, gloo on CPU), gloo or nccl. ``layout``: the expert-parallel dispatch, auto
+    (padded with a capacity, ragged when dropless), ragged or padded. See docs/distributed.md."""
+
+    ep: int = 1
+    backend: str = "auto"
+    layout: str = "auto"
+
+    def validate(self) -> None:
+        C.check(isinstance(self.ep, int) and self.ep >= 1, "parallel.ep", self.ep, "must be a positive integer")
+        C.check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", self.backend,
+                "must be auto, gloo or nccl")
+        C.check(self.layout in ("auto", "ragged", "padded"), "parallel.layout", self.layout,
+                "must be auto, ragged or padded")
+
+
+@dataclass
 class RunConfig:
     recipe: str = "custom"
     model_name: str = "moe_vit_fmnist_hybrid"
@@ -107,6 +127,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     techniques: TechniquesConfig = field(default_factory=TechniquesConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         pass  # sections validate themselves (config.validate_config)

@@ -1,0 +1,258 @@
+"""Expert parallelism: each rank of an EP group holds E/ep experts; tokens travel to them by all-to-all.
+
+GShard (Lepikhin et al. 2021) / Tutel (Hwang et al. 2023, spec multimodal_compression_systems.md §2(b)3)
+for the fixed-shape layout, MegaBlocks / DeepSpeed-MoE style for the ragged (dropless) one. Expert e
+lives on EP rank ``e // L`` (L = E/ep local experts, contiguous), as local expert ``e % L``.
+
+``ShardedExperts`` is an ``Experts`` holding only the local slice of the stacked weights (state-dict keys
+unchanged, expert axis L instead of E) and exposing the *global* view of the ``Experts`` contract:
+``forward_sorted(x, counts)`` with E counts and ``forward_padded(x_ECD)`` with E buffers run the whole
+exchange (send, local compute, send back), so soft MoE (which calls ``forward_padded`` directly) works
+unchanged. The registered dispatcher ``expert_parallel`` routes locally with the replicated router, then:
+
+- ``ragged`` (default when dropless): sort the kept assignments by expert, exchange the count matrix
+  (one small all-to-all, then a host sync for the split sizes), send the rows, regroup them by local
+  expert, run the local experts on contiguous slices, send the results back, scale by the gate and add.
+- ``padded`` (default with a capacity): fill (E, G*C, D) buffers by slot as ``dispatch_padded`` does,
+  all-to-all equal chunks, run the local experts as one batched matmul over (L, ep*G*C, D) (Tutel's
+  "flexible" layout), send back. Shapes are fixed by the capacity; ranks whose buffers differ (a short
+  last batch, or dropless: C = the largest per-expert count) are padded to the group maximum of G*C,
+  found with ONE scalar all-reduce MAX per layer call (the only sync of this layout; Tutel's
+  ``inequivalent_tokens`` / dropless ``capacity_factor=0``).
+
+Semantics: the router is replicated, so routing, capacity, drops and the auxiliary losses are those of
+the local batch, exactly as in data parallelism (capacity is per routing group, and a rank's group is
+its local tokens). A model on W ranks therefore equals the single-process model applied to each rank's
+batch separately (tests: outputs and gradients, 2 and 4 gloo processes).
+
+Shape legend: T tokens, D width, E experts, L local experts, P ranks of the EP group, A assignments,
+G groups, C capacity, R = G*C buffer rows per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..moe.dispatch import register_dispatch
+from ..moe.experts import Experts
+from ..moe.layer import MoE
+from ..moe.types import RoutingPlan
+from . import all_to_all as A
+
+LAYOUTS = ("auto", "ragged", "padded")
+
+
+class ShardedExperts(Experts):
+    """Experts ``[offset, offset + L)`` of an E-expert ``Experts``, sharded over an EP group.
+
+    ``num_experts`` stays E (the global view dispatchers see); ``num_local_experts`` is L. Built from a
+    full ``Experts`` with ``ShardedExperts.from_full``; ``gather_full()`` returns the full weights (a
+    collective)."""
+
+    expert_shard = True  # duck-typed marker: save_pretrained refuses to write a partial model
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, ep_rank: int, ep_size: int, group=None,
+                 activation: str = "gelu", bias: bool = True, init: str = "independent"):
+        if ep_size < 1 or not 0 <= ep_rank < ep_size:
+            raise ConfigError(f"ep_rank={ep_rank} must be in [0, ep_size={ep_size})")
+        if num_experts % ep_size:
+            raise ConfigError(f"num_experts={num_experts} is not divisible by parallel.ep={ep_size}: every "
+                              f"rank of the EP group must hold the same number of experts")
+        L = num_experts // ep_size
+        with torch.random.fork_rng(devices=[]):  # the local init is overwritten; keep the RNG stream
+            super().__init__(L, dim, hidden_dim, activation=activation, bias=bias, init=init)
+        self.num_experts, self.num_local_experts = num_experts, L
+        self.ep_rank, self.ep_size, self.group = ep_rank, ep_size, group
+        self.expert_offset = ep_rank * L
+
+    @classmethod
+    def from_full(cls, full: Experts, *, ep_rank: int, ep_size: int, group=None) -> "ShardedExperts":
+        sh = cls(full.num_experts, full.dim, full.hidden_dim, ep_rank=ep_rank, ep_size=ep_size, group=group,
+                 activation=full.activation, bias=full.has_bias, init=full.init)
+        sh.to(device=full.w1.device, dtype=full.w1.dtype)
+        with torch.no_grad():
+            for name, p in sh.named_parameters(recurse=False):
+                p.copy_(getattr(full, name)[sh.expert_offset:sh.expert_offset + sh.num_local_experts])
+        return sh
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", local experts [{self.expert_offset}, "
+                f"{self.expert_offset + self.num_local_experts}) on EP rank {self.ep_rank}/{self.ep_size}")
+
+    # -- what cannot run sharded -----------------------------------------------------------------
+    def forward_expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        raise ConfigError("impl='loop' cannot run expert-parallel (each expert is on one rank); use the "
+                          "'expert_parallel' dispatcher")
+
+    def grouped_mm_ok(self, *args, **kwargs) -> bool:
+        return False
+
+    # -- the global view -------------------------------------------------------------------------
+    def forward_sorted(self, x_ND: torch.Tensor, counts) -> torch.Tensor:
+        """Rows sorted by global expert id, ``counts[e]`` rows for expert e (list or tensor of E)."""
+        counts_E = torch.as_tensor(counts, dtype=torch.int64, device=x_ND.device)
+        return ragged_exchange(self, x_ND, counts_E)
+
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        return padded_exchange(self, x_ECD)
+
+    # -- the local experts (Experts' own computation on the local slice) -------------------------
+    def local_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        y = Experts.forward_sorted(self, x_ND, counts)
+        if x_ND.requires_grad and not y.requires_grad:
+            # no local token: keep the graph connected so the backward all-to-all runs on every rank
+            y = y + x_ND.sum() * 0
+        return y
+
+    def local_padded(self, x_LCD: torch.Tensor) -> torch.Tensor:
+        return Experts.forward_padded(self, x_LCD)
+
+    @torch.no_grad()
+    def gather_full(self) -> dict[str, torch.Tensor]:
+        """The full (E, ...) tensors of every parameter, on every rank of the EP group (collective)."""
+        return {name: A.all_gather_cat(p.detach(), self.group) for name, p in self.named_parameters(recurse=False)}
+
+
+def ragged_exchange(ex: ShardedExperts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Send sorted rows to their experts' ranks, run them there, bring the results back in order."""
+    P, L = ex.ep_size, ex.num_local_experts
+    send_PL = counts_E.view(P, L)
+    recv_PL = A.exchange_counts(send_PL, ex.group)
+    in_splits = send_PL.sum(1).tolist()  # host sync: split sizes are sizes
+    recv_list = recv_PL.tolist()
+    out_splits = [sum(r) for r in recv_list]
+    x_recv = A.all_to_all(x_ND, out_splits, in_splits, ex.group)  # source-major, local expert minor
+    # regroup source-major (s, j) segments into local-expert-major (j, s) order
+    lens_sj = recv_PL.reshape(-1)
+    starts_sj = torch.cumsum(lens_sj, 0) - lens_sj
+    lens_js, starts_js = lens_sj.view(P, L).t().reshape(-1), starts_sj.view(P, L).t().reshape(-1)
+    n = int(sum(out_splits))
+    seg_start = torch.cumsum(lens_js, 0) - lens_js
+    idx = (torch.repeat_interleave(starts_js - seg_start, lens_js, output_size=n)
+           + torch.arange(n, device=x_ND.device))
+    local_counts = [sum(recv_list[s][j] for s in range(P)) for j in range(L)]
+    y_local = ex.local_sorted(x_recv.index_select(0, idx), local_counts)
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(n, device=idx.device)
+    y_recv = y_local.index_select(0, inv)
+    return A.all_to_all(y_recv, in_splits, out_splits, ex.group)
+
+
+def padded_exchange(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
+    """(E, R, D) buffers -> the experts' ranks -> (L, P*R, D) batched matmul -> back to (E, R, D)."""
+    E, R, D = x_ECD.shape
+    P, L = ex.ep_size, ex.num_local_experts
+    R_max = A.all_reduce_max(R, x_ECD.device, ex.group)  # the one sync of the fixed-shape layout
+    if R_max > R:
+        x_ECD = F.pad(x_ECD, (0, 0, 0, R_max - R))
+    recv = A.all_to_all(x_ECD.reshape(E * R_max, D), [L * R_max] * P, [L * R_max] * P, ex.group)
+    x_LCD = recv.view(P, L, R_max, D).transpose(0, 1).reshape(L, P * R_max, D)
+    y = ex.local_padded(x_LCD).view(L, P, R_max, D).transpose(0, 1).reshape(E * R_max, D)
+    back = A.all_to_all(y, [L * R_max] * P, [L * R_max] * P, ex.group).view(E, R_max, D)
+    return back[:, :R] if R_max > R else back
+
+
+# -- the dispatcher ---------------------------------------------------------------------------------
+def _kept(plan: RoutingPlan):
+    if plan.capacity is None and plan.top_k > 0:
+        return plan.token_idx, plan.expert_idx, plan.gates, None
+    m = plan.kept
+    return plan.token_idx[m], plan.expert_idx[m], plan.gates[m], (plan.slot[m] if plan.slot is not None else None)
+
+
+def _dropless_slots(tok: torch.Tensor, exp: torch.Tensor, E: int, S: int) -> tuple[torch.Tensor, int]:
+    """Position of each assignment in its (group, expert) buffer, in assignment order, and the largest
+    count (the local dropless capacity)."""
+    key = (tok // S) * E + exp
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=1)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(key)
+    slot[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    return slot, int(counts.max()) if key.numel() else 1
+
+
+def _check(experts) -> ShardedExperts:
+    if not isinstance(experts, ShardedExperts):
+        raise ConfigError("impl='expert_parallel' needs sharded experts: call "
+                          "moevision.distributed.shard_experts(model, mesh) first")
+    return experts
+
+
+def dispatch_ragged(x_TD: torch.Tensor, plan: RoutingPlan, experts, **_) -> torch.Tensor:
+    ex = _check(experts)
+    tok, exp, gate, _slot = _kept(plan)
+    order = torch.argsort(exp, stable=True)
+    tok, exp, gate = tok[order], exp[order], gate[order]
+    counts_E = torch.bincount(exp, minlength=ex.num_experts)
+    y = ragged_exchange(ex, x_TD.index_select(0, tok), counts_E)
+    return torch.zeros_like(x_TD).index_add_(0, tok, y * gate.unsqueeze(-1).to(y.dtype))
+
+
+def dispatch_padded(x_TD: torch.Tensor, plan: RoutingPlan, experts, *, num_groups: int, group_size: int,
+                    **_) -> torch.Tensor:
+    ex = _check(experts)
+    G, S, E = num_groups, group_size, ex.num_experts
+    tok, exp, gate, slot = _kept(plan)
+    if slot is None or plan.capacity is None:  # dropless: the local capacity is the largest count
+        slot, C = _dropless_slots(tok, exp, E, S)
+    else:
+        C = plan.capacity
+    row = exp * (G * C) + (tok // S) * C + slot  # row in the flattened (E * G * C) buffer
+    buf = x_TD.new_zeros(E * G * C, x_TD.shape[-1]).index_copy(0, row, x_TD.index_select(0, tok))
+    y = padded_exchange(ex, buf.view(E, G * C, -1)).reshape(E * G * C, -1)
+    return torch.zeros_like(x_TD).index_add_(0, tok, y.index_select(0, row) * gate.unsqueeze(-1).to(y.dtype))
+
+
+def dispatch_expert_parallel(x_TD: torch.Tensor, plan: RoutingPlan, experts, **kw) -> torch.Tensor:
+    """``padded`` (fixed shapes) when the plan has a capacity, ``ragged`` when it is dropless."""
+    if plan.capacity is not None:
+        return dispatch_padded(x_TD, plan, experts, **kw)
+    return dispatch_ragged(x_TD, plan, experts, **kw)
+
+
+register_dispatch("expert_parallel", dispatch_expert_parallel)
+register_dispatch("expert_parallel_ragged", dispatch_ragged)
+register_dispatch("expert_parallel_padded", dispatch_padded)
+_IMPL = {"auto": "expert_parallel", "ragged": "expert_parallel_ragged", "padded": "expert_parallel_padded"}
+
+
+# -- model surgery ----------------------------------------------------------------------------------
+def moe_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def shard_experts(model: nn.Module, mesh, *, layout: str = "auto", force: bool = False) -> nn.Module:
+    """Replace every MoE layer's experts by this rank's shard and switch it to the expert-parallel
+    dispatcher (in place; returns ``model``). ``mesh``: a ``Mesh``. With ``mesh.ep == 1`` the model is
+    left as it is (pure data parallel) unless ``force`` (a one-rank EP group: the same code path)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"expert-parallel layout must be one of {LAYOUTS}, got {layout!r}")
+    if mesh.ep == 1 and not force:
+        return model
+    for name, m in moe_layers(model):
+        if isinstance(m.experts, ShardedExperts):
+            raise ConfigError(f"{name or 'model'}: experts are already sharded")
+        if m.num_experts % mesh.ep:
+            raise ConfigError(f"{name}: model.num_experts={m.num_experts} is not divisible by "
+                              f"parallel.ep={mesh.ep}; choose ep among the divisors of the expert count")
+        m.experts = ShardedExperts.from_full(m.experts, ep_rank=mesh.ep_rank, ep_size=mesh.ep, group=mesh.ep_group)
+        m.impl_local = m.impl
+        m.impl = _IMPL[layout]
+    return model
+
+
+def sharded_modules(model: nn.Module) -> list[tuple[str, ShardedExperts]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ShardedExperts)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(sharded_modules(model))
+
+
+def expert_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that are expert shards (their gradients are reduced over DP only)."""
+    return {id(p) for _, m in sharded_modules(model) for p in m.parameters(recurse=False)}
