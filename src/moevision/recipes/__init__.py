@@ -80,3 +80,6 @@ def smoke_synthetic() -> RunConfig:
                      data=DataConfig(dataset="synthetic", augment="none", batch_size=32, eval_batch_size=128),
                      train=TrainConfig(epochs=3, lr=3e-3, warmup_epochs=0.2, log_every=5, checkpoint_every=10,
                                        label_smoothing=0.0))
+
+
+from . import upcycling  # noqa: E402,F401  (registers the dense-to-MoE recipes)

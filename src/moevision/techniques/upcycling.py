@@ -186,7 +186,7 @@ def upcycle(model: VisionTransformer, *, num_experts: int, top_k: int = 2, moe_l
     if missing or unexpected:  # every tensor must land somewhere: no expert silently left at random init
         raise ConfigError(f"upcycle produced a state dict that does not fit the MoE model (missing "
                           f"{missing[:4]}, unexpected {unexpected[:4]})")
-    moe.model_name = getattr(model, "model_name", None) or "vit"
+    moe.model_name = f"{getattr(model, 'model_name', None) or 'vit'}_upcycled"
     device = next(model.parameters()).device
     return moe.to(device=device, dtype=next(model.parameters()).dtype)
 

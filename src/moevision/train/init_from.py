@@ -32,7 +32,9 @@ def init_run_config(cfg, directory: str | os.PathLike):
 
     d = Path(directory)
     _, model_cfg, meta = read_model_config(d)
-    if type(model_cfg) is not type(cfg.model):
+    from ..models.vit import ViTConfig
+
+    if not isinstance(model_cfg, ViTConfig):
         raise CheckpointError(f"{d} holds a {meta.get('architecture')!r} model; runs train ViTs")
     cfg.model = model_cfg
     cfg.model_name = meta.get("model_name") or d.name
