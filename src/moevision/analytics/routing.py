@@ -180,7 +180,7 @@ class LayerRouting:
 
 @dataclass
 class RoutingRecord:
-    """Everything one pass recorded: per-layer routing, labels, predictions, a few sample images."""
+    """Everything one pass recorded: per-layer routing, labels, predictions, and the routed images."""
 
     layers: list[LayerRouting]
     labels: torch.Tensor  # (B,)
@@ -200,9 +200,10 @@ class RoutingRecord:
     def one_per_class(self, n: int) -> list[int]:
         """Indices of the first image of each class (in class order), then the next images, n in all."""
         firsts = [int(torch.nonzero(self.labels == c)[0]) for c in range(len(self.class_names))
-                  if bool((self.labels == c).any())]
-        rest = [i for i in range(len(self.labels)) if i not in set(firsts[:n])]
-        return (firsts[:n] + rest)[:n]
+                  if bool((self.labels == c).any())][:n]
+        taken = set(firsts)
+        rest = [i for i in range(min(len(self.labels), 2 * n)) if i not in taken]
+        return (firsts + rest)[:n]
 
 
 def _moe_modules(model) -> list:
