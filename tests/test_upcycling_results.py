@@ -66,8 +66,8 @@ def test_plan_dependencies_and_verdicts():
 
 
 def test_recipes_and_cli_errors(capsys):
-    assert get_recipe("fmnist_dense_parent").train.max_steps == 1200
-    assert get_recipe("fmnist_continue").train.max_steps == 300
+    assert get_recipe("fmnist_dense_parent").train.max_steps == Settings().parent_steps
+    assert get_recipe("fmnist_continue").train.max_steps == Settings().ft_steps
     assert get_recipe("fmnist_moe_student").model.moe_layers == "all"
     assert main(["reproduce-upcycling", "--parts", "own,nope"]) == 2
     assert "unknown ['nope']" in capsys.readouterr().err

