@@ -243,3 +243,37 @@ def test_init_from_missing_dir_is_checkpoint_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="not a directory"):
         load_init_weights(_dense(), tmp_path / "nope")
+
+
+def test_expert_choice_tokens_picked_by_no_expert_lose_their_mlp_branch():
+    """Identical experts with expert-choice routing: block output = x + c(t) * MLP(LN2 x), where c(t) sums the
+    router probabilities of the experts that picked token t (0 for tokens nobody picked)."""
+    from moevision.moe import compute_capacity
+
+    d = _dense(depth=2).double()
+    m = upcycle(d, num_experts=4, top_k=1, moe_layers=[1], router="expert_choice", capacity_factor=0.5).eval()
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    captured = {}
+    m.blocks[1].register_forward_hook(lambda mod, inp, out: captured.update(inp=inp[0], out=out[0]))
+    m(x)
+    blk = d.blocks[1]
+    h = captured["inp"] + blk.attn(blk.norm1(captured["inp"]))
+    z = blk.norm2(h)
+    z_TD = z.reshape(-1, z.shape[-1])
+    probs = (z_TD @ m.blocks[1].mlp.router.weight.t()).softmax(-1)  # (T, E), one routing group
+    C = min(compute_capacity(z_TD.shape[0], 4, 0.5), z_TD.shape[0])
+    c = torch.zeros(z_TD.shape[0], dtype=torch.float64)
+    for e in range(4):
+        top = probs[:, e].topk(C).indices
+        c[top] += probs[top, e]
+    assert (c == 0).any() and (c > 0).any()  # some tokens were picked by nobody
+    want = h + c.view(h.shape[:-1]).unsqueeze(-1) * blk.mlp(z)
+    torch.testing.assert_close(captured["out"], want, rtol=0, atol=1e-10)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = upcycle(_dense(), num_experts=4, top_k=2, moe_layers="last_2", expert_noise=0.05)
+    m.save_pretrained(tmp_path / "up")
+    r = mv.from_pretrained(tmp_path / "up")
+    assert r.config == m.config and r.moe_layers == (2, 3)
+    assert all(torch.equal(v, r.state_dict()[k]) for k, v in m.state_dict().items())
