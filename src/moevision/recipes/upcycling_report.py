@@ -266,6 +266,10 @@ def write_markdown(S: Settings, done: dict, parts: tuple[str, ...], path: Path, 
             L.append(f"| {label} | {_ms(_vals(done, 'clip', arm, n))} | "
                      f"{_ms(_vals(done, 'clip', arm, n, 'accuracy_before_router_training'))} | "
                      f"{_ms(_vals(done, 'clip', arm, n, 'expert_diversity'), 1.0, 3)} | {_secs(done, 'clip', arm, n)} |")
+        cover = _stage_coverage(done, n)
+        if cover:
+            L += ["", "MCL stages (DMU, mean over seeds): " + "; ".join(cover) + ". Clusters smaller than a batch "
+                  "are skipped, so later stages train on fewer samples."]
         L += ["", "DMU vs plain upcycling: " + paired(done, "clip", "dmu", "upcycle", n)[1] + ".",
               "", "DMU vs the random-batch ablation (does the clustering matter?): "
               + paired(done, "clip", "dmu", "dmu_random", n)[1] + ".", "",
@@ -296,6 +300,16 @@ def write_markdown(S: Settings, done: dict, parts: tuple[str, ...], path: Path, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L))
     return path
+
+
+def _stage_coverage(done: dict, seeds: int) -> list[str]:
+    stages: dict[int, list[dict]] = {}
+    for s in range(seeds):
+        for st in done.get(f"clip-dmu-s{s}", {}).get("result", {}).get("stages", []):
+            stages.setdefault(st["stage"], []).append(st)
+    return [f"stage {k}: {statistics.mean(x['clusters'] for x in v):.0f} pseudo-label clusters, "
+            f"{statistics.mean(x['batches'] for x in v):.0f} single-cluster batches "
+            f"({statistics.mean(x['samples_used'] for x in v):.0f} samples)" for k, v in sorted(stages.items())]
 
 
 PARTS = ("own", "dinov2", "clip", "m2mkd")
