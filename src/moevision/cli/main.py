@@ -110,7 +110,7 @@ def _cmd_train(args) -> int:
         cfg = read_run_config(run_dir)
         for key, value in overrides:  # a checkpoint loads at any world size: the layout may change
             C.set_by_path(cfg, key, value)
-        if not (run_dir / "checkpoint.safetensors").is_file():
+        if not ((run_dir / "checkpoint.safetensors").is_file() or (run_dir / "stages" / "progress.json").is_file()):
             raise MoEVisionError(f"{run_dir}/checkpoint.safetensors is missing: nothing to resume")
     else:
         cfg = get_recipe(args.recipe or DEFAULT_RECIPE)
@@ -265,7 +265,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reprod
 
 # Commands that live in their own module (moevision.cli.<name>): each module has
 # ``register(subparsers) -> {command: handler}``; handlers take the parsed args and return an exit code.
-PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle", "convert", "analyze", "reproduce_upcycling")
+PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle", "convert", "analyze", "reproduce_upcycling", "vqa")
 
 
 def _plugin_modules():

@@ -6,3 +6,4 @@ from ._convert_auto import convert_checkpoint  # HF / timm / ONNX dense ViTs -> 
 
 __all__ = ["ModelOutput", "create_model", "from_pretrained", "list_models", "register_model", "save_pretrained",
            "Block", "ViTConfig", "VisionTransformer", "convert_checkpoint"]
+from . import vlm  # noqa: E402,F401  (registers the vision-language models)

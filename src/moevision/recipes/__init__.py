@@ -82,4 +82,5 @@ def smoke_synthetic() -> RunConfig:
                                        label_smoothing=0.0))
 
 
+from . import vlm  # noqa: E402,F401  (registers the vision-language recipes)
 from . import upcycling  # noqa: E402,F401  (registers the dense-to-MoE recipes)

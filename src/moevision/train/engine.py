@@ -184,6 +184,9 @@ def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
     try:
         data = json.loads(path.read_text())
         data.pop("moevision_version", None)
+        if data.get("kind") == "vlm":  # a vision-language run (train/vlm.py)
+            from .vlm import VLMRunConfig
+            return VLMRunConfig.from_dict(data)
         return RunConfig.from_dict(data)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is corrupt (invalid JSON: {e})") from None
@@ -198,6 +201,9 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     ``on_step(step)`` is called after every optimiser step (hooks, tests). An interrupt (Ctrl-C) leaves
     the last complete checkpoint in place: a checkpoint is only ever written between steps.
     """
+    if getattr(cfg, "kind", None) == "vlm":  # vision-language recipes run MoE-LLaVA's stages (train/vlm.py)
+        from .vlm import fit_vlm
+        return fit_vlm(cfg, run_dir, resume=resume, progress=progress, log=log)
     wall_start = time.perf_counter()
     run_dir = Path(run_dir)
     tc = cfg.train
@@ -362,6 +368,9 @@ def make_summary(cfg: RunConfig, model, ev: dict[str, Any], *, train_seconds: fl
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    if s.get("kind") == "vlm":
+        from .vlm import format_vlm_summary
+        return format_vlm_summary(s)
     lines = [
         f"{'model':<22}{s['model_name']}  (recipe {s['recipe']}, {s['dataset']})",
         f"{'test accuracy':<22}{100 * s['test_accuracy']:.2f}%  ({s['test_images']} images, loss {s['test_loss']:.4f})",
