@@ -109,7 +109,7 @@ def test_vlm_cli_train_and_vqa(tmp_path, capsys):
     assert "resumed" in capsys.readouterr().out
     for bad, msg in ([["vqa", str(run), "--image", str(tmp_path / "nope.png"), "--question", "q"], "does not exist"],
                      [["vqa", str(tmp_path), "--image", str(img), "--question", "q"], "neither"],
-                     [["vlm-results", "--seeds", "0"], "--seeds"]):
+                     [["vlm-results", "--seeds", "0"], "--seeds"], [["eval", str(run)], "vision-language"]):
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1

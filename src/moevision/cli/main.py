@@ -150,6 +150,9 @@ def _cmd_eval(args) -> int:
 
     run_dir = Path(args.run_dir)
     model = _load_final_model(run_dir)
+    if getattr(model, "arch_name", None) == "vlm":
+        raise MoEVisionError(f"{run_dir} holds a vision-language model: its evaluation is in the run's summary.json "
+                             f"(moevision vlm-results re-creates it); ask it questions with moevision vqa")
     if _is_model_dir(run_dir):  # a save_pretrained directory: evaluate it on --dataset
         cfg = RunConfig(recipe="-", model_name=model.model_name or "?", model=model.config)
         cfg.data.dataset = args.dataset

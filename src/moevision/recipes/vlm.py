@@ -19,11 +19,11 @@ def vlm_moe_easyvqa() -> VLMRunConfig:
     """MoE-LLaVA miniature: ViT (64x64, patch 8, d=64, 3 blocks, frozen after attribute pre-training;
     16 pooled image tokens) -> mlp2x_gelu projector -> LM d=128, 2 layers, SwiGLU 256; stage III
     upcycles layer 0 to E=4 top-2 MoE (capacity 1.5/2.0, Switch loss 0.01). Data: easy-VQA train
-    (38.6k questions) + ShapeWorld (2,000 images, ~9k questions). Stages: vision 3 ep, LM text 2 ep,
-    I 1 ep, II 0.75 ep, III 0.5 ep; evaluation on 3,000 easy-VQA test questions and ShapeWorld probes.
+    (38.6k questions) + ShapeWorld (2,000 images, ~9k questions). Stages: vision 2 ep, LM text 2 ep,
+    I 1 ep, II 0.5 ep, III 0.5 ep; evaluation on 2,000 easy-VQA test questions and ShapeWorld probes.
 
     Cost (torch 2.13 CPU, fp32, 1 thread): about 0.15 s per stage-III step of 64 questions, about
-    5 CPU-minutes per run. Results over 3 seeds: docs/results/vlm.md (``moevision vlm-results``).
+    3 CPU-minutes per run. Results over 3 seeds: docs/results/vlm.md (``moevision vlm-results``).
     """
     return _vlm("moe_vlm_easyvqa")
 

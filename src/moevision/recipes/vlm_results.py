@@ -19,6 +19,7 @@ from . import get_recipe
 VARIANTS = [("dense twin (stage III: dense FFNs)", "vlm_dense_easyvqa"),
             ("MoE-LLaVA (stage III: upcycled top-2 of 4)", "vlm_moe_easyvqa"),
             ("MoMa groups (2 image + 2 text experts, top-2 in group)", "vlm_moma_easyvqa")]
+DEFAULT_RECIPES = ("vlm_dense_easyvqa", "vlm_moe_easyvqa")  # MoMa on request (--recipes), to save CPU
 
 
 def _get(r: dict, *keys) -> float:
@@ -41,7 +42,7 @@ def _ms(xs: list[float], nd: int = 1) -> str:
 def run_vlm_results(*, seeds: int = 3, out_dir: str = "docs/results", runs_dir: str = "runs/vlm_results",
                     overrides: list[tuple[str, str]] = (), recipes: list[str] | None = None,
                     progress: bool = True, first_seed: int = 0) -> Path:
-    variants = [v for v in VARIANTS if recipes is None or v[1] in recipes]
+    variants = [v for v in VARIANTS if v[1] in (recipes or DEFAULT_RECIPES)]
     runs = Path(runs_dir)
     results: dict[str, list[dict[str, Any]]] = {name: [] for _, name in variants}
     t0 = time.perf_counter()
@@ -84,6 +85,8 @@ def run_vlm_results(*, seeds: int = 3, out_dir: str = "docs/results", runs_dir: 
 
 def _markdown(variants, results, seeds, overrides, seconds) -> str:
     cmd = "moevision vlm-results --seeds " + str(seeds) + "".join(f" --set {k}={v}" for k, v in overrides)
+    if [n for _, n in variants] != list(DEFAULT_RECIPES):
+        cmd += " --recipes " + ",".join(n for _, n in variants)
     any_run = next(iter(results.values()))[0]
     L = [
         "# Small MoE vision-language model: MoE-tuning on easy-VQA + ShapeWorld",
@@ -135,17 +138,17 @@ def _markdown(variants, results, seeds, overrides, seconds) -> str:
 
 
 SETUP = """\
-- Data: easy-VQA train (4,000 images, 38,575 questions) from the PyPI package, and 3,000 of its 9,673
+- Data: easy-VQA train (4,000 images, 38,575 questions) from the PyPI package, and 2,000 of its 9,673
   test questions (a fixed random subset: `data.easy_vqa_test_subset`); ShapeWorld (spec §0.4, 64x64
   rendering) 2,000 train scenes (~9k questions: existence, colour MCQ, counting, spatial) and 500 eval
-  scenes; POPE on 150 separate scenes with 3-4 objects (3 + 3 questions per scene and split);
-  CircularEval and MMStar MG/ML on 150 colour MCQs.
+  scenes; POPE on 100 separate scenes with 3-4 objects (3 + 3 questions per scene and split);
+  CircularEval and MMStar MG/ML on 100 colour MCQs.
 - Model (CPU-sized): ViT tower (patch 8, d=64, 3 blocks; 64 patch tokens average-pooled 2x2 to 16 image
   tokens), mlp2x_gelu projector, LM d=128, 2 layers, 4 heads, SwiGLU 256, RMSNorm, RoPE; "sparse" MoE
   placement = layer 0 (E=4 SwiGLU experts, top-2, capacity 1.5 train / 2.0 eval, Switch loss 0.01).
 - Stages (each trains exactly `stage_parameters`): vision attribute pre-training (stand-in for CLIP,
-  3 epochs), text-only LM pre-training (stand-in for the LLM, 2 epochs), I projector (captions, 1 epoch),
-  II projector + LM (VQA mixture, 0.75 epoch), III FFNs/experts + routers (`all_ffn`, 0.5 epoch). The
+  2 epochs), text-only LM pre-training (stand-in for the LLM, 2 epochs), I projector (captions, 1 epoch),
+  II projector + LM (VQA mixture, 0.5 epoch), III FFNs/experts + routers (`all_ffn`, 0.5 epoch). The
   paper's stage-III data differ from stage II's; here both use the same mixture.
 - MMStar: S_v = with the image, S_wv = the same model without it, S_t = the LM after text-only
   pre-training; MG = S_v - S_wv, ML = max(0, S_wv - S_t). These are ShapeWorld MCQs, not MMStar items.

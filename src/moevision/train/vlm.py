@@ -46,7 +46,7 @@ STAGES = ("vision", "lm", "1", "2", "3")
 class VLMDataConfig:
     easy_vqa: bool = True
     easy_vqa_train_subset: int | None = None  # questions (all 4,000 images are kept)
-    easy_vqa_test_subset: int | None = 3000
+    easy_vqa_test_subset: int | None = 2000
     shapeworld_train_images: int = 2000
     shapeworld_eval_images: int = 500
     shapeworld_seed: int = 1234  # the data are the same for every training seed
@@ -71,13 +71,13 @@ class VLMTrainConfig:
     device: str = "cpu"
     num_threads: int | None = None
     # epochs (fractions allowed) and peak learning rate per stage
-    vision_epochs: float = 3.0
+    vision_epochs: float = 2.0
     vision_lr: float = 2e-3
     lm_epochs: float = 2.0
     lm_lr: float = 2e-3
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
-    stage2_epochs: float = 0.75
+    stage2_epochs: float = 0.5
     stage2_lr: float = 1e-3
     stage3_epochs: float = 0.5
     stage3_lr: float = 5e-4
@@ -101,8 +101,8 @@ class VLMTrainConfig:
 
 @dataclass
 class VLMEvalConfig:
-    pope_images: int = 150  # ShapeWorld eval scenes with >= 3 objects probed per POPE split
-    mcq_items: int = 150  # ShapeWorld colour questions scored by CircularEval and MMStar MG/ML
+    pope_images: int = 100  # ShapeWorld eval scenes with >= 3 objects probed per POPE split
+    mcq_items: int = 100  # ShapeWorld colour questions scored by CircularEval and MMStar MG/ML
     max_new_tokens: int = 3
 
 
