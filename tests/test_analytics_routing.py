@@ -16,11 +16,13 @@ from moevision.analytics import (
     entropy_bits,
     expert_load,
     expert_weight_similarity,
+    image_purity,
     joint_counts,
     load_cv,
     mutual_information_bits,
     patch_expert_frequency,
     router_entropy_bits,
+    shuffled_image_purity,
     summarize,
 )
 from moevision.analytics.routing import summarize_layer
@@ -97,6 +99,16 @@ def test_patch_expert_frequency_skips_prefix_and_untaken_tokens():
     assert freq.tolist() == [[2, 0, 0, 0], [0, 2, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0]]
 
 
+def test_image_purity_hand_cases():
+    whole = torch.tensor([[2, 2, 2, 2], [0, 0, 0, 0], [1, 1, 1, 1]])  # every image routed as a whole
+    assert image_purity(whole, 3) == 1.0
+    mixed = torch.tensor([[0, 1, 2, 3], [0, 0, 1, -1]])  # 1/4 and 2/3 (the untaken token counts nowhere)
+    assert image_purity(mixed, 4) == pytest.approx((0.25 + 2 / 3) / 2)
+    # image-wise routing over a balanced set: purity 1, while the shuffled baseline breaks the link
+    by_image = torch.arange(400).remainder(4).unsqueeze(1).expand(400, 16)
+    assert image_purity(by_image, 4) == 1.0 and shuffled_image_purity(by_image, 4) < 0.6
+
+
 # ------------------------------------------------------------------ hand-made routings of each kind
 def _token_choice_layer():
     # 2 images x (CLS + 4 patches), E = 3, top-1: class 0 -> expert 0, class 1 -> expert 2 (deterministic)
@@ -126,6 +138,7 @@ def test_token_choice_layer_summary_hand_computed():
     assert s["patch_drop_rate"] == [0.0, 0.0, 0.5, 0.5]
     assert s["mi_position_bits"] == pytest.approx(0.0)  # every position sees both experts equally
     assert s["patch_mode_share"] == [0.5] * 4
+    assert s["image_purity"] == 1.0  # each image's patches share one expert
 
 
 def test_expert_choice_layer_untaken_token_is_dropped():

@@ -11,16 +11,19 @@ from .routing import (
     entropy_bits,
     expert_load,
     expert_weight_similarity,
+    image_purity,
     joint_counts,
     load_cv,
     mutual_information_bits,
     patch_expert_frequency,
     router_entropy_bits,
+    shuffled_image_purity,
     summarize,
 )
 
 __all__ = [
     "LayerRouting", "RoutingRecord", "collect_routing", "conditional", "dead_experts", "drop_rates",
-    "entropy_bits", "expert_load", "expert_weight_similarity", "joint_counts", "load_cv",
-    "mutual_information_bits", "patch_expert_frequency", "router_entropy_bits", "summarize",
+    "entropy_bits", "expert_load", "expert_weight_similarity", "image_purity", "joint_counts", "load_cv",
+    "mutual_information_bits", "patch_expert_frequency", "router_entropy_bits", "shuffled_image_purity",
+    "summarize",
 ]

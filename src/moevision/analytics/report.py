@@ -136,6 +136,12 @@ def interpret(summary: dict, records: list[dict]) -> dict[str, list[str]]:
                 f"{L['position_entropy_bits']:.2f} bits; expert {e_top} is the most frequent expert at "
                 f"{counts[e_top]}/{P_} positions, {len(counts)} expert(s) are the most frequent somewhere, and "
                 f"at {strong}/{P_} positions one expert takes over 80% of the images.")
+            notes["expert-maps"].append(
+                f"block {b}: on average {_pct(L['image_purity'])} of an image's patch tokens go to the image's most "
+                f"common expert ({_pct(L['image_purity_shuffled'])} with each position's experts shuffled across "
+                f"images): " + ("tokens are routed largely by image, i.e. by what the image shows, more than by "
+                                "where they sit." if L["image_purity"] - L["image_purity_shuffled"] > 0.1 else
+                                "an image's tokens are routed about as independently as their positions allow."))
         if L["kind"] == "soft":
             notes["drops"].append(f"block {b}: soft MoE, so these do not apply: " + "; ".join(L["not_applicable"]) + ".")
         elif not L["assignment_drop_rate"] and not L["token_drop_rate"]:

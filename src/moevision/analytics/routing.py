@@ -120,6 +120,24 @@ def patch_expert_frequency(primary_BN: torch.Tensor, num_prefix: int, num_expert
     return counts.index_put_((pos[ok], e[ok]), torch.ones(int(ok.sum()), dtype=torch.float64), accumulate=True)
 
 
+def image_purity(primary_BP: torch.Tensor, num_experts: int) -> float:
+    """Mean over images of the share of an image's tokens that go to its most common expert (1 when
+    every image is routed as a whole; about the largest expert share when tokens are routed
+    independently of their image). Tokens taken by no expert (-1) count in no expert's share."""
+    valid = (primary_BP >= 0).double()
+    counts_BE = torch.zeros(primary_BP.shape[0], num_experts, dtype=torch.float64)
+    counts_BE.scatter_add_(1, primary_BP.clamp_min(0).long(), valid)
+    return float((counts_BE.amax(1) / counts_BE.sum(1).clamp_min(1)).mean())
+
+
+def shuffled_image_purity(primary_BP: torch.Tensor, num_experts: int, seed: int = 0) -> float:
+    """``image_purity`` after shuffling each patch position's experts across images: the same per-position
+    statistics with the link between an image's tokens broken (the baseline for ``image_purity``)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.argsort(torch.rand(primary_BP.shape, generator=g), dim=0)
+    return image_purity(primary_BP.gather(0, perm), num_experts)
+
+
 # ------------------------------------------------------------------ one pass over a split
 
 
@@ -339,6 +357,8 @@ def summarize_layer(layer: LayerRouting, labels_B: torch.Tensor, num_classes: in
         pos_T = torch.arange(P).repeat(B)
         patch_chosen = chosen.view(B, N, E)[:, num_prefix:].reshape(-1, E)
         s["mi_position_bits"] = mutual_information_bits(joint_counts(pos_T, patch_chosen, P))
+        s["image_purity"] = image_purity(primary[:, num_prefix:], E)
+        s["image_purity_shuffled"] = shuffled_image_purity(primary[:, num_prefix:], E)
         s["position_entropy_bits"] = math.log2(P)
         if not soft:
             s["patch_drop_rate"] = layer.dropped_BN()[:, num_prefix:].double().mean(0).tolist()
