@@ -106,10 +106,35 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
 
 
+_FORMATS: dict[str, Callable[..., torch.nn.Module]] = {}  # derived checkpoint formats (e.g. "qmoe")
+
+
+def register_format(name: str, loader: Callable[..., torch.nn.Module]) -> None:
+    """Register ``loader(directory, map_location=...)`` for config.json files with ``"format": name``."""
+    _FORMATS[name] = loader
+
+
+def _load_format(d: Path, meta: dict, map_location) -> torch.nn.Module:
+    import importlib
+
+    fmt, module = meta["format"], meta.get("format_module")
+    if fmt not in _FORMATS and isinstance(module, str) and module.startswith("moevision."):
+        try:
+            importlib.import_module(module)  # the module that wrote the format registers its loader
+        except ImportError:
+            pass
+    if fmt not in _FORMATS:
+        raise CheckpointError(f"{d}: unknown checkpoint format {fmt!r}; known: {sorted(_FORMATS)}")
+    return _FORMATS[fmt](d, map_location=map_location)
+
+
 def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild a model written by ``save_pretrained``; every key must match (no expert silently lost)."""
+    """Rebuild a model written by ``save_pretrained``; every key must match (no expert silently lost).
+    Directories of a registered derived format (``"format"`` in config.json) go to its loader."""
     d = Path(directory)
     model_cls, cfg, meta = read_model_config(d)
+    if meta.get("format") is not None:
+        return _load_format(d, meta, map_location)
     model = model_cls(cfg)
     model.model_name = meta.get("model_name")
     state = load_state_file(d / "model.safetensors")

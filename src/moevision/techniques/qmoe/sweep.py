@@ -1,0 +1,138 @@
+"""The standard compression sweep (``moevision compress RUN_DIR --table docs/results/qmoe.md``): QMoE
+and round-to-nearest at ternary and 2-bit, pruning and merging, over calibration seeds, written as a
+Markdown table with the command that regenerates it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .pipeline import CompressOptions, run
+
+
+def variants(num_experts: int) -> list[tuple[str, dict]]:
+    """(label, overrides of CompressOptions; ``qmoe.<field>`` for QMoEConfig fields)."""
+    E = num_experts
+    return [
+        ("QMoE ternary (spec: fixed dictionary, bf16 grids)", {"method": "qmoe", "qmoe.bits": "ternary"}),
+        ("RTN ternary (same storage)", {"method": "rtn", "qmoe.bits": "ternary"}),
+        ("QMoE ternary, fitted dictionary", {"method": "qmoe", "qmoe.bits": "ternary", "qmoe.dictionary": "fit"}),
+        ("QMoE ternary, fitted dictionary, fp8 grids, zero threshold 0.6",
+         {"method": "qmoe", "qmoe.bits": "ternary", "qmoe.dictionary": "fit", "qmoe.scale_dtype": "float8_e4m3fn",
+          "qmoe.zero_threshold": 0.6}),
+        ("QMoE 2-bit", {"method": "qmoe", "qmoe.bits": "2bit"}),
+        ("RTN 2-bit", {"method": "rtn", "qmoe.bits": "2bit"}),
+        (f"prune {E} -> {E - 1} experts (least used out)", {"method": "prune", "keep": E - 1}),
+        (f"prune {E} -> {max(E // 2, 1)} experts", {"method": "prune", "keep": max(E // 2, 1)}),
+        (f"merge {E} -> {max(E // 2, 1)} experts (usage-weighted average)", {"method": "merge", "merge_to": max(E // 2, 1)}),
+    ]
+
+
+def _apply(base: CompressOptions, overrides: dict, seed: int) -> CompressOptions:
+    o = replace(base, qmoe=replace(base.qmoe), seed=seed)
+    for k, v in overrides.items():
+        if k.startswith("qmoe."):
+            setattr(o.qmoe, k[5:], v)
+        else:
+            setattr(o, k, v)
+    return o
+
+
+def _ms(v: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    m = statistics.mean(v) * scale
+    if len(v) < 2:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(v) * scale:.{digits}f}"
+
+
+def sweep(model: torch.nn.Module, train, test, *, base: CompressOptions, seeds: int, evaluate: Callable,
+          device, out: str | Path, source: str, log: Callable[[str], None] = print, progress: bool = True,
+          timing_images: int = 1000) -> Path:
+    E = model.config.num_experts
+    before = evaluate(model, test)
+    log(f"uncompressed: test accuracy {100 * before['accuracy']:.2f}%")
+    rows = []
+    todo = [(label, ov, s) for label, ov in variants(E)
+            for s in (range(1) if ov["method"] == "rtn" else range(seeds))]  # RTN uses no data
+    bar = tqdm(total=len(todo), desc="compress sweep", disable=not progress, dynamic_ncols=True)
+    by_label: dict[str, list[dict]] = {}
+    for label, ov, seed in todo:
+        t0 = time.perf_counter()
+        _, rep = run(copy.deepcopy(model), train, test, _apply(base, ov, seed), evaluate=evaluate, device=device,
+                     before=before, timing_images=timing_images)
+        rep["seconds"] = time.perf_counter() - t0
+        by_label.setdefault(label, []).append(rep)
+        bar.update(1)
+        log(f"{label} seed {seed}: {rep['bits_per_expert_param']:.3f} bits/param, accuracy "
+            f"{100 * rep['accuracy_after']:.2f}%")
+    bar.close()
+    for label, _ in variants(E):
+        rows.append((label, by_label[label]))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_markdown(model, before, rows, base, seeds, source, test))
+    raw = path.with_suffix(".json")
+    raw.write_text(json.dumps({"uncompressed": before, "rows": {l: r for l, r in rows}}, indent=1, default=str) + "\n")
+    return path
+
+
+def _markdown(model, before, rows, base: CompressOptions, seeds: int, source: str, test) -> str:
+    cfg = model.config
+    r0 = rows[0][1][0]
+    E, D = cfg.num_experts, cfg.embed_dim
+    F = int(D * (cfg.expert_hidden_ratio or cfg.mlp_ratio))
+    lines = [
+        "# QMoE: sub-1-bit experts, and fewer experts, on the default Fashion-MNIST MoE-ViT", "",
+        f"Regenerate: `moevision compress {source} --table docs/results/qmoe.md --seeds {seeds}` "
+        f"(calibration: {base.calib_images} training images per seed, seeds 0..{seeds - 1}; RTN uses no data, one run). "
+        f"Model `{getattr(model, 'model_name', '?')}`: {len(model.moe_layers)} MoE layers (blocks "
+        f"{list(model.moe_layers)}), E={E} experts of D={D} -> F={F} -> D with biases; "
+        f"{r0['expert_params']:,} expert parameters of {sum(p.numel() for p in model.parameters()):,}. "
+        f"Test set: {before['num_images']} Fashion-MNIST test images; uncompressed accuracy "
+        f"{100 * before['accuracy']:.2f}% (one trained model: the spread below is over calibration sets, "
+        f"not over training seeds). torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s) "
+        f"({platform.machine()}); times are per image at batch {base.batch_size}, medians of interleaved runs "
+        "on a shared machine, so treat them as rough.", "",
+        "Bits per expert parameter count everything stored for the experts (codewords and offsets, per-row "
+        "grids, biases) over all expert parameters (weights and biases). Pruned / merged models keep fp32 "
+        "experts: their figure is 32 x (experts left / experts before).", "",
+        "| variant | runs | bits / expert param | same, spec row layout | expert bytes vs bf16 | checkpoint KiB "
+        "| test acc. % | Δ acc. (points) | ms / image (orig -> new) | decode all experts, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, reps in rows:
+        bits = [r["bits_per_expert_param"] for r in reps]
+        alt = [r.get("bits_per_expert_param_row") for r in reps]
+        ratio = [r["expert_bytes_bf16"] / r["expert_bytes"] for r in reps]
+        acc = [r["accuracy_after"] for r in reps]
+        delta = [r["accuracy_after"] - r["accuracy_before"] for r in reps]
+        t0 = statistics.mean(r["ms_per_image_before"] for r in reps)
+        t1 = statistics.mean(r["ms_per_image_after"] for r in reps)
+        ckpt = statistics.mean(r["checkpoint_bytes"] for r in reps) / 1024
+        dec = statistics.mean(r["decode_ms_all_experts"] for r in reps)
+        lines.append(
+            f"| {label} | {len(reps)} | {_ms(bits, digits=3)} | {_ms(alt, digits=3) if alt[0] is not None else '-'} "
+            f"| {statistics.mean(ratio):.1f}x smaller | {ckpt:.0f} | {_ms(acc, 100)} | {_ms(delta, 100)} "
+            f"| {t0:.3f} -> {t1:.3f} | {dec:.2f} |")
+    lines += ["", f"Checkpoint sizes: the uncompressed model is {r0['checkpoint_bytes_fp32'] / 1024:.0f} KiB in fp32 and "
+              f"{r0['checkpoint_bytes_bf16'] / 1024:.0f} KiB in bf16; compressed checkpoints keep the non-expert "
+              f"weights in {base.dense_dtype}, so at this size they are dominated by the dense part.", ""]
+    q = rows[0][1]
+    lines += [
+        "Where the bits of the spec-default ternary row go (mean over seeds): codewords "
+        f"{statistics.mean(r['code_bits_per_weight'] * r['expert_weight_entries'] / r['expert_params'] for r in q):.3f}, "
+        f"per-row (lo, hi) grids {statistics.mean(r['grid_bits_per_param'] for r in q):.3f}, biases "
+        f"{statistics.mean(r['bias_bits_per_param'] for r in q):.3f} bits per expert parameter. The grids cost 32 bits "
+        f"per row, i.e. {32 / D:.3f} bit/weight for the {F} rows of width {D} and {32 / F:.3f} for the {D} rows of "
+        f"width {F}: with experts this small the metadata is a large share of the budget (QMoE's rows are "
+        "768-6144 wide).", ""]
+    return "\n".join(lines) + "\n"
