@@ -49,26 +49,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_layer(shape: LayerShape, device, dtype, repeats: int,
-                impls=("loop", "einsum", "sorted", "padded", "grouped")):
+LAYER_IMPLS = ("loop", "einsum", "sorted", "padded", "grouped", "fused")
+
+
+def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPLS):
+    from . import kernels
     from .moe import MoE
 
     torch.manual_seed(0)
     T, D, Fh, E, K = shape.tokens, shape.dim, shape.hidden, shape.experts, shape.top_k
     x = torch.randn(T, D, device=device, dtype=dtype)
     xk = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)  # in a network dgrad is needed
-    w1 = (torch.randn(D, Fh, device=device, dtype=dtype) * D**-0.5).requires_grad_()
-    w2 = (torch.randn(Fh, D, device=device, dtype=dtype) * Fh**-0.5).requires_grad_()
+    w1 = (torch.randn(Fh, D, device=device, dtype=dtype) * D**-0.5).requires_grad_()
+    w2 = (torch.randn(D, Fh, device=device, dtype=dtype) * Fh**-0.5).requires_grad_()
     b1 = torch.zeros(Fh, device=device, dtype=dtype, requires_grad=True)
     b2 = torch.zeros(D, device=device, dtype=dtype, requires_grad=True)
 
+    def dense(inp):  # F.linear: the bias is fused into the GEMM (addmm / cuBLASLt epilogue)
+        return F.linear(F.gelu(F.linear(inp, w1, b1)), w2, b2)
+
     def dense_fwd():
         with torch.no_grad():
-            return F.gelu(xk @ w1 + b1) @ w2 + b2
+            return dense(xk)
 
     def dense_fb():
-        y = F.gelu(xk @ w1 + b1) @ w2 + b2
-        y.sum().backward()
+        dense(xk).sum().backward()
 
     cases = [("dense (T*k tokens)", dense_fwd, dense_fb)]
     base = None
@@ -81,23 +86,91 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int,
         else:
             moe.load_state_dict(base.state_dict())
         cases.append((impl, *_moe_fns(moe, x)))
+        if impl == "fused" and device.type == "cuda" and kernels.TRITON_AVAILABLE:
+            cases.append(("fused (no triton)", *_moe_fns(moe, x, triton=False)))
+    mem = [_memory(fb, device) for _, _, fb in cases]
     fwd, fb = _interleaved([c[1] for c in cases], device, repeats), _interleaved([c[2] for c in cases], device, repeats)
-    return [dict(impl=name, fwd_ms=f, fwdbwd_ms=b, fwd_ratio=f / fwd[0], fwdbwd_ratio=b / fb[0])
-            for (name, _, _), f, b in zip(cases, fwd, fb)]
+    graph = [_graph_ms(c[2], device, repeats) for c in cases] if device.type == "cuda" else [None] * len(cases)
+    return [dict(impl=name, fwd_ms=f, fwdbwd_ms=b, fwd_ratio=f / fwd[0], fwdbwd_ratio=b / fb[0],
+                 saved_mib=m[0], peak_mib=m[1], graph_fwdbwd_ms=g,
+                 graph_ratio=None if g is None or graph[0] is None else g / graph[0])
+            for (name, _, _), f, b, m, g in zip(cases, fwd, fb, mem, graph)]
 
 
-def _moe_fns(moe, x):
+def _graph_ms(fn, device, repeats: int) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph (no launch overhead), or None when it cannot be
+    captured (an implementation that synchronises with the host)."""
+    try:
+        s = torch.cuda.Stream(device)
+        s.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+    except Exception:  # noqa: BLE001 - any capture failure means "not capturable"
+        torch.cuda.synchronize(device)
+        return None
+    return _interleaved([g.replay], device, repeats)[0]
+
+
+def _memory(fb, device) -> tuple[float, float | None]:
+    """(MiB of tensors saved for backward, CUDA peak MiB above the baseline or None on CPU) of one
+    forward+backward. Saved tensors are counted once per storage."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except RuntimeError:
+            pass
+        return t
+
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fb()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return sum(seen.values()) / 2**20, peak
+
+
+def _moe_fns(moe, x, triton: bool = True):
+    from . import kernels
+
     xr = x.clone().requires_grad_()
 
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), _triton(kernels, triton):
             return moe(x).out
 
     def fb():
-        o = moe(xr)
-        (o.out.sum() + o.aux_loss).backward()
+        with _triton(kernels, triton):
+            o = moe(xr)
+            (o.out.sum() + o.aux_loss).backward()
 
     return fwd, fb
+
+
+class _triton:
+    """Context: the fused path with or without its Triton kernel."""
+
+    def __init__(self, kernels, on: bool):
+        self.kernels, self.on = kernels, on
+
+    def __enter__(self):
+        if not self.on:
+            self.kernels.use_triton(False)
+
+    def __exit__(self, *exc):
+        if not self.on:
+            self.kernels.use_triton(self.kernels.TRITON_AVAILABLE)
 
 
 def _interleaved(fns, device, repeats: int, warmup: int = 2) -> list[float]:
@@ -117,27 +190,47 @@ def _interleaved(fns, device, repeats: int, warmup: int = 2) -> list[float]:
 
 
 def bench_model(device, dtype, repeats: int, batch: int = 64):
+    """Training step (AdamW) of MoE ViTs over their dense twin. CPU: the Fashion-MNIST hybrid pair of
+    the main job (28x28). CUDA: ViT-B/16 at 224 px vs V-MoE-B/16 (E=8 top-2 in every other block,
+    dropless), the shape of ../shared/anchors/vit_step_h100.txt."""
     from .models import create_model
+    from .models.vit import ViTConfig, VisionTransformer
 
-    pairs = [("vit_fmnist_hybrid", {}), ("moe_vit_fmnist_hybrid", {}),
-             ("moe_vit_fmnist_hybrid", {"moe_impl": "padded"}), ("moe_vit_fmnist_hybrid", {"moe_impl": "grouped"}),
-             ("moe_vit_fmnist_hybrid", {"moe_impl": "loop"})]
-    x = torch.randn(batch, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    steps, labels, params = [], [], []
-    for name, kw in pairs:
+    if device.type == "cuda":
+        vit_b = dict(img_size=224, in_chans=3, num_classes=1000, patch_size=16, embed_dim=768, depth=12,
+                     num_heads=12, mlp_ratio=4.0)
+        moe_b = dict(vit_b, moe_layers="every_2", num_experts=8, top_k=2, capacity_factor=None)
+
+        def make(kw):
+            return VisionTransformer(ViTConfig(**kw))
+
+        pairs = [("vit-b/16", lambda: make(vit_b)), ("v-moe-b/16 E8 k2 (fused)", lambda: make(dict(moe_b, moe_impl="fused"))),
+                 ("v-moe-b/16 E8 k2 (grouped)", lambda: make(dict(moe_b, moe_impl="grouped")))]
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+    else:
+        pairs = [("vit_fmnist_hybrid", lambda: create_model("vit_fmnist_hybrid"))]
+        for impl in ("fused", "sorted", "grouped", "padded", "loop"):
+            pairs.append((f"moe_vit_fmnist_hybrid ({impl})",
+                          lambda impl=impl: create_model("moe_vit_fmnist_hybrid", moe_impl=impl)))
+        x = torch.randn(batch, 1, 28, 28, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+    steps, labels, params, peaks = [], [], [], []
+    for label, make_model in pairs:
         torch.manual_seed(0)
-        model = create_model(name, **kw).to(device)
-        steps.append(_train_step(model, x, y, dtype))
-        labels.append(name + (f" ({kw['moe_impl']})" if kw else ""))
+        model = make_model().to(device)
+        step = _train_step(model, x, y, dtype)
+        peaks.append(_memory(step, device)[1])
+        steps.append(step)
+        labels.append(label)
         params.append(sum(p.numel() for p in model.parameters()))
     ms = _interleaved(steps, device, repeats)
-    return [dict(model=label, step_ms=m, ratio=m / ms[0], images_per_s=batch / m * 1e3, params=p)
-            for label, m, p in zip(labels, ms, params)]
+    return [dict(model=label, step_ms=m, ratio=m / ms[0], images_per_s=batch / m * 1e3, params=p, peak_mib=pk)
+            for label, m, p, pk in zip(labels, ms, params, peaks)]
 
 
 def _train_step(model, x, y, dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=x.device.type == "cuda")
 
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -176,19 +269,27 @@ def run_bench(args) -> int:
             result["shapes"].append({"shape": s.__dict__, "rows": rows})
             print(f"\n## {s.name}: T={s.tokens} D={s.dim} F={s.hidden} E={s.experts} k={s.top_k} "
                   f"({dtype_name}, {result['threads']} threads)")
-            print(f"{'impl':<20}{'fwd ms':>9}{'x dense':>9}{'fwd+bwd ms':>12}{'x dense':>9}")
+            graphs = device.type == "cuda"
+            print(f"{'impl':<20}{'fwd ms':>9}{'x dense':>9}{'fwd+bwd ms':>12}{'x dense':>9}{'saved MiB':>11}"
+                  f"{'peak MiB':>10}" + (f"{'graph f+b ms':>14}{'x dense':>9}" if graphs else ""))
             for r in rows:
-                print(f"{r['impl']:<20}{r['fwd_ms']:>9.2f}{r['fwd_ratio']:>9.2f}{r['fwdbwd_ms']:>12.2f}"
-                      f"{r['fwdbwd_ratio']:>9.2f}")
+                peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+                line = (f"{r['impl']:<20}{r['fwd_ms']:>9.3f}{r['fwd_ratio']:>9.2f}{r['fwdbwd_ms']:>12.3f}"
+                        f"{r['fwdbwd_ratio']:>9.2f}{r['saved_mib']:>11.1f}{peak:>10}")
+                if graphs:
+                    g, gr = r["graph_fwdbwd_ms"], r["graph_ratio"]
+                    line += f"{'-' if g is None else f'{g:.3f}':>14}{'-' if gr is None else f'{gr:.2f}':>9}"
+                print(line)
     else:
         batch = args.batch or 64
         rows = bench_model(device, dtype, repeats, batch=batch)
         result["rows"], result["batch"] = rows, batch
         print(f"training step, batch {batch}, 28x28 ({dtype_name}, {result['threads']} threads)")
-        print(f"{'model':<36}{'step ms':>9}{'x dense':>9}{'img/s':>8}{'params':>10}")
+        print(f"{'model':<36}{'step ms':>9}{'x dense':>9}{'img/s':>8}{'params':>10}{'peak MiB':>10}")
         for r in rows:
+            peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             print(f"{r['model']:<36}{r['step_ms']:>9.1f}{r['ratio']:>9.2f}{r['images_per_s']:>8.0f}"
-                  f"{r['params'] / 1e6:>9.2f}M")
+                  f"{r['params'] / 1e6:>9.2f}M{peak:>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

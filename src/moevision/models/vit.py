@@ -81,7 +81,7 @@ class ViTConfig:
     load_loss_weight: float = 0.005
     switch_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
-    moe_impl: str = "sorted"
+    moe_impl: str = "auto"  # see moevision.kernels
 
     # -- config protocol
     @classmethod

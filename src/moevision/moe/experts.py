@@ -90,14 +90,20 @@ class Experts(nn.Module):
         return y + self.b2.unsqueeze(1) if self.has_bias else y
 
     # -- tokens sorted by expert, one grouped GEMM per projection (torch._grouped_mm) -------------
-    def grouped_mm_ok(self, x: torch.Tensor) -> bool:
-        """Whether ``torch._grouped_mm`` can run these shapes: fp32/bf16/fp16, rows 16-byte aligned;
-        on CUDA it also needs a Hopper-class GPU (sm90+)."""
-        if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    def grouped_mm_ok(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+        """Whether ``torch._grouped_mm`` can run these shapes in ``dtype`` (default: x's and the
+        weights' common dtype): CPU fp32/bf16, CUDA bf16 on a Hopper-class GPU (sm90+); rows 16-byte
+        aligned."""
+        if not hasattr(torch, "_grouped_mm"):
             return False
-        if self.w1.dtype != x.dtype:
+        if dtype is None:
+            if self.w1.dtype != x.dtype:
+                return False
+            dtype = x.dtype
+        ok_dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)
+        if dtype not in ok_dtypes:
             return False
-        align = 16 // x.element_size()
+        align = 16 // torch.empty((), dtype=dtype).element_size()
         if self.dim % align or self.hidden_dim % align:
             return False
         if x.is_cuda:

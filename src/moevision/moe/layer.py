@@ -11,9 +11,12 @@ P soft-MoE slots.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
+from .. import kernels as _kernels
 from ..errors import ConfigError
 from . import losses as L
 from .dispatch import get_dispatch
@@ -65,7 +68,9 @@ class MoE(nn.Module):
         random_eval_mode: ``random`` router in eval: ``hash`` (deterministic, default) or ``random``.
         expert_init: ``independent`` (default) or ``shared`` (V-MoE: identical experts at init).
         router_init_std: router weight init std; None = LeCun normal 1/sqrt(D) (vmoe).
-        impl: dispatch implementation: ``sorted`` (default fast path), ``padded``, ``einsum``, ``loop``.
+        impl: dispatch implementation (see ``moevision.kernels``): ``auto`` (default: ``set_impl``'s
+            choice, else ``fused`` where ``torch._grouped_mm`` runs, else ``sorted``), ``fused``,
+            ``grouped``, ``sorted``, ``padded``, or the references ``einsum`` and ``loop``.
         check_finite: raise ValueError on non-finite input (costs a sync; off by default).
         record_routing: put per-token expert ids and gates in ``stats`` (for analytics).
     """
@@ -100,7 +105,7 @@ class MoE(nn.Module):
         random_eval_mode: str = "hash",
         expert_init: str = "independent",
         router_init_std: float | None = None,
-        impl: str = "sorted",
+        impl: str = "auto",
         check_finite: bool = False,
         record_routing: bool = False,
     ):
@@ -126,7 +131,8 @@ class MoE(nn.Module):
                 raise ConfigError(f"{name} must be >= 0, got {w!r}")
         if noise_std is not None and noise_std < 0:
             raise ConfigError(f"noise_std must be >= 0, got {noise_std!r}")
-        get_dispatch(impl)  # validates the name
+        if impl != "auto":
+            get_dispatch(impl)  # validates the name
         noise = _DEFAULT_NOISE.get(router, 0.0) if noise_std is None else noise_std
 
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
@@ -189,7 +195,8 @@ class MoE(nn.Module):
         if isinstance(plan, SoftRoutingPlan):
             out, stats = self._soft(x_TD.view(G, S, self.dim), plan, lead)
         else:
-            out = get_dispatch(self.impl)(x_TD, plan, self.experts, num_groups=G, group_size=S)
+            impl = _kernels.resolve_impl(self.impl, x_TD, self.experts)
+            out = get_dispatch(impl)(x_TD, plan, self.experts, num_groups=G, group_size=S)
             stats = self._stats(plan, T, lead)
         return MoEOutput(out=out.view(*lead, self.dim), aux_loss=plan.aux_loss, stats=stats)
 
@@ -213,8 +220,13 @@ class MoE(nn.Module):
                 stats.dispatch = plan.dispatch_GSP.detach().view(G, S, E, p).sum(-1).reshape(*lead, E)
         return out, stats
 
-    @torch.no_grad()
     def _stats(self, plan: RoutingPlan, T: int, lead) -> RoutingStats:
+        """Statistics computed on first access (a training step that does not read them launches no
+        kernel for them: on a GPU the layer's time is otherwise partly spent launching tiny ops)."""
+        return _LazyRoutingStats(lambda: self._compute_stats(plan, T, lead))
+
+    @torch.no_grad()
+    def _compute_stats(self, plan: RoutingPlan, T: int, lead) -> RoutingStats:
         E = self.num_experts
         kept = plan.kept.float()
         tpe = torch.zeros(E, device=kept.device).scatter_add_(0, plan.expert_idx, kept)
@@ -238,3 +250,22 @@ class MoE(nn.Module):
             router_entropy=L.router_entropy(plan.probs_GSE), importance=plan.probs_GSE.sum(dim=(0, 1)),
             aux_losses={k: v.detach() for k, v in plan.aux_losses.items()}, capacity=plan.capacity,
             expert_idx=expert_idx, gates=gates, kept=kept_k, probs=probs)
+
+
+class _LazyRoutingStats(RoutingStats):
+    """A ``RoutingStats`` whose fields are computed by ``compute()`` when one is first read (fields with
+    class-level defaults are intercepted too, hence ``__getattribute__``)."""
+
+    def __init__(self, compute):  # noqa: D107 - deliberately skips the dataclass __init__
+        object.__setattr__(self, "_compute", compute)
+
+    def __getattribute__(self, name):
+        d = object.__getattribute__(self, "__dict__")
+        if "_compute" in d and name in _STATS_FIELDS:
+            full = d.pop("_compute")()
+            for k, v in full.__dict__.items():  # fields assigned before the first read win
+                d.setdefault(k, v)
+        return object.__getattribute__(self, name)
+
+
+_STATS_FIELDS = frozenset(f.name for f in dataclasses.fields(RoutingStats))

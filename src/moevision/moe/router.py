@@ -184,7 +184,8 @@ class TopKRouter(_LinearRouter):
         else:
             order, idx = None, top_i
         flat = idx.transpose(1, 2).reshape(G, K * S)  # all 1st choices, then all 2nd choices
-        onehot = F.one_hot(flat, E).to(torch.int32)  # (G, K*S, E): O(T*K*E), never (T, E, C)
+        # (G, K*S, E): O(T*K*E), never (T, E, C); by comparison, as F.one_hot syncs to validate
+        onehot = (flat.unsqueeze(-1) == torch.arange(E, device=flat.device)).to(torch.int32)
         pos = (onehot.cumsum(dim=1) - 1).gather(2, flat.unsqueeze(-1)).squeeze(-1)  # (G, K*S)
         pos = pos.view(G, K, S).transpose(1, 2)  # (G, S, K) in priority order
         if order is not None:

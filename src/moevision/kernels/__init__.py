@@ -1,0 +1,78 @@
+"""Implementations of the MoE dispatch/experts/combine contract, chosen by name.
+
+Every implementation takes the flattened tokens x (T, D), a ``RoutingPlan`` and the ``Experts`` module
+and returns (T, D); all compute the same function and are tested equal to the references (forward
+and backward, random inputs). Registered names:
+
+==========  ============================================================================================
+``loop``    reference: one boolean mask per expert (``kernels.reference``)
+``einsum``  reference: GShard/V-MoE one-hot (G, S, E, C) dispatch/combine tensors
+``sorted``  CPU: sort by expert, one ``addmm`` per expert (bias fused into the GEMM)
+``padded``  capacity buffers (E, G*C, D) + one batched matmul (V-MoE / Tutel layout)
+``grouped`` sort + ``torch._grouped_mm`` (the torchtitan-style baseline)
+``fused``   fast path: grouped GEMMs, scatter-free permute/combine, fused bias + activation (Triton on
+            CUDA when installed), no host sync when dropless (``kernels.fused``)
+==========  ============================================================================================
+
+``MoE(impl="auto")`` (the default) asks ``resolve_impl`` at run time: the name given to ``set_impl``
+if any, else ``fused`` where ``torch._grouped_mm`` runs (Hopper GPUs, CPU), else ``sorted``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..moe.dispatch import DISPATCH_IMPLS, get_dispatch, register_dispatch
+from . import fused as _fused
+from . import triton as _triton
+from .fused import dispatch_fused
+
+register_dispatch("fused", dispatch_fused)
+if _triton.AVAILABLE:
+    _fused._triton_bias_act, _fused._triton_combine = _triton.bias_act_triton, _triton.combine_triton
+
+TRITON_AVAILABLE = _triton.AVAILABLE
+_DEFAULT: str | None = None
+
+
+def set_impl(name: str | None) -> None:
+    """Choose the implementation every ``MoE(impl="auto")`` layer uses (None: automatic choice)."""
+    global _DEFAULT
+    if name is not None and name != "auto":
+        get_dispatch(name)  # validates
+    _DEFAULT = None if name == "auto" else name
+
+
+def get_impl() -> str:
+    """The implementation chosen by ``set_impl`` (``auto`` when none was)."""
+    return _DEFAULT or "auto"
+
+
+def list_impls() -> list[str]:
+    return sorted(DISPATCH_IMPLS)
+
+
+def resolve_impl(name: str, x: torch.Tensor, experts) -> str:
+    """The concrete implementation for a layer configured with ``name`` on input ``x``."""
+    if name != "auto":
+        return name
+    if _DEFAULT is not None:
+        return _DEFAULT
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else experts.w1.dtype
+    if experts.grouped_mm_ok(x, dtype):
+        return "fused"
+    return "sorted"
+
+
+def use_triton(enabled: bool) -> None:
+    """Switch the Triton bias/activation kernel of ``fused`` on or off (for A/B benchmarks)."""
+    if enabled and not _triton.AVAILABLE:
+        raise ConfigError(f"Triton is not available: {_triton.REASON}")
+    _fused._triton_bias_act = _triton.bias_act_triton if enabled else None
+    _fused._triton_combine = _triton.combine_triton if enabled else None
+
+
+__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "register_dispatch",
+           "get_dispatch", "TRITON_AVAILABLE"]

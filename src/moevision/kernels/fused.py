@@ -1,0 +1,93 @@
+"""``fused``: the fast dispatch path. Sort by expert, grouped GEMMs, scatter-free permute/combine.
+
+Dropless top-k token choice (the common training mode) runs with no host-device synchronisation and
+no atomic scatter:
+
+1. ``order = argsort(expert_idx)`` (stable), its inverse ``pos``, ``offs = cumsum(bincount)`` - all on
+   the device; the segment sizes never reach the host.
+2. ``permute_rows``: gather x into expert-sorted rows (backward: gather + sum of the K copies).
+3. ``torch._grouped_mm`` for w1 (and w3), the bias + activation in one op (``bias_act``: a Triton
+   kernel on CUDA when Triton is installed, else PyTorch with a scatter-free bias gradient), then
+   ``torch._grouped_mm`` for w2.
+4. ``combine_rows``: back to token order, + b2, gates mixed by a (T,1,K) x (T,K,D) batched matmul.
+
+With a capacity (token choice), dropped assignments stay in their expert's segment with gate 0 instead
+of being removed: the output and every gradient are exactly those of dropping them (0 * finite), no
+size reaches the host, and the cost is computing the dropped rows (the dropped fraction, a few % at
+c >= 1). Expert choice and soft MoE use the ``grouped`` / padded paths.
+
+Where ``torch._grouped_mm`` cannot run (float64, unaligned widths, pre-Hopper GPUs) the same ops run
+with one GEMM per expert on ``torch.split`` slices (the segment sizes are then needed on the host:
+one sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..moe.experts import Experts
+from ..moe.types import RoutingPlan
+from . import ops
+
+_triton_bias_act = None  # the Triton kernels, set by moevision.kernels when Triton imports
+_triton_combine = None
+
+
+def _bias_act(h_AF, b_EF, expert_of_row, act):
+    if _triton_bias_act is not None and h_AF.is_cuda:
+        return _triton_bias_act(h_AF, b_EF, expert_of_row, act)
+    return ops.bias_act_torch(h_AF, b_EF, expert_of_row, act)
+
+
+def _compute_dtype(x: torch.Tensor, experts: Experts) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else the weights' dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return experts.w1.dtype
+
+
+def _w(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return p if p.dtype == dtype else p.to(dtype)
+
+
+def _expert_mlp(experts: Experts, xs_AD: torch.Tensor, offs: torch.Tensor, e_sorted: torch.Tensor,
+                grouped: bool, dt: torch.dtype) -> torch.Tensor:
+    if grouped:
+        def mm(a, w):
+            return torch._grouped_mm(a, w, offs=offs)
+    else:
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()  # host sync: split sizes
+
+        def mm(a, w):
+            return torch.cat([c @ w[e] for e, c in enumerate(torch.split(a, counts))])
+    h = mm(xs_AD, _w(experts.w1, dt))
+    if experts.swiglu:
+        a = torch.nn.functional.silu(h) * mm(xs_AD, _w(experts.w3, dt))
+    elif experts.has_bias:
+        a = _bias_act(h, _w(experts.b1, dt), e_sorted, experts.activation)
+    else:
+        a = experts.act(h)
+    return mm(a, _w(experts.w2, dt))
+
+
+def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
+    if plan.top_k == 0:  # expert choice: tokens appear 0..E times; not this path's structure
+        from ..moe.dispatch import dispatch_grouped
+        return dispatch_grouped(x_TD, plan, experts, **kw)
+    T, K, E = x_TD.shape[0], plan.top_k, experts.num_experts
+    exp = plan.expert_idx  # (A,) token-major
+    order = torch.argsort(exp, stable=True)
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    e_sorted = exp.index_select(0, order)
+    # segment ends by binary search in the sorted ids: no host sync (bincount on CUDA reads max())
+    offs = torch.searchsorted(e_sorted, torch.arange(E, device=exp.device), right=True).to(torch.int32)
+    dt = _compute_dtype(x_TD, experts)
+    with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit below
+        xs = ops.permute_rows(_w(x_TD, dt), order, pos, K)
+        y = _expert_mlp(experts, xs, offs, e_sorted, experts.grouped_mm_ok(x_TD, dt), dt)
+        b2 = _w(experts.b2, dt) if experts.has_bias else None
+        gates = plan.gates.view(T, K)
+        if _triton_combine is not None and y.is_cuda:
+            return _triton_combine(y, gates, pos, order, b2, exp, e_sorted)
+        return ops.combine_rows(y, gates, pos, order, b2, exp if b2 is not None else None)
