@@ -1,7 +1,7 @@
 """Expert parallelism on real gloo processes (2 and 4 ranks), against single-process oracles.
 
-- The EP layer (top-k with capacity and BPR, top-k dropless, expert choice, soft MoE; ragged and padded
-  layouts; uneven batches across ranks) gives the outputs, aux losses and gradients of the
+- The EP layer (top-k with capacity and BPR, top-k dropless, expert choice, soft MoE; ragged, padded,
+  weight-gathering and adaptive layouts; uneven batches across ranks) gives the outputs, aux losses and gradients of the
   single-process layer applied to each rank's batch, in float64 to 1e-10; gradients after
   ``reduce_gradients`` on a pure EP mesh (ep = W) and a DP x EP mesh (W=4, ep=2).
 - Training: a 4-rank EP run checkpointed at step 3, resumed on 2 ranks to step 6, ends with the weights
@@ -62,12 +62,12 @@ def _inputs(W: int, uneven: bool):
     return xs, ws
 
 
-def _layer_worker(rank: int, W: int, eps: tuple[int, ...]) -> None:
+def _layer_worker(rank: int, W: int, eps: tuple[int, ...], full: bool) -> None:
     for ep in eps:
-        _layer_checks(rank, W, ep)
+        _layer_checks(rank, W, ep, full)
 
 
-def _layer_checks(rank: int, W: int, ep: int) -> None:
+def _layer_checks(rank: int, W: int, ep: int, full: bool) -> None:
     """Every rank builds the single-process reference itself (same seeds) and checks its own part."""
     from moevision import distributed as mvd
     from moevision.moe import MoE
@@ -75,10 +75,10 @@ def _layer_checks(rank: int, W: int, ep: int) -> None:
     mesh = mvd.build_mesh(ep)
     assert (mesh.ep, mesh.dp, mesh.ep_rank, mesh.dp_rank) == (ep, W // ep, rank % ep, rank // ep)
     for name, kw in CASES.items():
-        for layout in ("auto", "ragged", "padded"):
-            if name == "soft" and layout != "auto":
-                continue  # soft MoE uses the experts' padded exchange directly
-            for uneven in (False, True):
+        for layout in ("auto", "ragged", "padded", "gather", "adaptive") if full else ("auto", "ragged", "padded"):
+            if name == "soft" and layout not in ("auto", "gather"):
+                continue  # soft MoE calls the experts' padded exchange directly
+            for uneven in (False, True) if (full or layout == "auto") else (False,):
                 torch.manual_seed(0)
                 ref = MoE(D, F, E, **kw).double()
                 model = mvd.shard_experts(copy.deepcopy(ref), mesh, layout=layout, force=True)
@@ -104,6 +104,8 @@ def _layer_checks(rank: int, W: int, ep: int) -> None:
                     torch.testing.assert_close(q.grad, want, atol=1e-10, rtol=0, msg=f"{tag} grad {pname}")
                 if name == "topk_capacity_bpr":
                     assert float(outs[rank].stats.dropped_fraction) > 0, "the capacity case must drop tokens"
+                if layout == "gather" or (layout == "auto" and name == "soft"):
+                    assert sh.last_mode == ("weights" if layout == "gather" else "tokens"), tag
     # the full state gathers back exactly; a partial save and a wrong expert count are refused
     torch.manual_seed(0)
     ref = MoE(D, F, E, **CASES["topk_dropless"])
@@ -127,7 +129,8 @@ def _layer_checks(rank: int, W: int, ep: int) -> None:
 
 @pytest.mark.parametrize("world,eps", [(2, (2,)), (4, (4, 2))], ids=["W2-ep2", "W4-ep4-and-ep2"])
 def test_expert_parallel_layer_equals_single_process(worlds, world, eps):
-    worlds(world).run(_layer_worker, eps)
+    """Every layout and uneven batches on 2 ranks; on 4 ranks (EP=4, and DP=2 x EP=2) the token layouts."""
+    worlds(world).run(_layer_worker, eps, world == 2)
 
 
 # -- training, checkpoints across world sizes -------------------------------------------------------
@@ -173,7 +176,7 @@ def _resume_worker(rank: int, W: int, ep: int, run_dir: str) -> None:
     _probe_worker(rank, W, ep, run_dir)
 
 
-def test_checkpoint_4_ranks_to_2_and_1_and_training_equals_single_process(worlds, tmp_path):
+def test_checkpoint_4_ranks_to_2_and_1_and_training_equals_single_process(worlds, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from moevision import from_pretrained
@@ -238,6 +241,12 @@ def test_checkpoint_4_ranks_to_2_and_1_and_training_equals_single_process(worlds
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ep"] == 2
     assert summary["params_total"] == a.num_params()
+    # the CLI resumes the EP run on one process (parallel.ep falls back to 1); only parallel.* may be set
+    from moevision.cli.main import main
+
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=3"]) == 2
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "resuming it on this one process" in capsys.readouterr().out
 
 
 def _stop_and_copy(rank: int, W: int, ep: int, run_dir: str) -> None:
@@ -314,3 +323,13 @@ def test_torchrun_fashion_mnist_two_ranks_matches_one(tmp_path):
     two = json.loads((tmp_path / "two" / "summary.json").read_text())["test_accuracy"]
     assert one > 0.8 and two > 0.8
     assert abs(one - two) < 0.02, (one, two)
+
+
+def test_adaptive_rule_prefers_moving_the_smaller_tensor():
+    """Tutel's r in {0, 1} rule: gather the weights iff they are fewer elements than the tokens moved."""
+    from moevision.distributed.expert_parallel import ShardedExperts, weights_cheaper
+
+    ex = ShardedExperts(8, 8, 16, ep_rank=0, ep_size=2)  # weights: 8 experts * (8*16 + 16*8 + 16 + 8) = 2240
+    assert sum(p.numel() for p in ex.parameters()) * 2 == 2240
+    assert not weights_cheaper(ex, rows=17)  # tokens: 2 * 8 * 17 * 8 = 2176 < 2240
+    assert weights_cheaper(ex, rows=18)  # 2304 > 2240

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..errors import CheckpointError
 from ..train.checkpoint import model_state_from, optimizer_state_from, read_checkpoint, save_checkpoint
 from . import all_to_all as A
-from .expert_parallel import ShardedExperts, sharded_modules
+from .expert_parallel import ShardedExperts, is_sharded, sharded_modules
 
 
 def _shard_params(model: torch.nn.Module) -> dict[str, tuple[ShardedExperts, torch.nn.Parameter]]:
@@ -140,7 +140,9 @@ def load_checkpoint_distributed(path: str | os.PathLike, *, model, optimizer=Non
 
 def full_model(model: torch.nn.Module) -> torch.nn.Module:
     """An unsharded copy of an expert-parallel model (collective), built from its config; the global
-    RNG stream is left untouched."""
+    RNG stream is left untouched. A model without expert shards is returned as it is."""
+    if not is_sharded(model):
+        return model
     sd = full_model_state(model)
     with torch.random.fork_rng(devices=[]):
         copy = type(model)(model.config)

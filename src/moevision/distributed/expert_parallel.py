@@ -20,6 +20,15 @@ unchanged. The registered dispatcher ``expert_parallel`` routes locally with the
   found with ONE scalar all-reduce MAX per layer call (the only sync of this layout; Tutel's
   ``inequivalent_tokens`` / dropless ``capacity_factor=0``).
 
+- ``gather`` (Tutel's adaptive parallelism degree r=0, "DP/ZeRO"): no token moves; the expert weights
+  are all-gathered (differentiable: the backward sums every rank's weight gradient and keeps the
+  owner's slice, so the gradients equal the ``padded`` ones) and every rank runs all E experts on its
+  own padded buffers.
+- ``adaptive`` (Tutel §2(b)5, r in {0, 1}): per call, ``gather`` when moving the expert weights is
+  cheaper than moving the tokens (numel(expert weights) < 2 * E * R_max * D: dispatch + combine), else
+  ``padded``; the decision uses only group-agreed sizes (R_max), so every rank takes the same branch.
+  The parameter layout is the same for both, so switching costs nothing (Tutel's identical layout).
+
 Semantics: the router is replicated, so routing, capacity, drops and the auxiliary losses are those of
 the local batch, exactly as in data parallelism (capacity is per routing group, and a rank's group is
 its local tokens). A model on W ranks therefore equals the single-process model applied to each rank's
@@ -42,7 +51,7 @@ from ..moe.layer import MoE
 from ..moe.types import RoutingPlan
 from . import all_to_all as A
 
-LAYOUTS = ("auto", "ragged", "padded")
+LAYOUTS = ("auto", "ragged", "padded", "gather", "adaptive")
 
 
 class ShardedExperts(Experts):
@@ -67,6 +76,8 @@ class ShardedExperts(Experts):
         self.num_experts, self.num_local_experts = num_experts, L
         self.ep_rank, self.ep_size, self.group = ep_rank, ep_size, group
         self.expert_offset = ep_rank * L
+        self.param_mode = "tokens"  # padded exchange: "tokens" (all-to-all), "weights" (gather) or "adaptive"
+        self.last_mode = None  # what the last padded call did ("tokens" / "weights"), for tests and logs
 
     @classmethod
     def from_full(cls, full: Experts, *, ep_rank: int, ep_size: int, group=None) -> "ShardedExperts":
@@ -121,8 +132,9 @@ def ragged_exchange(ex: ShardedExperts, x_ND: torch.Tensor, counts_E: torch.Tens
     P, L = ex.ep_size, ex.num_local_experts
     send_PL = counts_E.view(P, L)
     recv_PL = A.exchange_counts(send_PL, ex.group)
-    in_splits = send_PL.sum(1).tolist()  # host sync: split sizes are sizes
-    recv_list = recv_PL.tolist()
+    sizes = torch.cat([send_PL.sum(1), recv_PL.reshape(-1)]).tolist()  # THE host sync: split sizes are sizes
+    in_splits, flat = sizes[:P], sizes[P:]
+    recv_list = [flat[s * L:(s + 1) * L] for s in range(P)]
     out_splits = [sum(r) for r in recv_list]
     x_recv = A.all_to_all(x_ND, out_splits, in_splits, ex.group)  # source-major, local expert minor
     # regroup source-major (s, j) segments into local-expert-major (j, s) order
@@ -141,11 +153,37 @@ def ragged_exchange(ex: ShardedExperts, x_ND: torch.Tensor, counts_E: torch.Tens
     return A.all_to_all(y_recv, in_splits, out_splits, ex.group)
 
 
+class _FullWeights:
+    """``Experts``' computation on given (gathered, full) weight tensors instead of its parameters."""
+
+    def __init__(self, ex: Experts, weights: dict[str, torch.Tensor]):
+        self.has_bias, self.swiglu, self.act = ex.has_bias, ex.swiglu, ex.act
+        self.dim, self.hidden_dim = ex.dim, ex.hidden_dim
+        self.__dict__.update(weights)
+
+
+def weights_cheaper(ex: ShardedExperts, rows: int) -> bool:
+    """Tutel's rule for r in {0, 1}: gather the weights iff they are fewer elements than the tokens that
+    dispatch + combine would move (E * rows * D each way)."""
+    n_weights = sum(p.numel() for p in ex.parameters(recurse=False)) * ex.ep_size
+    return n_weights < 2 * ex.num_experts * rows * ex.dim
+
+
+def gathered_padded(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
+    """r = 0: all-gather the expert weights over the EP group and run every expert locally."""
+    full = {name: A.all_gather_cat(p, ex.group) for name, p in ex.named_parameters(recurse=False)}
+    return Experts.forward_padded(_FullWeights(ex, full), x_ECD)
+
+
 def padded_exchange(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
     """(E, R, D) buffers -> the experts' ranks -> (L, P*R, D) batched matmul -> back to (E, R, D)."""
     E, R, D = x_ECD.shape
     P, L = ex.ep_size, ex.num_local_experts
     R_max = A.all_reduce_max(R, x_ECD.device, ex.group)  # the one sync of the fixed-shape layout
+    if ex.param_mode == "weights" or (ex.param_mode == "adaptive" and weights_cheaper(ex, R_max)):
+        ex.last_mode = "weights"
+        return gathered_padded(ex, x_ECD)
+    ex.last_mode = "tokens"
     if R_max > R:
         x_ECD = F.pad(x_ECD, (0, 0, 0, R_max - R))
     recv = A.all_to_all(x_ECD.reshape(E * R_max, D), [L * R_max] * P, [L * R_max] * P, ex.group)
@@ -217,7 +255,9 @@ def dispatch_expert_parallel(x_TD: torch.Tensor, plan: RoutingPlan, experts, **k
 register_dispatch("expert_parallel", dispatch_expert_parallel)
 register_dispatch("expert_parallel_ragged", dispatch_ragged)
 register_dispatch("expert_parallel_padded", dispatch_padded)
-_IMPL = {"auto": "expert_parallel", "ragged": "expert_parallel_ragged", "padded": "expert_parallel_padded"}
+_IMPL = {"auto": "expert_parallel", "ragged": "expert_parallel_ragged", "padded": "expert_parallel_padded",
+         "gather": "expert_parallel_padded", "adaptive": "expert_parallel_padded"}
+_PARAM_MODE = {"gather": "weights", "adaptive": "adaptive"}
 
 
 # -- model surgery ----------------------------------------------------------------------------------
@@ -240,6 +280,7 @@ def shard_experts(model: nn.Module, mesh, *, layout: str = "auto", force: bool =
             raise ConfigError(f"{name}: model.num_experts={m.num_experts} is not divisible by "
                               f"parallel.ep={mesh.ep}; choose ep among the divisors of the expert count")
         m.experts = ShardedExperts.from_full(m.experts, ep_rank=mesh.ep_rank, ep_size=mesh.ep, group=mesh.ep_group)
+        m.experts.param_mode = _PARAM_MODE.get(layout, "tokens")
         m.impl_local = m.impl
         m.impl = _IMPL[layout]
     return model

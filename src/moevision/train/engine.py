@@ -238,7 +238,8 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
         step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         train_seconds, last_eval = st["train_seconds"], st.get("last_eval")
         prior_wall = st.get("wall_seconds", 0.0)
-        _truncate_metrics(metrics_path, step)
+        if par.is_main:
+            _truncate_metrics(metrics_path, step)
         log(f"resumed {run_dir} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
     else:
         if tc.init_from is not None:

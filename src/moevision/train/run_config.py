@@ -105,7 +105,9 @@ class ParallelConfig:
     ``ep``: expert-parallel degree (each MoE layer's experts are split over ``ep`` ranks; the world is
     ``world_size // ep`` data-parallel replicas of that group); 1 = pure data parallel. ``backend``:
     auto (nccl on CUDA, gloo on CPU), gloo or nccl. ``layout``: the expert-parallel dispatch, auto
-    (padded with a capacity, ragged when dropless), ragged or padded. See docs/distributed.md."""
+    (padded with a capacity, ragged when dropless), ragged, padded, gather (move the expert weights,
+    not the tokens: Tutel's r=0) or adaptive (per call, the cheaper of padded and gather). See
+    docs/distributed.md."""
 
     ep: int = 1
     backend: str = "auto"
@@ -115,8 +117,8 @@ class ParallelConfig:
         C.check(isinstance(self.ep, int) and self.ep >= 1, "parallel.ep", self.ep, "must be a positive integer")
         C.check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", self.backend,
                 "must be auto, gloo or nccl")
-        C.check(self.layout in ("auto", "ragged", "padded"), "parallel.layout", self.layout,
-                "must be auto, ragged or padded")
+        C.check(self.layout in ("auto", "ragged", "padded", "gather", "adaptive"), "parallel.layout", self.layout,
+                "must be auto, ragged, padded, gather or adaptive")
 
 
 @dataclass
