@@ -143,7 +143,8 @@ def interpret(summary: dict, records: list[dict]) -> dict[str, list[str]]:
                                 "where they sit." if L["image_purity"] - L["image_purity_shuffled"] > 0.1 else
                                 "an image's tokens are routed about as independently as their positions allow."))
         if L["kind"] == "soft":
-            notes["drops"].append(f"block {b}: soft MoE, so these do not apply: " + "; ".join(L["not_applicable"]) + ".")
+            notes["drops"].append(f"block {b}: soft MoE, so these do not apply: "
+                                  + "; ".join(L["not_applicable"]) + ".")
         elif not L["assignment_drop_rate"] and not L["token_drop_rate"]:
             cf = L["eval_capacity_factor"]
             notes["drops"].append(f"block {b}: no token dropped ("
