@@ -139,6 +139,7 @@ def test_token_choice_layer_summary_hand_computed():
     assert s["mi_position_bits"] == pytest.approx(0.0)  # every position sees both experts equally
     assert s["patch_mode_share"] == [0.5] * 4
     assert s["image_purity"] == 1.0  # each image's patches share one expert
+    assert s["cls_with_image_majority"] == 1.0 and s["mean_top_prob"] == 1.0
 
 
 def test_expert_choice_layer_untaken_token_is_dropped():

@@ -97,8 +97,9 @@ def interpret(summary: dict, records: list[dict]) -> dict[str, list[str]]:
             msg = (f"block {b}: expert {hi} takes the most {unit} ({_pct(share[hi])}), expert {lo} the least "
                    f"({_pct(share[lo])}); uniform is {_pct(1 / E)}, load CV {L['load_cv']:.2f}")
         notes["load"].append(msg + f". Router entropy {L['router_entropy_bits']:.2f} of {L['max_entropy_bits']:.2f} "
-                             "bits per token" + (" (confident routing)." if L["router_entropy_bits"] < 0.5 *
-                                                 L["max_entropy_bits"] else "."))
+                             f"bits per token, mean top router probability {L['mean_top_prob']:.2f}"
+                             + (" (confident routing)." if L["router_entropy_bits"] < 0.5 * L["max_entropy_bits"]
+                                else "."))
         demand = L["choice_share"]
         if max(abs(x - y) for x, y in zip(demand, share)) > 0.01:
             chose = ", ".join(f"expert {e} {_pct(x)}" for e, x in enumerate(demand))
@@ -124,8 +125,11 @@ def interpret(summary: dict, records: list[dict]) -> dict[str, list[str]]:
         if "cls_primary_share" in L:
             cs = L["cls_primary_share"]
             top = max(range(E), key=cs.__getitem__)
-            notes["expert-maps"].append(f"block {b}: the CLS token goes to expert {top} in {_pct(cs[top])} of the "
-                                        f"images.")
+            msg = f"block {b}: the CLS token goes to expert {top} in {_pct(cs[top])} of the images"
+            if "cls_with_image_majority" in L:
+                msg += (f"; in {_pct(L['cls_with_image_majority'])} of the images to the expert that most of the "
+                        f"image's patches go to")
+            notes["expert-maps"].append(msg + ".")
         if "patch_mode" in L:
             P_ = len(L["patch_mode"])
             counts = {e: L["patch_mode"].count(e) for e in set(L["patch_mode"])}

@@ -318,6 +318,7 @@ def summarize_layer(layer: LayerRouting, labels_B: torch.Tensor, num_classes: in
         "load_share": share.tolist(), "choice_share": expert_load(chosen).tolist(), "load_cv": load_cv(share),
         "load_entropy_bits": float(entropy_bits(share)),
         "max_entropy_bits": math.log2(E), "router_entropy_bits": router_entropy_bits(layer.probs.reshape(-1, E)),
+        "mean_top_prob": float(layer.probs.double().amax(-1).mean()),
         "class_expert": conditional(counts_CE).tolist(), "class_share": (counts_CE.sum(1) / counts_CE.sum()).tolist(),
         "mi_class_bits": mutual_information_bits(counts_CE),
         "class_entropy_bits": float(entropy_bits(counts_CE.sum(1))),
@@ -359,6 +360,10 @@ def summarize_layer(layer: LayerRouting, labels_B: torch.Tensor, num_classes: in
         s["mi_position_bits"] = mutual_information_bits(joint_counts(pos_T, patch_chosen, P))
         s["image_purity"] = image_purity(primary[:, num_prefix:], E)
         s["image_purity_shuffled"] = shuffled_image_purity(primary[:, num_prefix:], E)
+        if num_prefix > 0:  # does the CLS token go where most of its image's patches go?
+            counts_BE = torch.zeros(B, E, dtype=torch.float64).scatter_add_(
+                1, primary[:, num_prefix:].clamp_min(0), (primary[:, num_prefix:] >= 0).double())
+            s["cls_with_image_majority"] = float((primary[:, 0] == counts_BE.argmax(1)).double().mean())
         s["position_entropy_bits"] = math.log2(P)
         if not soft:
             s["patch_drop_rate"] = layer.dropped_BN()[:, num_prefix:].double().mean(0).tolist()
