@@ -109,8 +109,8 @@ def chromium():
                         "or password-less sudo): apt-get install chromium")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
-            subprocess.run(sudo + ["apt-get", "update", "-qq"], capture_output=True, timeout=300, env=env)
-            r = subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900,
+            subprocess.run(sudo + ["apt-get", "update", "-qq"], capture_output=True, timeout=120, env=env)
+            r = subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=300,
                                env=env)
         except subprocess.TimeoutExpired:
             pytest.skip("apt-get install chromium timed out")
