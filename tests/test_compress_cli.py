@@ -73,3 +73,21 @@ def test_dense_model_is_refused(tmp_path, capsys):
     create_model("vit_tiny_test").save_pretrained(tmp_path / "dense")
     code, _, err = _run(["compress", str(tmp_path / "dense"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "dense model" in err
+
+
+def test_table_sweep_writes_markdown_with_its_command(run_dir, tmp_path, capsys, monkeypatch):
+    from moevision.techniques.qmoe import sweep
+
+    monkeypatch.setattr(sweep, "variants", lambda E: [("RTN ternary", {"method": "rtn"}),
+                                                      ("prune", {"method": "prune", "keep": E - 1})])
+    capsys.readouterr()
+    table = tmp_path / "qmoe.md"
+    code, out, err = _run(["compress", str(run_dir), "--table", str(table), "--seeds", "2", "--calib-images", "16",
+                           "--test-subset", "32", "--timing-images", "8", "--no-progress"], capsys)
+    assert code == 0, err
+    text = table.read_text()
+    assert f"`moevision compress {run_dir} --table {table} --seeds 2 --calib-images 16 --test-subset 32" in text
+    rows = [line for line in text.splitlines() if line.startswith("| RTN") or line.startswith("| prune")]
+    assert [r.split(" | ")[1] for r in rows] == ["1", "2"]  # RTN needs no data: one run; prune: one per seed
+    raw = json.loads(table.with_suffix(".json").read_text())
+    assert len(raw["rows"]["prune"]) == 2 and raw["rows"]["prune"][1]["seed"] == 1

@@ -34,6 +34,37 @@ def test_dictionary_properties(d):
     assert d.log_probs[i] == pytest.approx(expect, rel=1e-12)
 
 
+def _naive_dictionary(p_zero, size, max_pairs):
+    """The spec's construction written plainly: push all 9 extensions of every popped sequence. Keys
+    come from the counts of (zero, zero), mixed and (nonzero, nonzero) pairs, as in the library, so that
+    equal probabilities tie exactly (ties pop in push order)."""
+    import heapq
+    import math
+
+    lp = (2 * math.log(p_zero), math.log(p_zero) + math.log((1 - p_zero) / 2), 2 * math.log((1 - p_zero) / 2))
+
+    def key(seq):
+        c = [sum((s % 3 != 0) + (s // 3 != 0) == k for s in seq) for k in range(3)]
+        return -(c[0] * lp[0] + c[1] * lp[1] + c[2] * lp[2])
+
+    heap, counter, out = [(0.0, 0, ())], 1, []
+    while heap and len(out) < size:
+        _, _, seq = heapq.heappop(heap)
+        if seq:
+            out.append(seq)
+        if len(seq) < max_pairs:
+            for s in range(9):
+                heapq.heappush(heap, (key(seq + (s,)), counter, seq + (s,)))
+                counter += 1
+    return out
+
+
+def test_dictionary_equals_the_plain_heap_construction():
+    for p0, size, max_pairs in ((0.885, 3000, 14), (0.6, 2000, 5)):
+        d = codec.build_dictionary(p0, size, max_pairs)
+        assert [d.sequence(i) for i in range(len(d))] == _naive_dictionary(p0, size, max_pairs)
+
+
 def test_packed_decode_table_hand_worked(d):
     # entry 0 = (0,): length 1 in bits 0..3 of both words, all pair fields zero
     assert d.table[0].tolist() == [1, 1]

@@ -143,8 +143,13 @@ def _cmd_compress(args) -> int:
     if args.table:
         from ..techniques.qmoe.sweep import sweep
 
+        command = f"moevision compress {run_dir} --table {args.table} --seeds {args.seeds}"
+        for flag, value, default in (("--calib-images", args.calib_images, 1024), ("--test-subset", args.test_subset, None),
+                                     ("--timing-images", args.timing_images, 1000), ("--device", args.device, "cpu")):
+            if value != default:
+                command += f" {flag} {value}"
         path = sweep(model, train, test, base=opts, seeds=args.seeds, evaluate=ev, device=device,
-                     out=args.table, source=str(run_dir), log=print, progress=not args.no_progress,
+                     out=args.table, command=command, log=print, progress=not args.no_progress,
                      timing_images=args.timing_images)
         print(f"\nwritten to {path}")
         return 0

@@ -62,33 +62,51 @@ class Dictionary:
 def build_dictionary(p_zero: float = P_ZERO, size: int = DICT_SIZE, max_pairs: int = MAX_PAIRS) -> Dictionary:
     """Heap construction of the spec (B4). A sequence's probability is p00^a p0x^b pxx^c for its counts
     of (zero, zero) pairs, mixed pairs and (nonzero, nonzero) pairs, so equal-probability sequences get
-    bit-identical keys; ties are popped in insertion order."""
+    bit-identical keys; ties are popped in insertion order (a global push counter).
+
+    Same pop order as pushing all 9 extensions of every popped sequence, with fewer pushes: the
+    extensions fall into 3 classes of equal probability (symbol 0; 1, 2, 3, 6; 4, 5, 7, 8) whose members
+    pop in counter order, so each class enters the heap as its first member and the next member is
+    pushed when one pops (its key and counter are what the full push would have given it)."""
     if not 0.0 < p_zero < 1.0:
         raise ConfigError(f"dictionary p_zero must be in (0, 1), got {p_zero}")
     if size > 2 ** 16:
         raise ConfigError(f"dictionary size must be <= 65536 (16-bit codewords), got {size}")
+    if not 1 <= max_pairs <= MAX_PAIRS:
+        raise ConfigError(f"dictionary max_pairs must be in [1, {MAX_PAIRS}] (the decode table's width), got {max_pairs}")
     p_nz = (1.0 - p_zero) / 2
     lp = (2 * math.log(p_zero), math.log(p_zero) + math.log(p_nz), 2 * math.log(p_nz))
-    kind = [(s % 3 != 0) + (s // 3 != 0) for s in range(9)]  # nonzero weights in pair symbol s
-    heap: list = [(-0.0, 0, ())]
-    counter = 1
-    seqs, logps = [], []
+    classes = ((0,), (1, 2, 3, 6), (4, 5, 7, 8))  # pair symbols by their number of nonzero weights
+    heap: list = []  # (-log p, counter, parent index (-1: empty sequence), class, position in class)
+    seqs: list[tuple[int, ...]] = []
+    logps: list[float] = []
+    counts: list[tuple[int, int, int]] = []
+    next_counter = 1  # the empty sequence took counter 0
+
+    def push_extensions(parent: int, cnt) -> None:
+        nonlocal next_counter
+        for k, syms in enumerate(classes):
+            c = list(cnt)
+            c[k] += 1
+            heapq.heappush(heap, (-(c[0] * lp[0] + c[1] * lp[1] + c[2] * lp[2]), next_counter + syms[0], parent, k, 0))
+        next_counter += 9
+
+    push_extensions(-1, (0, 0, 0))
     while heap and len(seqs) < size:
-        neg, _, seq = heapq.heappop(heap)
-        if seq:
-            seqs.append(seq)
-            logps.append(-neg)
+        neg, counter, parent, k, j = heapq.heappop(heap)
+        syms = classes[k]
+        if j + 1 < len(syms):
+            heapq.heappush(heap, (neg, counter - syms[j] + syms[j + 1], parent, k, j + 1))
+        seq = (seqs[parent] if parent >= 0 else ()) + (syms[j],)
+        c = list(counts[parent]) if parent >= 0 else [0, 0, 0]
+        c[k] += 1
+        seqs.append(seq)
+        logps.append(-neg)
+        counts.append((c[0], c[1], c[2]))
         if len(seq) < max_pairs:
-            counts = [0, 0, 0]
-            for s in seq:
-                counts[kind[s]] += 1
-            for s in range(9):
-                c = list(counts)
-                c[kind[s]] += 1
-                heapq.heappush(heap, (-(c[0] * lp[0] + c[1] * lp[1] + c[2] * lp[2]), counter, seq + (s,)))
-                counter += 1
+            push_extensions(len(seqs) - 1, c)
     n = len(seqs)
-    pairs = np.zeros((n, max_pairs), np.uint8)
+    pairs = np.zeros((n, MAX_PAIRS), np.uint8)
     lens = np.array([len(s) for s in seqs], np.int64)
     index = {}
     for i, s in enumerate(seqs):

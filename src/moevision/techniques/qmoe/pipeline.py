@@ -82,6 +82,9 @@ def compress(model: torch.nn.Module, calib: list[torch.Tensor], opts: CompressOp
             if opts.target_bits is None or stats["bits_per_expert_param"] <= opts.target_bits:
                 break
         info = {"layers": {n: r[1] for n, r in res.items()}, "zero_threshold": tau, **stats}
+        if q.bits == "ternary":
+            zeros = sum(int((r.codes == 0).sum()) for layer, _ in res.values() for r in layer.values())
+            info["zero_fraction"] = zeros / stats["expert_weight_entries"]
         if opts.target_bits is not None:
             info["target_met"] = stats["bits_per_expert_param"] <= opts.target_bits
         if q.bits == "ternary":  # what the other code layout would cost (the spec's row layout: offsets)
