@@ -89,7 +89,7 @@ def test_bench_moe_layer_writes_json(tmp_path, capsys):
     code, text, err = _run(["bench", "moe-layer", "--shapes", "tiny", "--repeats", "1", "--json", str(out)], capsys)
     assert code == 0, err
     rows = json.loads(out.read_text())["shapes"][0]["rows"]
-    assert [r["impl"] for r in rows] == ["dense (T*k tokens)", "loop", "einsum", "sorted", "padded", "grouped"]
+    assert [r["impl"] for r in rows] == ["dense (T*k tokens)", "loop", "einsum", "sorted", "padded", "grouped", "fused"]
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ratio"] > 0 for r in rows)
     code, _, err = _run(["bench", "moe-layer", "--shapes", "nope"], capsys)
     assert code == 2 and "matches no shape" in err
