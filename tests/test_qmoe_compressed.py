@@ -184,3 +184,32 @@ def test_cuda_decode_and_forward_match_the_cpu(bits):
         moe.impl = oracle.impl = impl
         assert torch.allclose(moe(x.cuda()).out.cpu(), want, atol=1e-4), impl
         assert torch.allclose(moe(x.cuda()).out, oracle(x.cuda()).out, atol=1e-5), impl
+
+
+def test_calibration_sees_training_images_only(monkeypatch):
+    """QMoE's hygiene: evaluation data never enters a Hessian (the test split is only evaluated)."""
+    from moevision.data import ImageDataset
+    from moevision.techniques.qmoe import calibrate, pipeline
+
+    def ds(value, n):
+        return ImageDataset(torch.full((n, 1, 16, 16), value, dtype=torch.uint8), torch.arange(n) % 4, 4,
+                            ("a", "b", "c", "d"), "hand", (0.5,), (0.25,))
+    train, test = ds(10, 40), ds(200, 24)
+    seen = []
+    real = calibrate.gather_expert_inputs
+
+    def spy(model, moe, batches):
+        batches = list(batches)
+        seen.extend(b.unique().tolist() for b in batches)
+        return real(model, moe, batches)
+    monkeypatch.setattr(calibrate, "gather_expert_inputs", spy)
+    evaluated = []
+
+    def evaluate(m, d):
+        evaluated.append(d.images.unique().tolist())
+        return {"accuracy": 0.0, "loss": 0.0}
+    pipeline.run(_tiny_model(), train, test, pipeline.CompressOptions(calib_images=16, batch_size=8),
+                 evaluate=evaluate, timing_images=4)
+    train_value = (10 / 255 - 0.5) / 0.25
+    assert seen and all(v == [pytest.approx(train_value)] for v in seen)
+    assert evaluated == [[200], [200]]  # before and after, on the test split
