@@ -142,7 +142,8 @@ class TopKRouter(_LinearRouter):
         gates = top_v
         if self.normalize_topk and not self.normalize_after_drop:
             gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
-        gates = gates * kept
+        if capacity is not None:  # dropless keeps everything: no multiply by an all-true mask
+            gates = gates * kept
         if self.normalize_topk and self.normalize_after_drop:
             gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
 
@@ -158,9 +159,12 @@ class TopKRouter(_LinearRouter):
             aux_losses["z"] = L.z_loss(logits)
         aux = sum((self.weights[k] * v for k, v in aux_losses.items()), logits.new_zeros(()))
 
-        token = (torch.arange(S, device=x_GSD.device).view(1, S, 1) + _group_offsets(G, S, x_GSD.device).view(G, 1, 1))
+        # assignments are token-major over the flattened G*S tokens: assignment a is token a // K
+        token_idx = torch.arange(G * S * K, device=x_GSD.device)
+        if K > 1:
+            token_idx = torch.div(token_idx, K, rounding_mode="floor")
         return RoutingPlan(
-            token_idx=token.expand(G, S, K).reshape(-1),
+            token_idx=token_idx,
             expert_idx=top_i.reshape(-1),
             gates=gates.reshape(-1).to(x_GSD.dtype),
             kept=kept.reshape(-1),
