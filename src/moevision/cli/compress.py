@@ -88,6 +88,7 @@ def register(sub) -> dict:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--table", default=None, metavar="PATH", help="run the standard variants and write a Markdown table")
     ev.add_argument("--seeds", type=int, default=3, help="calibration seeds per variant with --table (3)")
+    ev.add_argument("--note", default=None, help="with --table: a sentence on where the model came from, put in the doc")
     return {"compress": _cmd_compress}
 
 
@@ -148,8 +149,10 @@ def _cmd_compress(args) -> int:
                                      ("--timing-images", args.timing_images, 1000), ("--device", args.device, "cpu")):
             if value != default:
                 command += f" {flag} {value}"
+        if args.note:
+            command += f" --note '{args.note}'"
         path = sweep(model, train, test, base=opts, seeds=args.seeds, evaluate=ev, device=device,
-                     out=args.table, command=command, log=print, progress=not args.no_progress,
+                     out=args.table, command=command, note=args.note, log=print, progress=not args.no_progress,
                      timing_images=args.timing_images)
         print(f"\nwritten to {path}")
         return 0

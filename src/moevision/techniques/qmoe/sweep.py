@@ -42,6 +42,11 @@ def variants(num_experts: int) -> list[tuple[str, dict]]:
     ]
 
 
+# (GPTQ row, RTN row) at equal storage, by position in ``variants``
+COMPARISONS = ((0, 1), (3, 4), (5, 6))
+TARGET_BITS, TARGET_POINTS = 1.0, 0.5
+
+
 def _apply(base: CompressOptions, overrides: dict, seed: int) -> CompressOptions:
     o = replace(base, qmoe=replace(base.qmoe), seed=seed)
     for k, v in overrides.items():
@@ -60,7 +65,8 @@ def _ms(v: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def sweep(model: torch.nn.Module, train, test, *, base: CompressOptions, seeds: int, evaluate: Callable,
-          device, out: str | Path, command: str, log: Callable[[str], None] = print, progress: bool = True,
+          device, out: str | Path, command: str, note: str | None = None, log: Callable[[str], None] = print,
+          progress: bool = True,
           timing_images: int = 1000) -> Path:
     E = model.config.num_experts
     before = evaluate(model, test)
@@ -84,13 +90,14 @@ def sweep(model: torch.nn.Module, train, test, *, base: CompressOptions, seeds: 
         rows.append((label, by_label[label]))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_markdown(model, before, rows, base, seeds, command, path.parent))
+    path.write_text(_markdown(model, before, rows, base, seeds, command, path.parent, note))
     raw = path.with_suffix(".json")
     raw.write_text(json.dumps({"uncompressed": before, "rows": {l: r for l, r in rows}}, indent=1, default=str) + "\n")
     return path
 
 
-def _markdown(model, before, rows, base: CompressOptions, seeds: int, command: str, path_dir: Path) -> str:
+def _markdown(model, before, rows, base: CompressOptions, seeds: int, command: str, path_dir: Path,
+              note: str | None = None) -> str:
     cfg = model.config
     r0 = rows[0][1][0]
     E, D = cfg.num_experts, cfg.embed_dim
@@ -106,32 +113,42 @@ def _markdown(model, before, rows, base: CompressOptions, seeds: int, command: s
         f"{100 * before['accuracy']:.2f}% (one trained model: the spread below is over calibration sets, "
         f"not over training seeds). torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s) "
         f"({platform.machine()}); times are per image at batch {base.batch_size}, medians of interleaved runs "
-        "on a shared machine, so treat them as rough.", "",
+        "on a shared machine, so treat them as rough." + (f" {note}" if note else ""), "",
         "Bits per expert parameter count everything stored for the experts (codewords and offsets, per-row "
         "grids, biases) over all expert parameters (weights and biases). Pruned / merged models keep fp32 "
         "experts: their figure is 32 x (experts left / experts before).", "",
         "| variant | runs | bits / expert param | same, spec row layout | zero threshold | zero weights % "
-        "| experts: bf16 bytes / stored | checkpoint KiB | test acc. % | Δ acc. (points) "
+        "| experts: bf16 bytes / stored | checkpoint KiB | test acc. % | Δ acc. (points) | test loss "
         "| ms / image (orig -> new) | decode all experts, ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mean = statistics.mean
     for label, reps in rows:
-        bits = [r["bits_per_expert_param"] for r in reps]
-        alt = [r.get("bits_per_expert_param_row") for r in reps]
-        ratio = [r["expert_bytes_bf16"] / r["expert_bytes"] for r in reps]
-        acc = [r["accuracy_after"] for r in reps]
+        col = lambda k: [r[k] for r in reps if r.get(k) is not None]  # noqa: E731
+        alt = col("bits_per_expert_param_row")
+        tau = col("zero_threshold") if reps[0].get("bits") == "ternary" else []
+        zf = col("zero_fraction")
         delta = [r["accuracy_after"] - r["accuracy_before"] for r in reps]
-        t0 = statistics.mean(r["ms_per_image_before"] for r in reps)
-        t1 = statistics.mean(r["ms_per_image_after"] for r in reps)
-        ckpt = statistics.mean(r["checkpoint_bytes"] for r in reps) / 1024
-        dec = statistics.mean(r["decode_ms_all_experts"] for r in reps)
-        tau = [r["zero_threshold"] for r in reps if r.get("zero_threshold") is not None and r.get("bits") == "ternary"]
-        zf = [r["zero_fraction"] for r in reps if "zero_fraction" in r]
         lines.append(
-            f"| {label} | {len(reps)} | {_ms(bits, digits=3)} | {_ms(alt, digits=3) if alt[0] is not None else '-'} "
-            f"| {_ms(tau) if tau else '-'} | {_ms(zf, 100, 1) if zf else '-'} "
-            f"| {statistics.mean(ratio):.2f} | {ckpt:.0f} | {_ms(acc, 100)} | {_ms(delta, 100)} "
-            f"| {t0:.3f} -> {t1:.3f} | {dec:.2f} |")
+            f"| {label} | {len(reps)} | {_ms(col('bits_per_expert_param'), digits=3)} "
+            f"| {_ms(alt, digits=3) if alt else '-'} | {_ms(tau) if tau else '-'} | {_ms(zf, 100, 1) if zf else '-'} "
+            f"| {mean(r['expert_bytes_bf16'] / r['expert_bytes'] for r in reps):.2f} "
+            f"| {mean(col('checkpoint_bytes')) / 1024:.0f} | {_ms(col('accuracy_after'), 100)} | {_ms(delta, 100)} "
+            f"| {_ms(col('loss_after'), digits=4)} | {mean(col('ms_per_image_before')):.3f} -> "
+            f"{mean(col('ms_per_image_after')):.3f} | {mean(col('decode_ms_all_experts')):.2f} |")
+    lines += ["", f"Uncompressed: test accuracy {100 * before['accuracy']:.2f}%, test loss {before['loss']:.4f}.", ""]
+    met = [label for label, reps in rows
+           if mean(r["bits_per_expert_param"] for r in reps) <= TARGET_BITS
+           and mean(r["accuracy_after"] - r["accuracy_before"] for r in reps) >= -TARGET_POINTS / 100]
+    lines += [f"Target of the issue (<= {TARGET_BITS} bit per expert parameter, codes plus metadata, with <= "
+              f"{TARGET_POINTS} point accuracy loss; means over seeds): "
+              + ("met by " + "; ".join(f"*{m}*" for m in met) if met else "met by no row") + ".", ""]
+    for i, j in COMPARISONS:
+        if max(i, j) < len(rows) and rows[i][0].startswith("QMoE") and rows[j][0].startswith("RTN"):
+            (la, ra), (lb, rb) = rows[i], rows[j]
+            lines.append(f"- {la} vs {lb}: test loss {mean(r['loss_after'] for r in ra):.4f} vs "
+                         f"{mean(r['loss_after'] for r in rb):.4f}, accuracy {100 * mean(r['accuracy_after'] for r in ra):.2f}% "
+                         f"vs {100 * mean(r['accuracy_after'] for r in rb):.2f}%.")
     lines += ["", f"Checkpoint sizes: the uncompressed model is {r0['checkpoint_bytes_fp32'] / 1024:.0f} KiB in fp32 and "
               f"{r0['checkpoint_bytes_bf16'] / 1024:.0f} KiB in bf16; compressed checkpoints keep the non-expert "
               f"weights in {base.dense_dtype}, so at this size they are dominated by the dense part.", ""]
