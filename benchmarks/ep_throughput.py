@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -101,7 +102,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "docs/results/distributed_throughput.md"))
     args = p.parse_args()
+    load0 = os.getloadavg()[0]
     rows = measure(args)
+    load1 = os.getloadavg()[0]
     cmd = f"python benchmarks/ep_throughput.py --tokens {args.tokens} --iters {args.iters} --repeats {args.repeats}"
     lines = [
         "# Expert-parallel MoE layer throughput on gloo (CPU)", "",
@@ -117,9 +120,11 @@ def main() -> None:
         for r in (r for r in rows if r["mode"] == mode):
             lines.append(f"| {mode} | {r['ranks']} x {r['threads']} | {r['path']} | {1000 * r['seconds']:.1f} | "
                          f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
-    lines += ["", "The machine has 2 CPU cores, shared with other jobs: 2 ranks can at best double the 1-thread "
-              "throughput, and 4 ranks oversubscribe the cores (every rank also spins in gloo's collectives), so "
-              "these numbers measure overhead, not scaling. torch " + torch.__version__ + ".", ""]
+    lines += ["", f"The machine has {os.cpu_count()} CPU cores, shared with other jobs (1-minute load average "
+              f"{load0:.1f} before and {load1:.1f} after this run): 2 ranks can at best double the 1-thread "
+              "throughput of an idle machine, and 4 ranks oversubscribe the cores (every rank also spins in gloo's "
+              "collectives), so on this machine these numbers measure overhead, not scaling. torch "
+              + torch.__version__ + ".", ""]
     Path(args.out).write_text("\n".join(lines))
     print(f"written to {args.out}")
 

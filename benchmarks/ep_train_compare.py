@@ -84,7 +84,8 @@ def main() -> None:
         lines.append(f"| {label} | {ms([100 * s['test_accuracy'] for s in ss], '{:.2f}')}% | "
                      f"{ms([s['test_loss'] for s in ss], '{:.4f}')} | {ms([s['images_per_s'] for s in ss], '{:.0f}')} | "
                      f"{ms([s['wall'] for s in ss], '{:.0f}')} |")
-    lines += ["", f"Hardware: {args.cores} CPU cores shared with other jobs (timings are indicative only); "
+    lines += ["", f"Threads: {args.cores} in total for 1 process, max(1, {args.cores} / W) per rank, on a 2-core machine "
+              "shared with other jobs (load average above 10 during these runs): the timings are indicative only. "
               "torch " + __import__("torch").__version__ + ".", ""]
     Path(args.out).write_text("\n".join(lines))
     print(f"written to {args.out}")

@@ -302,16 +302,17 @@ def test_parallel_config_errors():
 
 @pytest.mark.slow
 def test_torchrun_fashion_mnist_two_ranks_matches_one(tmp_path):
-    """A short Fashion-MNIST run (10k training images, 2 epochs) on 1 process and on 2 torchrun ranks
-    with ep=2 lands in the same accuracy band."""
+    """A short Fashion-MNIST run (6k training images, 2 epochs, recipe fmnist_moe) on 1 process and on
+    2 torchrun ranks with ep=2 lands in the same accuracy band (measured over 2 seeds:
+    docs/results/distributed_fmnist.md, 83.1 +- 0.9% vs 82.5 +- 0.3%)."""
     from moevision.data import find_fashion_mnist
 
     try:
         find_fashion_mnist(None)
     except Exception:
         pytest.skip("Fashion-MNIST not installed")
-    sets = ["--set", "data.train_subset=10000", "--set", "train.epochs=2", "--set", "train.num_threads=1",
-            "--set", "train.device=cpu", "--no-progress"]
+    sets = ["--set", "data.train_subset=6000", "--set", "train.epochs=2", "--set", "train.eval_every=2",
+            "--set", "train.num_threads=1", "--set", "train.device=cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -321,8 +322,8 @@ def test_torchrun_fashion_mnist_two_ranks_matches_one(tmp_path):
                     "train", "--out", str(tmp_path / "two"), *sets, "--set", "parallel.ep=2"], check=True, env=env)
     one = json.loads((tmp_path / "one" / "summary.json").read_text())["test_accuracy"]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())["test_accuracy"]
-    assert one > 0.8 and two > 0.8
-    assert abs(one - two) < 0.02, (one, two)
+    assert one > 0.78 and two > 0.78  # 10 classes: chance is 0.1
+    assert abs(one - two) < 0.03, (one, two)
 
 
 def test_adaptive_rule_prefers_moving_the_smaller_tensor():

@@ -347,7 +347,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                            images_seen=step * bs, device=device)
     summary["epochs"] = round(step / steps_per_epoch, 3)
     summary["wall_seconds"] = round(prior_wall + time.perf_counter() - wall_start, 2)
-    if par.world_size > 1:
+    if getattr(par, "mesh", None) is not None:  # launched by torchrun (world size 1 included)
         summary["world_size"], summary["ep"] = par.world_size, par.mesh.ep
     if par.is_main:
         atomic_write(run_dir / SUMMARY_NAME, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
