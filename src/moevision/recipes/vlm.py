@@ -19,11 +19,13 @@ def vlm_moe_easyvqa() -> VLMRunConfig:
     """MoE-LLaVA miniature: ViT (64x64, patch 8, d=64, 3 blocks, frozen after attribute pre-training;
     16 pooled image tokens) -> mlp2x_gelu projector -> LM d=128, 2 layers, SwiGLU 256; stage III
     upcycles layer 0 to E=4 top-2 MoE (capacity 1.5/2.0, Switch loss 0.01). Data: easy-VQA train
-    (38.6k questions) + ShapeWorld (2,000 images, ~9k questions). Stages: vision 2 ep, LM text 2 ep,
+    (38.6k questions) + ShapeWorld (2,000 images, ~9k questions). Stages: vision 6 ep, LM text 2 ep,
     I 1 ep, II 0.5 ep, III 0.5 ep; evaluation on 2,000 easy-VQA test questions and ShapeWorld probes.
 
-    Cost (torch 2.13 CPU, fp32, 1 thread): about 0.15 s per stage-III step of 64 questions, about
-    3 CPU-minutes per run. Results over 3 seeds: docs/results/vlm.md (``moevision vlm-results``).
+    Measured (torch 2.13 CPU, fp32, 1 niced thread of a shared 2-core Xeon, seed 0): about 5 minutes of
+    training (vision 117 s, LM 30 s, I 15 s, II 72 s, III 70 s) plus about 1 minute of evaluation;
+    easy-VQA test 82.6% (colour 100%, shape 68%, yes/no 82%); the ShapeWorld probes stay at chance at
+    this training length. Over 3 seeds, with the dense twin: docs/results/vlm.md (``moevision vlm-results``).
     """
     return _vlm("moe_vlm_easyvqa")
 
@@ -31,7 +33,8 @@ def vlm_moe_easyvqa() -> VLMRunConfig:
 @register_recipe
 def vlm_dense_easyvqa() -> VLMRunConfig:
     """Dense twin of ``vlm_moe_easyvqa``: identical stages, data and steps; stage III keeps the dense
-    FFNs and trains the same parameter set (every FFN). Results: docs/results/vlm.md."""
+    FFNs and trains the same parameter set (every FFN). Seed 0: easy-VQA test 82.9% in about the same
+    time. Results over 3 seeds: docs/results/vlm.md."""
     return _vlm("vlm_easyvqa")
 
 

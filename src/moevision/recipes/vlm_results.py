@@ -115,6 +115,19 @@ def _markdown(variants, results, seeds, overrides, seconds) -> str:
                  f"| {m('shapeworld', 'per_type', 'count')} | {m('shapeworld', 'per_type', 'spatial')} "
                  f"| {m('shapeworld', 'per_type', 'exist')} | {pope} | {m('pope', 'adversarial', 'yes_ratio')} "
                  f"| {m('mmbench', 'circular')} | {m('mmbench', 'vanilla')} | {m('mmstar', 'mg')} | {m('mmstar', 'ml')} |")
+    if "vlm_dense_easyvqa" in results and len(results) > 1:
+        dense = results["vlm_dense_easyvqa"]
+        L += ["", "Paired by seed (same stages up to II), each model minus the dense twin, in points:", ""]
+        for label, name in variants:
+            if name == "vlm_dense_easyvqa" or not results[name]:
+                continue
+            parts = []
+            for what, keys in (("easy-VQA", ("easy_vqa", "accuracy")), ("POPE F1 (mean of splits)", ("pope_f1_mean",)),
+                               ("CircularEval", ("mmbench", "circular")), ("ShapeWorld count", ("shapeworld", "per_type", "count"))):
+                d = [_get(r, *keys) - _get(b, *keys) for r, b in zip(results[name], dense)]
+                wins = sum(x > 0 for x in d)
+                parts.append(f"{what} {_ms(d, 2)} ({wins}/{len(d)} seeds better)")
+            L.append(f"- {label}: " + "; ".join(parts))
     L += ["", "Stage-III training time per run (s): " + ", ".join(
         f"{name} {_ms([r['stages']['3']['seconds'] for r in results[name]], 0)}" for _, name in variants if results[name]),
         "", "## Which experts do image and text tokens use?", "",
@@ -147,7 +160,7 @@ SETUP = """\
   tokens), mlp2x_gelu projector, LM d=128, 2 layers, 4 heads, SwiGLU 256, RMSNorm, RoPE; "sparse" MoE
   placement = layer 0 (E=4 SwiGLU experts, top-2, capacity 1.5 train / 2.0 eval, Switch loss 0.01).
 - Stages (each trains exactly `stage_parameters`): vision attribute pre-training (stand-in for CLIP,
-  2 epochs), text-only LM pre-training (stand-in for the LLM, 2 epochs), I projector (captions, 1 epoch),
+  6 epochs), text-only LM pre-training (stand-in for the LLM, 2 epochs), I projector (captions, 1 epoch),
   II projector + LM (VQA mixture, 0.5 epoch), III FFNs/experts + routers (`all_ffn`, 0.5 epoch). The
   paper's stage-III data differ from stage II's; here both use the same mixture.
 - MMStar: S_v = with the image, S_wv = the same model without it, S_t = the LM after text-only

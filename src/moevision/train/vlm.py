@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import config as C
-from ..models import create_model, from_pretrained
+from ..models import from_pretrained
 from ..models.tokenizer import WordTokenizer
-from ..models.vlm import IGNORE, VisionLanguageModel, VLMConfig, set_stage, upcycle
+from ..models.vlm import IGNORE, VisionLanguageModel, VLMConfig, set_stage, upcycle, vlm_moe_layers
 from ..utils import atomic_write
 
 STAGES = ("vision", "lm", "1", "2", "3")
@@ -71,7 +71,7 @@ class VLMTrainConfig:
     device: str = "cpu"
     num_threads: int | None = None
     # epochs (fractions allowed) and peak learning rate per stage
-    vision_epochs: float = 2.0
+    vision_epochs: float = 6.0
     vision_lr: float = 2e-3
     lm_epochs: float = 2.0
     lm_lr: float = 2e-3
@@ -321,7 +321,7 @@ def fit_vlm(cfg: VLMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         write_run_config(cfg, run_dir)
     prog_path = run_dir / "stages" / "progress.json"
     done = json.loads(prog_path.read_text()) if (resume and prog_path.is_file()) else {}
-    final_moe = bool(create_model(cfg.model_name, **cfg.model.to_dict()).moe_layers)
+    final_moe = bool(vlm_moe_layers(cfg.model.moe_layers, cfg.model.depth))
     torch.manual_seed(tc.seed)
     dense_cfg = {**cfg.model.to_dict(), "moe_layers": "none"}
     model = VisionLanguageModel(VLMConfig.from_dict(dense_cfg)).to(dev)
