@@ -2,12 +2,13 @@
 
     python benchmarks/ep_smoke.py [--out results.json]
 
-A one-rank NCCL process group runs the real path: ``shard_experts(..., force=True)`` (a 1-rank EP
-group), the count exchange, the autograd all-to-all, the padded all-reduce MAX, the gradient reduction
-and the gathered checkpoint. Checks, for the ragged (dropless), padded (capacity) and gather layouts:
-outputs and gradients equal the local ``sorted`` layer in float32; then times forward + backward
-of both in bfloat16 (tokens/s); then trains 30 steps of the tiny MoE ViT through ``fit`` under the
-same process group (parallel.ep=1) and reloads its model directory. Without CUDA it runs on gloo/CPU
+A one-rank NCCL process group runs the real layer path: ``shard_experts(..., force=True)`` (a 1-rank
+EP group), the count exchange, the autograd all-to-all, the padded all-reduce MAX and the weight
+all-gather. Checks, for the ragged (dropless), padded (capacity) and gather layouts: outputs and
+gradients equal the local ``sorted`` layer in float32; then times forward + backward of both in
+bfloat16 (tokens/s); then trains 30 steps of the tiny MoE ViT through ``fit`` under the same process
+group (parallel.ep=1: gradient all-reduce, distributed checkpoint, rank-0 writes) and reloads its
+model directory. Without CUDA it runs on gloo/CPU
 at a smaller size. Exit status 0 when every check passes.
 """
 

@@ -13,7 +13,6 @@ of ``--iters`` steps after warm-up, every rank synchronised by a barrier.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics

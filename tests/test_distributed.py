@@ -207,7 +207,7 @@ def test_checkpoint_4_ranks_to_2_and_1_and_training_equals_single_process(worlds
             got.update(load_file(str(run.parent / f"logits_w{W}_r{r}.safetensors")))
         assert sorted(got) == [f"chunk{i}" for i in range(4)]
         for i in range(4):
-            torch.testing.assert_close(got[f"chunk{i}"], want[i], atol=1e-5, rtol=0, msg=f"{W} ranks chunk {i}")
+            torch.testing.assert_close(got[f"chunk{i}"], want[i], atol=1e-6, rtol=0, msg=f"{W} ranks chunk {i}")
 
     # 4 ranks to step 3 then 2 ranks to step 6 == one process for 6 steps; and one process resumed
     # from the 4-rank checkpoint lands there too
@@ -223,8 +223,9 @@ def test_checkpoint_4_ranks_to_2_and_1_and_training_equals_single_process(worlds
     load_checkpoint(solo / "checkpoint.safetensors", model=c, restore_rng=False)
     assert st["step"] == 6 and st["world_size"] == 2
     for (k, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
-        torch.testing.assert_close(pb, pa, atol=2e-4, rtol=0, msg=f"2-rank resume vs single: {k}")
-        torch.testing.assert_close(pc, pa, atol=2e-4, rtol=0, msg=f"1-rank resume vs single: {k}")
+        # measured 1.2e-5 (fp32 sums in another order); an AdamW sign flip would show as ~lr = 3e-3
+        torch.testing.assert_close(pb, pa, atol=1e-4, rtol=0, msg=f"2-rank resume vs single: {k}")
+        torch.testing.assert_close(pc, pa, atol=1e-4, rtol=0, msg=f"1-rank resume vs single: {k}")
     # model/ holds the full model (8 experts), equal to the final checkpoint
     m = from_pretrained(run / "model")
     assert m.blocks[1].mlp.experts.w1.shape[0] == 8

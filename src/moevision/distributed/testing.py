@@ -113,3 +113,6 @@ class GlooWorld:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        for q in self._tasks + [self._results]:
+            q.close()
+            q.join_thread()

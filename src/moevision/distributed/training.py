@@ -13,11 +13,6 @@ group. Grads are reduced in one flat bucket per group after ``backward`` (no ove
 
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
