@@ -110,7 +110,8 @@ def _cmd_train(args) -> int:
         cfg = read_run_config(run_dir)
         for key, value in overrides:  # a checkpoint loads at any world size: the layout may change
             C.set_by_path(cfg, key, value)
-        if not launched() and cfg.parallel.ep > 1 and "parallel.ep" not in dict(overrides):
+        if not launched() and getattr(cfg, "parallel", None) is not None and cfg.parallel.ep > 1 \
+                and "parallel.ep" not in dict(overrides):
             say(f"note: the run used parallel.ep={cfg.parallel.ep}; resuming it on this one process (parallel.ep=1)")
             cfg.parallel.ep = 1
         if not ((run_dir / "checkpoint.safetensors").is_file() or (run_dir / "stages" / "progress.json").is_file()):
