@@ -118,7 +118,9 @@ def test_compressed_checkpoint_round_trip(tmp_path, bits):
     res = quantize_model(work, lambda: _batches(2), cfg)
     comp = compress_model(work, res, cfg)
     x = _batches(1, 8)[0]
-    assert torch.equal(comp(x).logits, work(x).logits)  # compressed == the model holding dequantised weights
+    # compressed == the model holding dequantised weights (to rounding: the dense model's experts take the
+    # fused grouped-GEMM path, the compressed ones decode per expert)
+    torch.testing.assert_close(comp(x).logits, work(x).logits, rtol=1e-5, atol=1e-6)
     stats = compression_stats(comp)
     assert stats["expert_params"] == 4 * (32 * 64 * 2 + 64 + 32)
     save_compressed(comp, tmp_path / "c", cfg)
