@@ -121,3 +121,27 @@ def test_assemble_drops_stitches_and_concatenates_module_state():
     torch.testing.assert_close(assembled.eval()(x).logits, student.eval()(x).logits)
     with pytest.raises(ConfigError, match="same number of modules"):
         m2mkd(teacher, meta, student, train, teacher_sizes=[2, 2], student_sizes=[4])
+
+
+def test_meta_from_teacher_takes_the_teachers_blocks_and_ends():
+    from moevision.techniques.m2mkd import hybrid_accuracy, meta_from_teacher
+
+    teacher = _vit(depth=4)
+    meta = meta_from_teacher(teacher, [2, 2])
+    assert meta.config.depth == 2
+    t, m = teacher.state_dict(), meta.state_dict()
+    for j, b in enumerate((1, 3)):  # the last block of each module
+        assert all(torch.equal(m[f"blocks.{j}.{k}"], v) for k, v in teacher.blocks[b].state_dict().items())
+    assert all(torch.equal(m[k], t[k]) for k in m if not k.startswith("blocks."))
+    first = meta_from_teacher(teacher, [2, 2], pick="first")
+    assert torch.equal(first.blocks[1].mlp.fc1.weight, teacher.blocks[2].mlp.fc1.weight)
+    # a teacher hybrid with the first module in place is the meta model with blocks 0, 1, 3
+    x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    segs = split_model(teacher, [2, 2])
+    t0m1 = [segs[0], split_model(meta, [1, 1])[1]]
+    ref = mv.create_model("vit_tiny_test", depth=3).eval()
+    ref.load_state_dict({**{k: v for k, v in t.items() if not k.startswith("blocks.")},
+                         **{f"blocks.{j}.{k}": v for j, b in enumerate((0, 1, 3))
+                            for k, v in teacher.blocks[b].state_dict().items()}})
+    torch.testing.assert_close(run_segments(t0m1, x)[0], ref(x).logits)
+    assert hybrid_accuracy(t0m1, x, y) == float((ref(x).logits.argmax(-1) == y).float().mean())

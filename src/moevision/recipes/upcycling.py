@@ -57,6 +57,7 @@ class Settings:
     clip_router_lr: float = 1e-3
     # (d) m2mKD vs end-to-end MoE training: teacher = the (a) parent, meta model = its 2-block twin
     m2m_subset: int = 5000
+    m2m_indep_row: bool = True  # also m2mKD with an independently trained meta model (meta_steps steps)
     meta_steps: int = 400
     student_overrides: dict = field(default_factory=lambda: dict(STUDENT))
     kd_epochs: int = 1
@@ -294,35 +295,50 @@ def job_meta(S: Settings, seed: int, work: Path) -> dict[str, Any]:
 
 
 def job_m2m(S: Settings, seed: int, work: Path, *, arm: str) -> dict[str, Any]:
-    """Table (d): ``arm`` in m2mkd (module distillation, assembly, end-to-end) or scratch."""
+    """Table (d): ``arm`` in scratch, m2mkd (meta model = the teacher's own blocks, ``meta_from_teacher``)
+    or m2mkd_indep (the independently trained meta model of ``job_meta``)."""
     import torch
 
+    from ..data import normalize
     from ..models import VisionTransformer, from_pretrained
-    from ..techniques.m2mkd import m2mkd
+    from ..techniques.m2mkd import (assemble_student, distill_module, hybrid_accuracy, meta_from_teacher,
+                                    split_model, student_modules)
     from ..train.engine import evaluate, load_data
 
     if arm == "scratch":
         return _quiet_fit(student_config(S, seed, epochs=S.kd_epochs + S.e2e_epochs, lr=S.scratch_lr),
                           work / f"m2m_scratch_s{seed}")
     t0 = time.perf_counter()
-    teacher = from_pretrained(work / "parent" / "model")
-    meta = from_pretrained(work / "meta" / "model")
+    teacher = from_pretrained(work / "parent" / "model").eval()
     e2e = student_config(S, seed, epochs=S.e2e_epochs, lr=S.e2e_lr, warmup=0.0)
     train, test = load_data(e2e)  # the same training subset as the scratch run of this seed
+    half = teacher.config.depth // 2
+    t_sizes = [half, teacher.config.depth - half]
+    meta = meta_from_teacher(teacher, t_sizes) if arm == "m2mkd" else from_pretrained(work / "meta" / "model")
+    probe = test.subset(min(1000, len(test)), seed=0)  # diagnostics: hybrids on 1000 test images
+    px, py = normalize(probe.float_images(), probe.mean, probe.std), probe.labels
+    t_segs, m_segs = split_model(teacher, t_sizes), split_model(meta, [1, 1])
+    teacher_hybrids = [hybrid_accuracy([t_segs[0], m_segs[1]], px, py), hybrid_accuracy([m_segs[0], t_segs[1]], px, py)]
     torch.manual_seed(seed)
     student = VisionTransformer(e2e.model)
-    half_t, half_s = teacher.config.depth // 2, student.config.depth // 2
-    assembled = m2mkd(teacher, meta, student, train, teacher_sizes=[half_t, teacher.config.depth - half_t],
-                      student_sizes=[half_s, student.config.depth - half_s], epochs=S.kd_epochs, lr=S.kd_lr,
-                      batch_size=S.batch_size, augment="flip", seed=seed)
+    s_half = student.config.depth // 2
+    mods = student_modules(student, [s_half, student.config.depth - s_half], meta.config.embed_dim)
+    for i, mod in enumerate(mods):
+        distill_module(i, teacher=teacher, meta=meta, module=mod, teacher_sizes=t_sizes, train=train,
+                       epochs=S.kd_epochs, lr=S.kd_lr, batch_size=S.batch_size, augment="flip", seed=seed)
+    m_segs = split_model(meta, [1, 1])
+    student_hybrids = [hybrid_accuracy([mods[0], m_segs[1]], px, py), hybrid_accuracy([m_segs[0], mods[1]], px, py)]
+    assembled = assemble_student(student.config, mods)
     kd_seconds = time.perf_counter() - t0
     acc_assembled = evaluate(assembled, test)["accuracy"]
-    init = work / f"m2m_kd_s{seed}_assembled"
+    init = work / f"m2m_{arm}_s{seed}_assembled"
     assembled.save_pretrained(init)
     e2e.train.init_from = str(init)
-    out = _quiet_fit(e2e, work / f"m2m_kd_s{seed}")
+    out = _quiet_fit(e2e, work / f"m2m_{arm}_s{seed}")
     out["wall_seconds"] = round(out["wall_seconds"] + kd_seconds, 2)
-    return {**out, "accuracy_after_module_kd": acc_assembled, "kd_seconds": round(kd_seconds, 2)}
+    return {**out, "accuracy_after_module_kd": acc_assembled, "kd_seconds": round(kd_seconds, 2),
+            "teacher_hybrid_accuracy": teacher_hybrids, "student_hybrid_accuracy": student_hybrids,
+            "meta_accuracy": hybrid_accuracy(m_segs, px, py), "teacher_accuracy": hybrid_accuracy(t_segs, px, py)}
 
 
 JOB_FUNCS = {"parent": job_parent, "own": job_own, "dino": job_dino, "clip": job_clip, "meta": job_meta,

@@ -13,6 +13,7 @@ Procedure ([V] kamanphoebe/m2mKD):
    hybrid's logits: ``L = (1 - alpha) CE(z_S, y) + alpha tau^2 KL(softmax(z_T/tau) || softmax(z_S/tau))``
    with the KL summed and divided by ``z_S.numel()`` (DeiT's normalisation); alpha = 0.5, tau = 1.0 [V].
    Meta model and teacher run frozen; only S~_i (with its stitches) is trained.
+   ``meta_from_teacher`` builds the meta model from the teacher's own blocks instead (see its deviation note).
 3. ``assemble_student`` loads the student modules (stitches dropped) into the full student, which is then
    trained end to end (``moevision.train.fit`` with ``train.init_from``).
 
@@ -202,6 +203,42 @@ def assemble_student(config, modules: Sequence[StudentModule]) -> VisionTransfor
     return model
 
 
+def meta_from_teacher(teacher: VisionTransformer, sizes: Sequence[int], pick: str = "last") -> VisionTransformer:
+    """A meta model with one block per module taken from the teacher (the ``last`` or ``first`` block of each
+    module) plus the teacher's embedding, final norm and head.
+
+    Deviation: the paper pretrains an independent meta model and builds the teacher with Deep Incubation
+    inside it, so teacher modules fit the meta model. A teacher trained on its own and split afterwards does
+    not fit an independent meta model (its teacher hybrids scored 23% and 43% against the teacher's 89% in
+    docs/results/upcycling.md); a meta model made of the teacher's own blocks keeps the teacher hybrids
+    close to the teacher. Fine-tune it end to end (``moevision.train.fit`` with ``train.init_from``) if
+    wanted."""
+    if pick not in ("last", "first"):
+        raise ConfigError(f"pick={pick!r} must be 'last' or 'first'")
+    import copy
+
+    segs = split_model(teacher, sizes)  # validates the sizes
+    blocks = [s.stop - 1 if pick == "last" else s.start for s in segs]
+    cfg = copy.deepcopy(teacher.config)
+    cfg.depth = len(blocks)
+    meta = VisionTransformer(cfg)
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("blocks.")}
+    for j, b in enumerate(blocks):
+        state.update({f"blocks.{j}.{k}": v for k, v in teacher.blocks[b].state_dict().items()})
+    meta.load_state_dict(state)
+    meta.model_name = f"{getattr(teacher, 'model_name', None) or 'vit'}_meta"
+    return meta
+
+
+@torch.no_grad()
+def hybrid_accuracy(segments: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of a chain of segments/modules (e.g. a teacher or student hybrid) on normalised images."""
+    for s in segments:
+        s.eval()
+    z, _ = run_segments(segments, x)
+    return float((z.argmax(-1) == y).float().mean())
+
+
 def m2mkd(teacher: VisionTransformer, meta: VisionTransformer, student: VisionTransformer, train: ImageDataset, *,
           teacher_sizes: Sequence[int], student_sizes: Sequence[int], log: Callable[[str], None] = lambda s: None,
           **kw) -> VisionTransformer:
@@ -218,5 +255,6 @@ def m2mkd(teacher: VisionTransformer, meta: VisionTransformer, student: VisionTr
 
 
 __all__ = ["ViTSegment", "split_model", "run_segments", "StitchAdapter", "StudentModule", "m2mkd_loss",
-           "student_modules", "distill_module", "assemble_student", "m2mkd", "DISTILLATION_TYPES"]
+           "student_modules", "distill_module", "assemble_student", "m2mkd", "meta_from_teacher", "hybrid_accuracy",
+           "DISTILLATION_TYPES"]
 
