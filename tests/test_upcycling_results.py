@@ -32,8 +32,8 @@ def test_whole_pipeline_on_tiny_settings(tmp_path):
     for section in ("## (a)", "## (b)", "## (c)", "## (d)"):
         assert section in text
     rows = [l for l in text.splitlines() if l.startswith("| ") and "±" in l]
-    assert len(rows) == 4 + 2 + 3 + 3 and not any("n/a" in r for r in rows)
-    assert text.count("paired seeds") == 7
+    assert len(rows) == 6 + 2 + 3 + 3 and not any("n/a" in r for r in rows)
+    assert text.count("paired seeds") == 8
     res = json.loads((tmp_path / "work" / "results" / "own-upcycled-s0.json").read_text())["result"]
     parent = json.loads((tmp_path / "work" / "results" / "parent.json").read_text())["result"]
     assert res["step0_accuracy"] == parent["test_accuracy"]  # upcycling is exact at step 0

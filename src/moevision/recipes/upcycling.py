@@ -39,6 +39,7 @@ class Settings:
     parent_epochs: int = 2
     parent_lr: float = 1e-3
     ft_steps: int = 200
+    ft_long_steps: int = 400  # a second, longer continuation for both arms (0: skip)
     ft_lr: float = 5e-4
     experts: int = 4
     top_k: int = 2
@@ -72,9 +73,10 @@ class Settings:
     @classmethod
     def smoke(cls, **kw) -> "Settings":
         """Seconds-long settings on the synthetic data set with tiny models (tests)."""
-        tiny = dict(parent_model="vit_tiny_test", dataset="synthetic", batch_size=16, test_subset=None, parent_steps=12,
-                    parent_epochs=1, ft_steps=4, clip_subset=256, clip_clusters=2, m2m_subset=256, meta_steps=4,
-                    student_overrides={**STUDENT, "embed_dim": 16, "num_heads": 2}, dino_train_subset=128,
+        tiny = dict(parent_model="vit_tiny_test", dataset="synthetic", batch_size=16, test_subset=None,
+                    parent_steps=12, parent_epochs=1, ft_steps=4, ft_long_steps=6, clip_subset=256, clip_clusters=2,
+                    m2m_subset=256, meta_steps=4, student_overrides={**STUDENT, "embed_dim": 16, "num_heads": 2},
+                    dino_train_subset=128,
                     dino_test_subset=128, dino_epochs=1, seeds=2)
         return cls(**{**tiny, **kw})
 
@@ -100,11 +102,12 @@ def parent_config(S: Settings, seed: int = 0) -> RunConfig:
     return _run(S, S.parent_model, cfg, seed=seed, epochs=S.parent_epochs, max_steps=S.parent_steps, lr=S.parent_lr)
 
 
-def continue_config(S: Settings, init_dir: str | Path, seed: int, *, optimizer_state: bool = False) -> RunConfig:
+def continue_config(S: Settings, init_dir: str | Path, seed: int, *, optimizer_state: bool = False,
+                    steps: int | None = None) -> RunConfig:
     """Continued training from a model directory (dense parent or upcycled MoE): same steps and schedule."""
     from ..train.init_from import init_run_config
 
-    cfg = _run(S, S.parent_model, None, seed=seed, epochs=1, max_steps=S.ft_steps, lr=S.ft_lr, warmup=0.05,
+    cfg = _run(S, S.parent_model, None, seed=seed, epochs=1, max_steps=steps or S.ft_steps, lr=S.ft_lr, warmup=0.05,
                init_optimizer_state=optimizer_state)
     return init_run_config(cfg, init_dir)
 
@@ -207,16 +210,17 @@ def job_parent(S: Settings, seed: int, work: Path) -> dict[str, Any]:
 
 
 def job_own(S: Settings, seed: int, work: Path, *, arm: str) -> dict[str, Any]:
-    """Table (a): ``arm`` in dense, dense_opt, upcycled, upcycled_opt."""
+    """Table (a): ``arm`` in dense, dense_opt, dense_long, upcycled, upcycled_opt, upcycled_long."""
     from ..models import from_pretrained
     from ..techniques.upcycling import step0_gap, upcycle, upcycle_optimizer_state
     from ..train.init_from import OPTIMIZER_STATE_NAME, save_optimizer_state
     from ..models._builder import load_state_file
 
     with_opt = arm.endswith("_opt")
+    steps = S.ft_long_steps if arm.endswith("_long") else S.ft_steps
     if arm.startswith("dense"):
         return _quiet_fit(continue_config(S, work / ("parent_opt" if with_opt else "parent/model"), seed,
-                                          optimizer_state=with_opt), work / f"own_{arm}_s{seed}")
+                                          optimizer_state=with_opt, steps=steps), work / f"own_{arm}_s{seed}")
     t0 = time.perf_counter()
     dense = from_pretrained(work / "parent" / "model")
     moe = upcycle(dense, num_experts=S.experts, top_k=S.top_k, seed=seed)
@@ -225,9 +229,9 @@ def job_own(S: Settings, seed: int, work: Path, *, arm: str) -> dict[str, Any]:
     if with_opt:
         named = load_state_file(work / "parent_opt" / OPTIMIZER_STATE_NAME)
         save_optimizer_state(up_dir, upcycle_optimizer_state(named, moe.config))
-    cfg = continue_config(S, up_dir, seed, optimizer_state=with_opt)
+    cfg = continue_config(S, up_dir, seed, optimizer_state=with_opt, steps=steps)
     extra: dict[str, Any] = {"upcycle_seconds": round(time.perf_counter() - t0, 2)}
-    if seed == 0 and not with_opt:  # the step-0 check, on the test set and on random inputs
+    if seed == 0 and arm == "upcycled":  # the step-0 check, on the test set and on random inputs
         import torch
 
         extra["step0_accuracy"] = _eval(moe, cfg)

@@ -44,7 +44,8 @@ def plan(S: Settings, parts: tuple[str, ...]) -> list[Job]:
     if "m2mkd" in parts:
         jobs += [Job("m2m", "scratch", s) for s in seeds]
     if "own" in parts:
-        arms = ("dense", "upcycled") + (("dense_opt", "upcycled_opt") if S.optimizer_rows else ())
+        arms = (("dense", "upcycled") + (("dense_opt", "upcycled_opt") if S.optimizer_rows else ())
+                + (("dense_long", "upcycled_long") if S.ft_long_steps else ()))
         jobs += [Job("own", arm, s, ("parent",)) for s in seeds for arm in arms]
     if "clip" in parts:
         jobs += [Job("clip", arm, s, ("parent",)) for s in seeds for arm in ("upcycle", "dmu", "dmu_random")]
@@ -212,7 +213,8 @@ def write_markdown(S: Settings, done: dict, parts: tuple[str, ...], path: Path, 
     if "own" in parts:
         step0 = done.get("own-upcycled-s0", {}).get("result", {})
         L += ["## (a) Upcycling our own dense ViT vs continued dense training", "",
-              f"Both arms continue from the parent for the same {S.ft_steps} steps (+{100 * S.ft_steps / S.parent_steps:.0f}% "
+              f"Both arms continue from the parent for the same {S.ft_steps} steps "
+              f"(+{100 * S.ft_steps / S.parent_steps:.0f}% "
               f"of the parent's steps) on the full training set (lr {S.ft_lr}, short warmup, cosine; data order and "
               f"router init vary with the seed), evaluated on "
               + ("the full test set" if S.test_subset is None else f"{S.test_subset} test images (drawn by the seed, "
@@ -223,18 +225,26 @@ def write_markdown(S: Settings, done: dict, parts: tuple[str, ...], path: Path, 
               "for the MoE; `--copy-optimizer-state`).", ""]
         if step0:
             L += [f"Step-0 check (seed 0): the upcycled model's test accuracy before training is "
-                  f"{100 * step0.get('step0_accuracy', float('nan')):.2f}% (parent {100 * par.get('test_accuracy', float('nan')):.2f}%), "
+                  f"{100 * step0.get('step0_accuracy', float('nan')):.2f}% "
+                  f"(parent {100 * par.get('test_accuracy', float('nan')):.2f}%), "
                   f"largest logit difference on random inputs {step0.get('step0_max_logit_gap', float('nan')):.1e}.", ""]
         L += ["| model | test accuracy | params total / active | s/run |", "|---|---|---|---|"]
         rows = [("continued dense", "dense"), ("upcycled MoE", "upcycled")]
         if S.optimizer_rows:
             rows += [("continued dense + Adam moments", "dense_opt"), ("upcycled MoE + Adam moments", "upcycled_opt")]
+        if S.ft_long_steps:
+            pct = 100 * S.ft_long_steps / S.parent_steps
+            rows += [(f"continued dense, {S.ft_long_steps} steps (+{pct:.0f}%)", "dense_long"),
+                     (f"upcycled MoE, {S.ft_long_steps} steps (+{pct:.0f}%)", "upcycled_long")]
         for label, arm in rows:
             L.append(f"| {label} | {_ms(_vals(done, 'own', arm, n))} | {_params(done, f'own-{arm}-s0')} | "
                      f"{_secs(done, 'own', arm, n)} |")
-        L += ["", "Upcycled vs continued dense: " + paired(done, "own", "upcycled", "dense", n)[1] + "."]
+        L += ["", f"Upcycled vs continued dense ({S.ft_steps} steps): "
+              + paired(done, "own", "upcycled", "dense", n)[1] + "."]
         if S.optimizer_rows:
             L += ["", "With Adam moments: " + paired(done, "own", "upcycled_opt", "dense_opt", n)[1] + "."]
+        if S.ft_long_steps:
+            L += ["", f"With {S.ft_long_steps} steps: " + paired(done, "own", "upcycled_long", "dense_long", n)[1] + "."]
         L += ["", "Paper (Komatsuzaki et al. 2023, [A]): upcycled ViT-B/L beat continued dense training at the same "
               "extra compute (using ~50% of the dense sunk cost).", ""]
     if "dinov2" in parts:
