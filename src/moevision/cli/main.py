@@ -144,7 +144,10 @@ def _cmd_train(args) -> int:
         return 130
     say()
     say(format_summary(summary))
-    say(f"\nrun directory: {run_dir}  (evaluate: moevision eval {run_dir})")
+    if getattr(cfg, "kind", None) == "vlm":
+        say(f"\nrun directory: {run_dir}  (ask it: moevision vqa {run_dir} --image PATH --question \"...\")")
+    else:
+        say(f"\nrun directory: {run_dir}  (evaluate: moevision eval {run_dir})")
     return 0
 
 
@@ -272,7 +275,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reprod
 
 # Commands that live in their own module (moevision.cli.<name>): each module has
 # ``register(subparsers) -> {command: handler}``; handlers take the parsed args and return an exit code.
-PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle", "convert", "analyze", "reproduce_upcycling", "vqa", "compress")
+PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle", "analyze", "convert", "compress", "vqa", "reproduce_upcycling")
 
 
 def _plugin_modules():
