@@ -77,7 +77,7 @@ def test_recipes_and_cli_errors(capsys):
 
 @pytest.mark.slow  # spawns two worker processes (each imports torch)
 def test_worker_processes(tmp_path):
-    S = Settings.smoke(seeds=1, optimizer_rows=False)
+    S = Settings.smoke(seeds=1, optimizer_rows=False, ft_long_steps=0)
     logs = []
     out = reproduce_upcycling(S, work=tmp_path / "w", out=tmp_path / "u.md", parts=("own",), workers=2,
                               log=logs.append)
