@@ -60,9 +60,9 @@ def test_fused_equals_loop_reference(cfg, dtype):
             assert torch.allclose(gp1[n], gp2[n], atol=tol * 10, rtol=tol * 10), n
 
 
-def test_fused_uses_grouped_gemm_on_cpu_fp32_and_split_on_fp64():
+def test_auto_picks_grouped_gemm_on_cpu_fp32_and_split_on_fp64():
     m = MoE(16, 32, 4, 2)
-    assert kernels.resolve_impl("auto", torch.zeros(1, 16), m.experts) == "fused"
+    assert kernels.resolve_impl("auto", torch.zeros(1, 16), m.experts) == "grouped"
     m64 = m.double()
     assert kernels.resolve_impl("auto", torch.zeros(1, 16, dtype=torch.float64), m64.experts) == "sorted"
     assert kernels.resolve_impl("padded", torch.zeros(1, 16), m.experts) == "padded"

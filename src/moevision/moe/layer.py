@@ -69,7 +69,8 @@ class MoE(nn.Module):
         expert_init: ``independent`` (default) or ``shared`` (V-MoE: identical experts at init).
         router_init_std: router weight init std; None = LeCun normal 1/sqrt(D) (vmoe).
         impl: dispatch implementation (see ``moevision.kernels``): ``auto`` (default: ``set_impl``'s
-            choice, else ``fused`` where ``torch._grouped_mm`` runs, else ``sorted``), ``fused``,
+            choice, else ``fused`` on CUDA / ``grouped`` on CPU where ``torch._grouped_mm`` runs, else
+            ``sorted``), ``fused``,
             ``grouped``, ``sorted``, ``padded``, or the references ``einsum`` and ``loop``.
         check_finite: raise ValueError on non-finite input (costs a sync; off by default).
         record_routing: put per-token expert ids and gates in ``stats`` (for analytics).
