@@ -32,6 +32,7 @@ def test_qmoe_compress_then_eval(run_dir, tmp_path, capsys):
     rep = json.loads((q / "compress_report.json").read_text())
     assert rep["expert_bytes"] * 8 == pytest.approx(rep["bits_per_expert_param"] * rep["expert_params"])
     assert rep["expert_bytes"] < rep["expert_bytes_bf16"] / 4
+    assert rep["test_kl_to_original"] >= 0 and 0 < rep["test_agreement"] <= 1
     # the checkpoint runs under `moevision eval` with the accuracy the compress command measured
     code, out, err = _run(["eval", str(q), "--dataset", "synthetic", "--no-progress"], capsys)
     assert code == 0, err

@@ -212,6 +212,26 @@ def test_calibration_sees_training_images_only(monkeypatch):
         return {"accuracy": 0.0, "loss": 0.0}
     pipeline.run(_tiny_model(), train, test, pipeline.CompressOptions(calib_images=16, batch_size=8),
                  evaluate=evaluate, timing_images=4)
+    assert pipeline.prediction_shift(_tiny_model(), _tiny_model(), _batches(1)) == (0.0, 1.0)
     train_value = (10 / 255 - 0.5) / 0.25
     assert seen and all(v == [pytest.approx(train_value)] for v in seen)
     assert evaluated == [[200], [200]]  # before and after, on the test split
+
+
+def test_rate_search_keeps_the_candidate_closest_to_the_original_on_calibration_images():
+    from moevision.techniques.qmoe.ratecontrol import build, search
+
+    model, calib = _tiny_model(), _batches(1)
+    q = QMoEConfig()
+    target = build(model, calib, q).stats["bits_per_expert_param"] - 0.3
+    best, rec = search(model, calib, q, target)
+    assert rec["target_met"] and best.stats["bits_per_expert_param"] <= target
+    met = [c for c in rec["candidates"] if c["calibration_kl"] is not None]
+    assert met and best.distortion == min(c["calibration_kl"] for c in met) > 0
+    assert all(c["bits_per_expert_param"] <= target for c in met)
+    assert {c["percdamp"] for c in rec["candidates"]} <= {0.1, 1.0, 10.0}
+    # each kept candidate is the smallest tried threshold meeting the budget at its damping
+    for c in met:
+        tried = [t["zero_threshold"] for t in rec["candidates"]
+                 if t["percdamp"] == c["percdamp"] and t["bits_per_expert_param"] <= target]
+        assert c["zero_threshold"] == min(tried)

@@ -60,8 +60,8 @@ def register(sub) -> dict:
     q.add_argument("--zero-threshold", type=float, default=0.5,
                    help="ternary: round to hi above this fraction of hi (lo likewise); QMoE 0.5")
     q.add_argument("--target-bits", type=float, default=None,
-                   help="ternary rate control: raise --zero-threshold in steps of 0.05 until the bits per expert "
-                        "parameter are at most this (chosen on the rate alone, no labels)")
+                   help="ternary rate control: the zero threshold (and GPTQ damping) meeting this many bits per "
+                        "expert parameter, chosen on the rate and the calibration images only (no labels)")
     q.add_argument("--layout", default="stream", choices=["stream", "row"],
                    help="code layout: one stream per matrix, or per row with int32 row offsets (the spec's)")
     q.add_argument("--dictionary", default="fixed", choices=["fixed", "fit"],
@@ -170,7 +170,7 @@ def format_report(r: dict) -> str:
     kb = lambda b: f"{b / 1024:.1f} KiB"  # noqa: E731
     what = f"{r['method']}" + (f" {r['bits']}" if r.get("bits") else "")
     if r.get("bits") == "ternary":
-        what += f", zero threshold {r['zero_threshold']}"
+        what += f", zero threshold {r['zero_threshold']}" + (f", damping {r['percdamp']}" if r["method"] == "qmoe" else "")
         if "target_met" in r:
             what += f" (target {r['options']['target_bits']} bits {'met' if r['target_met'] else 'NOT met'})"
     lines = [f"{'method':<26}{what}  (calibration: {r['calib_images']} training images, seed {r['seed']})",

@@ -8,7 +8,6 @@ a Hessian); evaluation is on the test split.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -19,13 +18,13 @@ import torch
 
 from ...data import ImageDataset, normalize
 from ...errors import ConfigError
-from .calibrate import DTYPES, QMoEConfig, quantize_model
+from .calibrate import DTYPES, QMoEConfig
 from .compressed import CompressedExperts
 from .prune import expert_usage, merge_by_similarity, prune_by_usage
+from .ratecontrol import build, search
 from .storage import compress_model, compression_stats, expert_param_count, save_compressed
 
 METHODS = ("qmoe", "rtn", "prune", "merge")
-TARGET_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
 @dataclass
@@ -40,7 +39,7 @@ class CompressOptions:
     merge_router: str = "mean"
     dense_dtype: str = "float32"  # storage of the non-expert weights in the compressed checkpoint
     batch_size: int = 256
-    target_bits: float | None = None  # ternary: raise the zero threshold until bits/param <= this
+    target_bits: float | None = None  # ternary: meet this many bits/param (see ratecontrol)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -69,25 +68,17 @@ def compress(model: torch.nn.Module, calib: list[torch.Tensor], opts: CompressOp
     """The compressed model (a new module; ``model`` is left alone) and what was done to it."""
     opts.validate()
     if opts.method in ("qmoe", "rtn"):
-        thresholds = [opts.qmoe.zero_threshold]
-        if opts.target_bits is not None:
-            thresholds = [t for t in TARGET_THRESHOLDS if t >= opts.qmoe.zero_threshold] or thresholds
-        for tau in thresholds:  # rate control: the smallest zero threshold that meets the target
-            q = replace(opts.qmoe, zero_threshold=tau)
-            work = copy.deepcopy(model)
-            res = quantize_model(work, lambda: calib, q, log=log)
-            out = compress_model(work, res, q)
-            stats = compression_stats(out)
-            log(f"zero threshold {tau}: {stats['bits_per_expert_param']:.3f} bits per expert parameter")
-            if opts.target_bits is None or stats["bits_per_expert_param"] <= opts.target_bits:
-                break
-        info = {"layers": {n: r[1] for n, r in res.items()}, "zero_threshold": tau, **stats}
+        if opts.target_bits is None:
+            best, record = build(model, calib, opts.qmoe, log), {}
+        else:
+            best, record = search(model, calib, opts.qmoe, opts.target_bits, log)
+        q, work, res, out, stats = best.config, best.work, best.results, best.model, best.stats
+        info = {"layers": {n: r[1] for n, r in res.items()}, "zero_threshold": q.zero_threshold,
+                "percdamp": q.percdamp, **record, **stats}
         if q.bits == "ternary":
             zeros = sum(int((r.codes == 0).sum()) for layer, _ in res.values() for r in layer.values())
             info["zero_fraction"] = zeros / stats["expert_weight_entries"]
-        if opts.target_bits is not None:
-            info["target_met"] = stats["bits_per_expert_param"] <= opts.target_bits
-        if q.bits == "ternary":  # what the other code layout would cost (the spec's row layout: offsets)
+            # what the other code layout would cost (the spec's row layout stores int32 row offsets)
             alt = compress_model(work, res, replace(q, layout=alt_layout(q.layout)))
             info[f"bits_per_expert_param_{alt_layout(q.layout)}"] = compression_stats(alt)["bits_per_expert_param"]
         return out, info
@@ -154,6 +145,20 @@ def decode_seconds(model: torch.nn.Module, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def prediction_shift(reference: torch.nn.Module, model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean KL(reference || model) of the class distributions, and the fraction of images on which both
+    predict the same class: finer than accuracy when compression barely moves it."""
+    kl, same, n = 0.0, 0, 0
+    for b in batches:
+        p = torch.log_softmax(reference(b).logits.float(), -1)
+        q = torch.log_softmax(model(b).logits.float(), -1)
+        kl += float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum"))
+        same += int((p.argmax(-1) == q.argmax(-1)).sum())
+        n += b.shape[0]
+    return kl / max(n, 1), same / max(n, 1)
+
+
 def run(model: torch.nn.Module, train: ImageDataset, test: ImageDataset, opts: CompressOptions, *,
         evaluate: Callable, device="cpu", before: dict | None = None, out_dir: str | Path | None = None,
         timing_images: int = 1000, log: Callable[[str], None] = lambda s: None) -> tuple[torch.nn.Module, dict]:
@@ -169,6 +174,7 @@ def run(model: torch.nn.Module, train: ImageDataset, test: ImageDataset, opts: C
     if before is None:
         before = evaluate(model, test)
     after = evaluate(comp, test)
+    kl, agreement = prediction_shift(model, comp, image_batches(test, opts.batch_size, device))
     timing = image_batches(test.subset(min(timing_images, len(test)), seed=0), opts.batch_size, device)
     t_before, t_after = [], []
     for _ in range(3):  # interleaved, so machine load hits both alike
@@ -183,6 +189,7 @@ def run(model: torch.nn.Module, train: ImageDataset, test: ImageDataset, opts: C
                     "dense_dtype": opts.dense_dtype},
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "loss_before": before["loss"], "loss_after": after["loss"], "test_images": after.get("num_images"),
+        "test_kl_to_original": kl, "test_agreement": agreement,
         "checkpoint_bytes": state_bytes(comp, opts.dense_dtype), "checkpoint_bytes_fp32": 4 * n_params,
         "checkpoint_bytes_bf16": 2 * n_params,
         "ms_per_image_before": 1e3 * statistics.median(t_before), "ms_per_image_after": 1e3 * statistics.median(t_after),
