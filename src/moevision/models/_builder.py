@@ -128,6 +128,14 @@ def _load_format(d: Path, meta: dict, map_location) -> torch.nn.Module:
     return _FORMATS[fmt](d, map_location=map_location)
 
 
+def state_mismatch(expected: dict, state: dict) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, keys present in both with different shapes), each sorted."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad = sorted(k for k in expected if k in state and tuple(expected[k].shape) != tuple(state[k].shape))
+    return missing, unexpected, bad
+
+
 def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a model written by ``save_pretrained``; every key must match (no expert silently lost).
     Directories of a registered derived format (``"format"`` in config.json) go to its loader."""
@@ -139,12 +147,10 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
     model.model_name = meta.get("model_name")
     state = load_state_file(d / "model.safetensors")
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing, unexpected, bad = state_mismatch(expected, state)
     if missing or unexpected:
         raise CheckpointError(f"{d}: weights do not match the config (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
-    bad = [k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)]
     if bad:
         k = bad[0]
         raise CheckpointError(f"{d}: {k} has shape {tuple(state[k].shape)}, config expects {tuple(expected[k].shape)}")

@@ -44,22 +44,21 @@ def init_run_config(cfg, directory: str | os.PathLike):
 
 def load_init_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Copy the weights of ``directory/model.safetensors`` into ``model``, strictly."""
-    from ..models._builder import load_state_file
+    from ..models._builder import load_state_file, state_mismatch
 
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"train.init_from={str(d)!r} is not a directory")
     state = load_state_file(d / "model.safetensors")
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing, unexpected, bad = state_mismatch(expected, state)
     if missing or unexpected:
         raise CheckpointError(f"train.init_from={str(d)!r} does not fit the run's model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); did a --set change the architecture?")
-    for k, v in expected.items():
-        if tuple(v.shape) != tuple(state[k].shape):
-            raise CheckpointError(f"train.init_from={str(d)!r}: {k} has shape {tuple(state[k].shape)}, the run's "
-                                  f"model expects {tuple(v.shape)}; did a --set change the architecture?")
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"train.init_from={str(d)!r}: {k} has shape {tuple(state[k].shape)}, the run's "
+                              f"model expects {tuple(expected[k].shape)}; did a --set change the architecture?")
     model.load_state_dict(state)
 
 
