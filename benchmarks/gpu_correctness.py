@@ -78,17 +78,19 @@ for cfg in (dict(top_k=2), dict(top_k=1), dict(top_k=2, capacity_factor=1.0),
     y_ref = ref(xr).out
     y_ref.square().mean().backward()
     g_ref = {n: p.grad for n, p in ref.named_parameters()}
-    runs = [(i, d, True, False) for i in ("einsum", "sorted", "padded", "grouped", "fused")
+    runs = [(i, d, True, False, False) for i in ("einsum", "sorted", "padded", "grouped", "fused", "cpu_fused")
             for d in (torch.float32, torch.bfloat16)]
-    runs += [("fused", torch.bfloat16, False, False), ("fused", torch.float32, True, True)]
+    runs += [("fused", torch.bfloat16, False, False, False), ("fused", torch.float32, True, True, False)]
+    if k == 2 and not set(cfg) - {"capacity_factor"}:  # torch.compile of fused (one graph): dropless, capacity
+        runs += [("fused", torch.bfloat16, True, False, True)]
     refs = {}  # bf16 runs are checked against the loop reference run in bf16 (same routing decisions)
-    for impl, dtype, triton, autocast in runs:
+    for impl, dtype, triton, autocast, compiled in runs:
         kernels.use_triton(triton and kernels.TRITON_AVAILABLE)
         m = MoE(256, 512, 8, k, noise_std=0.0, impl=impl, **cfg).to(dev, dtype)
         m.load_state_dict({n: t.to(dtype) for n, t in ref.state_dict().items()})
         xx = x.detach().to(dtype).clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            y = m(xx).out
+            y = (torch.compile(m) if compiled else m)(xx).out
         y.float().square().mean().backward()
         low = dtype == torch.bfloat16  # autocast: fp32 routing, bf16 experts -> the fp32 reference
         if low and "bf16" not in refs:
@@ -105,7 +107,7 @@ for cfg in (dict(top_k=2), dict(top_k=1), dict(top_k=2, capacity_factor=1.0),
         tol = 3e-2 if low else (5e-2 if autocast else 1e-5)
         ok = err < tol and gerr < 10 * tol and xerr < 10 * tol and torch.isfinite(xx.grad).all().item()
         failures += not ok
-        tag = f"{impl}{'' if triton else ' (no triton)'}{' (autocast)' if autocast else ''}"
+        tag = f"{impl}{'' if triton else ' (no triton)'}{' (autocast)' if autocast else ''}{' (compiled)' if compiled else ''}"
         print(f"{str(cfg):<66} {tag:<22} {str(dtype):<15} rel err out {err:.1e} grads {gerr:.1e} dx {xerr:.1e} "
               f"{'ok' if ok else 'FAIL'}")
 kernels.use_triton(kernels.TRITON_AVAILABLE)

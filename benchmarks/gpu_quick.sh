@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
-# A short GPU re-check (~2 min): correctness, then the two issue-4 target shapes (dense / grouped /
-# fused with and without Triton, eager and CUDA graph) and the ViT-B model step. Outputs to $OUT or runs/.
+# The prepared GPU check for issue 4 (~8 min on one H100/H200): correctness (every path, the Triton kernels,
+# torch.compile of the fused layer), then the two target shapes - dense vs grouped vs fused, eager, CUDA
+# graph, torch.compile and torch.compile replayed from a CUDA graph - then the ViT-B/16 vs V-MoE-B/16
+# training step, eager and compiled. Each part has its own timeout and writes as it goes (to $OUT or runs/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-runs}"; mkdir -p "$OUT"
+export TORCHINDUCTOR_CACHE_DIR=/tmp/moevision_inductor_cache
 nvidia-smi --query-gpu=name --format=csv,noheader || true
-timeout 100 python benchmarks/gpu_correctness.py > "$OUT/gpu_correctness.txt" 2>&1; echo "correctness rc=$? $(grep FAILURES "$OUT/gpu_correctness.txt")"
-timeout 120 python - <<'PY' 2>&1 | tee "$OUT/gpu_quick.txt"
+timeout 200 python benchmarks/gpu_correctness.py > "$OUT/gpu_correctness.txt" 2>&1
+echo "correctness rc=$? $(grep FAILURES "$OUT/gpu_correctness.txt")"; grep -E "FAIL|compiled" "$OUT/gpu_correctness.txt"
+timeout 200 python - <<'PY' 2>&1 | grep -v "^[EW][0-9]" | tee "$OUT/gpu_layer.txt"
 import json, os, torch
-from moevision.bench import bench_layer, bench_model, GPU_SHAPES
+from moevision.bench import bench_layer, GPU_SHAPES
 dev = torch.device("cuda")
-out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layer": [], "model": None}
+out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layer": []}
 for s in GPU_SHAPES[:3:2]:  # ViT-B E8 k2 and ViT-S E8 k1
-    rows = bench_layer(s, dev, torch.bfloat16, 20, impls=("grouped", "fused"))
+    rows = bench_layer(s, dev, torch.bfloat16, 20, impls=("grouped", "fused"), compile=True)
     out["layer"].append({"shape": s.name, "rows": rows})
-    print(f"## {s.name}")
+    print(f"## {s.name}  (fwd+bwd time over dense: eager / CUDA graph / compiled / compiled + CUDA graph)")
     for r in rows:
-        g = r["graph_ratio"]
+        f = lambda v: "-" if v is None else f"{v:.2f}"
         print(f"{r['impl']:<20} fwd x{r['fwd_ratio']:.2f}  fwd+bwd x{r['fwdbwd_ratio']:.2f} ({r['fwdbwd_ms']:.3f} ms)  "
-              f"graph x{'-' if g is None else f'{g:.2f}'}")
-rows = bench_model(dev, torch.bfloat16, 10)
-out["model"] = rows
-for r in rows:
-    print(f"{r['model']:<36} {r['step_ms']:.1f} ms  x{r['ratio']:.2f}")
-json.dump(out, open(os.path.join(os.environ.get("OUT", "runs"), "gpu_quick.json"), "w"), indent=1)
+              f"graph x{f(r['graph_ratio'])}  compiled x{f(r['compiled_ratio'])}  compiled+graph x{f(r['compiled_graph_ratio'])}")
+    json.dump(out, open(os.path.join(os.environ.get("OUT", "runs"), "gpu_layer.json"), "w"), indent=1)
+PY
+timeout 220 python - <<'PY' 2>&1 | grep -v "^[EW][0-9]" | tee "$OUT/gpu_model.txt"
+import json, os, torch
+from moevision.bench import bench_model
+dev = torch.device("cuda")
+out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+for compiled in (False, True):
+    rows = bench_model(dev, torch.bfloat16, 10, compile=compiled, impls=("fused",))
+    out["compiled" if compiled else "eager"] = rows
+    for r in rows:
+        print(f"{'compiled' if compiled else 'eager':<9} {r['model']:<32} {r['step_ms']:.1f} ms  x{r['ratio']:.2f}")
+    json.dump(out, open(os.path.join(os.environ.get("OUT", "runs"), "gpu_model.json"), "w"), indent=1)
 PY

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MoEVisionError
+from .utils import malloc_state as _malloc_state
 
 
 @dataclass
@@ -49,10 +50,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-LAYER_IMPLS = ("loop", "einsum", "sorted", "padded", "grouped", "fused")
+LAYER_IMPLS = ("loop", "einsum", "sorted", "padded", "grouped", "fused", "cpu_fused")
 
 
-def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPLS):
+def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPLS, compile: bool = False):
+    """One shape: a row per implementation (ms and ratio to the dense FFN, eager; on CUDA also replayed
+    from a CUDA graph). ``compile``: also time the dense FFN and the ``fused`` layer under
+    ``torch.compile`` (each to its own compiled dense baseline; on CUDA also the compiled code replayed
+    from a CUDA graph), in the ``compiled_*`` fields of those two rows."""
     from . import kernels
     from .moe import MoE
 
@@ -77,7 +82,10 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
 
     cases = [("dense (T*k tokens)", dense_fwd, dense_fb)]
     base = None
+    fused_moe = None
     for impl in impls:
+        if impl == "cpu_fused" and device.type == "cuda":
+            continue  # reads the segment sizes on the host: a CPU path
         if impl == "einsum" and T * T * K > 7e8:
             continue  # the (T, E, C) one-hot tensors (T*T*K elements) would not fit in memory
         moe = MoE(D, Fh, E, K, impl=impl, noise_std=0.0).to(device=device, dtype=dtype)
@@ -86,15 +94,31 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
         else:
             moe.load_state_dict(base.state_dict())
         cases.append((impl, *_moe_fns(moe, x)))
+        if impl == "fused":
+            fused_moe = moe
         if impl == "fused" and device.type == "cuda" and kernels.TRITON_AVAILABLE:
             cases.append(("fused (no triton)", *_moe_fns(moe, x, triton=False)))
     mem = [_memory(fb, device) for _, _, fb in cases]
     fwd, fb = _interleaved([c[1] for c in cases], device, repeats), _interleaved([c[2] for c in cases], device, repeats)
     graph = [_graph_ms(c[2], device, repeats) for c in cases] if device.type == "cuda" else [None] * len(cases)
-    return [dict(impl=name, fwd_ms=f, fwdbwd_ms=b, fwd_ratio=f / fwd[0], fwdbwd_ratio=b / fb[0],
+    rows = [dict(impl=name, fwd_ms=f, fwdbwd_ms=b, fwd_ratio=f / fwd[0], fwdbwd_ratio=b / fb[0],
                  saved_mib=m[0], peak_mib=m[1], graph_fwdbwd_ms=g,
-                 graph_ratio=None if g is None or graph[0] is None else g / graph[0])
+                 graph_ratio=None if g is None or graph[0] is None else g / graph[0],
+                 compiled_fwdbwd_ms=None, compiled_ratio=None, compiled_graph_ms=None, compiled_graph_ratio=None)
             for (name, _, _), f, b, m, g in zip(cases, fwd, fb, mem, graph)]
+    if compile and fused_moe is not None:
+        cdense = torch.compile(dense)
+
+        def cdense_fb():
+            cdense(xk).sum().backward()
+
+        _, cmoe_fb = _moe_fns(torch.compile(fused_moe), x)
+        cfb = _interleaved([cdense_fb, cmoe_fb], device, repeats)
+        cg = [_graph_ms(f, device, repeats) for f in (cdense_fb, cmoe_fb)] if device.type == "cuda" else [None, None]
+        for row, ms, g in zip((rows[0], next(r for r in rows if r["impl"] == "fused")), cfb, cg):
+            row.update(compiled_fwdbwd_ms=ms, compiled_ratio=ms / cfb[0], compiled_graph_ms=g,
+                       compiled_graph_ratio=None if g is None or cg[0] is None else g / cg[0])
+    return rows
 
 
 def _graph_ms(fn, device, repeats: int) -> float | None:
@@ -189,7 +213,7 @@ def _interleaved(fns, device, repeats: int, warmup: int = 2) -> list[float]:
     return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
-def bench_model(device, dtype, repeats: int, batch: int = 64):
+def bench_model(device, dtype, repeats: int, batch: int = 64, compile: bool = False, impls=None):
     """Training step (AdamW) of MoE ViTs over their dense twin. CPU: the Fashion-MNIST hybrid pair of
     the main job (28x28). CUDA: ViT-B/16 at 224 px vs V-MoE-B/16 (E=8 top-2 in every other block,
     dropless), the shape of ../shared/anchors/vit_step_h100.txt."""
@@ -204,13 +228,14 @@ def bench_model(device, dtype, repeats: int, batch: int = 64):
         def make(kw):
             return VisionTransformer(ViTConfig(**kw))
 
-        pairs = [("vit-b/16", lambda: make(vit_b)), ("v-moe-b/16 E8 k2 (fused)", lambda: make(dict(moe_b, moe_impl="fused"))),
-                 ("v-moe-b/16 E8 k2 (grouped)", lambda: make(dict(moe_b, moe_impl="grouped")))]
+        pairs = [("vit-b/16", lambda: make(vit_b))]
+        for impl in impls or ("fused", "grouped"):
+            pairs.append((f"v-moe-b/16 E8 k2 ({impl})", lambda impl=impl: make(dict(moe_b, moe_impl=impl))))
         x = torch.randn(batch, 3, 224, 224, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
     else:
         pairs = [("vit_fmnist_hybrid", lambda: create_model("vit_fmnist_hybrid"))]
-        for impl in ("fused", "sorted", "grouped", "padded", "loop"):
+        for impl in impls or ("grouped", "cpu_fused", "fused", "sorted", "padded", "loop"):
             pairs.append((f"moe_vit_fmnist_hybrid ({impl})",
                           lambda impl=impl: create_model("moe_vit_fmnist_hybrid", moe_impl=impl)))
         x = torch.randn(batch, 1, 28, 28, device=device)
@@ -219,7 +244,7 @@ def bench_model(device, dtype, repeats: int, batch: int = 64):
     for label, make_model in pairs:
         torch.manual_seed(0)
         model = make_model().to(device)
-        step = _train_step(model, x, y, dtype)
+        step = _train_step(torch.compile(model) if compile else model, x, y, dtype, params=model.parameters())
         peaks.append(_memory(step, device)[1])
         steps.append(step)
         labels.append(label)
@@ -229,8 +254,9 @@ def bench_model(device, dtype, repeats: int, batch: int = 64):
             for label, m, p, pk in zip(labels, ms, params, peaks)]
 
 
-def _train_step(model, x, y, dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=x.device.type == "cuda")
+def _train_step(model, x, y, dtype, params=None):
+    opt = torch.optim.AdamW(model.parameters() if params is None else params, lr=1e-3,
+                            fused=x.device.type == "cuda")
 
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -254,7 +280,8 @@ def run_bench(args) -> int:
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     result = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                             or platform.machine()), "torch": torch.__version__, "dtype": dtype_name,
-              "threads": torch.get_num_threads(), "what": args.what}
+              "threads": torch.get_num_threads(), "what": args.what,
+              "malloc": getattr(args, "malloc_state", None) or _malloc_state()}
     if args.what == "moe-layer":
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
         if args.shapes:
@@ -265,7 +292,7 @@ def run_bench(args) -> int:
                 raise MoEVisionError(f"--shapes {args.shapes!r} matches no shape")
         result["shapes"] = []
         for s in shapes:
-            rows = bench_layer(s, device, dtype, repeats)
+            rows = bench_layer(s, device, dtype, repeats, compile=getattr(args, "compile", False))
             result["shapes"].append({"shape": s.__dict__, "rows": rows})
             print(f"\n## {s.name}: T={s.tokens} D={s.dim} F={s.hidden} E={s.experts} k={s.top_k} "
                   f"({dtype_name}, {result['threads']} threads)")
@@ -280,11 +307,20 @@ def run_bench(args) -> int:
                     g, gr = r["graph_fwdbwd_ms"], r["graph_ratio"]
                     line += f"{'-' if g is None else f'{g:.3f}':>14}{'-' if gr is None else f'{gr:.2f}':>9}"
                 print(line)
+            if getattr(args, "compile", False):
+                for r in rows:
+                    if r["compiled_fwdbwd_ms"] is not None:
+                        g, gr = r["compiled_graph_ms"], r["compiled_graph_ratio"]
+                        extra = "" if g is None else f"; replayed from a CUDA graph {g:.3f} ms = {gr:.2f}x"
+                        print(f"torch.compile {r['impl']:<20} fwd+bwd {r['compiled_fwdbwd_ms']:.3f} ms = "
+                              f"{r['compiled_ratio']:.2f}x compiled dense{extra}")
     else:
         batch = args.batch or 64
-        rows = bench_model(device, dtype, repeats, batch=batch)
-        result["rows"], result["batch"] = rows, batch
-        print(f"training step, batch {batch}, 28x28 ({dtype_name}, {result['threads']} threads)")
+        rows = bench_model(device, dtype, repeats, batch=batch, compile=getattr(args, "compile", False))
+        result["rows"], result["batch"], result["compiled"] = rows, batch, bool(getattr(args, "compile", False))
+        size = "224x224" if device.type == "cuda" else "28x28"
+        print(f"training step, batch {batch}, {size} ({dtype_name}, {result['threads']} threads"
+              f"{', every model under torch.compile' if result['compiled'] else ''})")
         print(f"{'model':<36}{'step ms':>9}{'x dense':>9}{'img/s':>8}{'params':>10}{'peak MiB':>10}")
         for r in rows:
             peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"

@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
     b.add_argument("--batch", type=int, default=None, help="model benchmark batch size (default 64, the recipe's)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    b.add_argument("--compile", action="store_true",
+                   help="also time under torch.compile (moe-layer: compiled dense vs compiled fused layer; "
+                        "model: every model compiled). Needs a C++ compiler on CPU, Triton on CUDA")
+    b.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="CPU allocator: 'tuned' (default) keeps freed large blocks for reuse instead of "
+                        "returning them to the OS, as a training process should (see docs/performance.md); "
+                        "'default' leaves glibc's behaviour. Applies to every candidate alike")
     return p
 
 
@@ -265,7 +272,11 @@ def _cmd_list_recipes(args) -> int:
 
 def _cmd_bench(args) -> int:
     from ..bench import run_bench
+    from ..utils import malloc_state, tune_malloc
 
+    if args.malloc == "tuned":
+        tune_malloc()
+    args.malloc_state = malloc_state()
     return run_bench(args)
 
 
@@ -287,6 +298,10 @@ def _plugin_modules():
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command != "bench":  # a CLI process (not a caller's): a caching heap
+        from ..utils import tune_malloc  # (bench decides by its --malloc flag)
+
+        tune_malloc()
     try:
         return COMMANDS[args.command](args)
     except MoEVisionError as e:

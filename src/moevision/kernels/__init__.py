@@ -8,6 +8,8 @@ and backward, random inputs). Registered names:
 ``loop``    reference: one boolean mask per expert (``kernels.reference``)
 ``einsum``  reference: GShard/V-MoE one-hot (G, S, E, C) dispatch/combine tensors
 ``sorted``  CPU: sort by expert, one ``addmm`` per expert (bias fused into the GEMM)
+``cpu_fused`` CPU fast path: the whole expert MLP as one autograd function with a hand-written
+            backward, per-expert GEMMs writing into preallocated buffers (``kernels.cpu``)
 ``padded``  capacity buffers (E, G*C, D) + one batched matmul (V-MoE / Tutel layout)
 ``grouped`` sort + ``torch._grouped_mm`` (the torchtitan-style baseline)
 ``fused``   fast path: grouped GEMMs, scatter-free permute/combine, fused bias + activation (Triton on
@@ -15,8 +17,9 @@ and backward, random inputs). Registered names:
 ==========  ============================================================================================
 
 ``MoE(impl="auto")`` (the default) asks ``resolve_impl`` at run time: the name given to ``set_impl``
-if any, else where ``torch._grouped_mm`` runs ``fused`` on CUDA (Hopper, bf16) and ``grouped`` on CPU
-(the faster one there, measured), else ``sorted``.
+if any, else on CPU ``cpu_fused`` (any float dtype; measured: the fastest forward, forward+backward on
+par with ``grouped``, the least memory saved for backward, no private torch op), on CUDA ``fused``
+where ``torch._grouped_mm`` runs (Hopper, bf16), else ``sorted``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from ..errors import ConfigError
 from ..moe.dispatch import DISPATCH_IMPLS, get_dispatch, register_dispatch
 from . import fused as _fused
 from . import triton as _triton
+from .cpu import dispatch_cpu_fused
 from .fused import dispatch_fused
 
 register_dispatch("fused", dispatch_fused)
+register_dispatch("cpu_fused", dispatch_cpu_fused)
 if _triton.AVAILABLE:
     _fused._triton_bias_act, _fused._triton_combine = _triton.bias_act_triton, _triton.combine_triton
 
@@ -61,11 +66,17 @@ def resolve_impl(name: str, x: torch.Tensor, experts) -> str:
     if _DEFAULT is not None:
         return _DEFAULT
     dev = x.device.type
+    if not x.is_cuda:
+        # measured (docs/performance.md): host reads cost nothing on a CPU, so the per-expert GEMMs
+        # write into preallocated buffers; under torch.compile the sizes are data-dependent, so the
+        # bf16 grouped path (one graph) where it runs
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else experts.w1.dtype
+        if torch.compiler.is_compiling() and experts.grouped_mm_ok(x, dtype):
+            return "fused"
+        return "cpu_fused"
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else experts.w1.dtype
     if experts.grouped_mm_ok(x, dtype):
-        # measured (docs/performance.md): on CUDA fused is fastest and sync-free; on CPU the plain
-        # grouped path is 0.05-0.12x dense faster than fused (host syncs cost nothing there)
-        return "fused" if x.is_cuda else "grouped"
+        return "fused"  # measured: fastest on CUDA, and sync-free (CUDA-graph capturable)
     return "sorted"
 
 

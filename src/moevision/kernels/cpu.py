@@ -1,6 +1,176 @@
-"""CPU paths: ``sorted`` (sort by expert, one addmm per expert: the bias is fused into the GEMM) and
-``fused`` with ``torch._grouped_mm`` (CPU fp32 supports it in torch >= 2.8). See ``moe/dispatch.py``
-and ``kernels/fused.py``; ``bench moe-layer`` measures which is faster on a given machine."""
+"""CPU paths: ``sorted`` (sort by expert, one addmm per expert; ``moe/dispatch.py``) and ``cpu_fused``
+(this module): the whole expert MLP - gather, both projections, bias, activation and the gate-weighted
+combine - as one autograd function with a hand-written backward.
 
-from ..moe.dispatch import dispatch_sorted  # noqa: F401
+Why a separate CPU path: on a CPU a host "sync" costs nothing, so the segment sizes can be read and
+each expert's GEMM can write straight into its rows of one preallocated buffer (``addmm(..., out=)``,
+the bias fused into the GEMM as the dense ``nn.Linear`` does), while what costs on a CPU is every extra
+pass over the (A, F) activations and every serial scatter. Against a dense FFN on the A = T*K
+assignments (the limit), this path adds only passes over (A, D)-sized tensors:
+
+forward   gather x into expert-sorted rows; per expert ``addmm`` (b1) -> activation -> ``addmm`` (b2);
+          gather back to token order and mix the K rows with the gates (K multiply-adds).
+backward  gather grad-out into sorted rows (one pass, reused for the gate gradient, a row-wise dot, and
+          scaled in place by the gates); per expert the two weight-gradient GEMMs, the bias sums and
+          the two input-gradient GEMMs into preallocated buffers; the activation backward in place;
+          grad x by a gather of the K copies of each token and a sum (no ``index_add``, serial on CPU).
+
+No autograd graph is built inside (the autograd engine sees one node), nothing of shape (A, F) is
+allocated beyond what the dense FFN also keeps (the pre-activation and the activation), and the bias
+gradients are per-segment column sums (no (A, F) bias gather and no scatter into (E, F)).
+
+The segment sizes are read on the host (one ``tolist``): cheap on a CPU, a synchronisation on a GPU,
+where ``fused`` (``kernels/fused.py``) is the sync-free path. The function is device-agnostic and is
+tested against the loop reference on CPU in float64 and float32, forward and backward.
+
+Shape legend: T tokens, K choices per token, A = T*K assignments, D width, F hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..moe.dispatch import dispatch_sorted  # noqa: F401  (re-exported: the other CPU path)
+from ..moe.experts import Experts
+from ..moe.types import RoutingPlan
+from .fused import _compute_dtype, _w
 from .fused import dispatch_fused  # noqa: F401
+from .ops import act_backward, act_forward
+
+
+def _parts(t: torch.Tensor | None, counts: list[int]):
+    """Row blocks of ``t`` per expert (views; one C++ call rather than a slice per expert)."""
+    return None if t is None else t.split(counts)
+
+
+def _per_expert(t: torch.Tensor | None):
+    return None if t is None else t.unbind(0)
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """out[t] = sum_j gates[t*K+j] * MLP_{e(t,j)}(x[t]) for the A = T*K token-major assignments."""
+
+    @staticmethod
+    def forward(ctx, x_TD, gates_A, w1, b1, w2, b2, w3, order, pos, counts, k, act):
+        T, D = x_TD.shape
+        A, Fh = order.numel(), w1.shape[-1]
+        tok_sorted = torch.div(order, k, rounding_mode="floor") if k > 1 else order
+        xs = x_TD.index_select(0, tok_sorted)  # (A, D) expert-sorted rows
+        h = xs.new_empty(A, Fh)
+        h3 = xs.new_empty(A, Fh) if w3 is not None else None
+        live = [e for e, n in enumerate(counts) if n]
+        W1, W2, W3, B1, B2 = (_per_expert(t) for t in (w1, w2, w3, b1, b2))
+        XS, H, H3 = _parts(xs, counts), _parts(h, counts), _parts(h3, counts)
+        for e in live:
+            if B1 is not None:
+                torch.addmm(B1[e], XS[e], W1[e], out=H[e])
+            else:
+                torch.mm(XS[e], W1[e], out=H[e])
+            if H3 is not None:
+                torch.mm(XS[e], W3[e], out=H3[e])
+        a = F.silu(h).mul_(h3) if h3 is not None else act_forward(act, h)
+        y = xs.new_empty(A, D)
+        AA, Y = _parts(a, counts), _parts(y, counts)
+        for e in live:
+            if B2 is not None:
+                torch.addmm(B2[e], AA[e], W2[e], out=Y[e])
+            else:
+                torch.mm(AA[e], W2[e], out=Y[e])
+        g = gates_A.to(y.dtype)
+        y_tok = y.index_select(0, pos)  # token-major
+        if k == 1:
+            out = y_tok.mul_(g.unsqueeze(1))
+        else:
+            y3, g2 = y_tok.view(T, k, D), g.view(T, k)
+            out = y3[:, 0] * g2[:, :1]
+            for j in range(1, k):
+                out.addcmul_(y3[:, j], g2[:, j:j + 1])
+        ctx.save_for_backward(xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted)
+        ctx.counts, ctx.k, ctx.act = counts, k, act
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.gates_dtype = gates_A.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted = ctx.saved_tensors
+        counts, k = ctx.counts, ctx.k
+        need_x, need_g, need_w1, need_b1, need_w2, need_b2, need_w3 = ctx.needs_input_grad[:7]
+        T, D = g_TD.shape
+        A, E = order.numel(), w1.shape[0]
+        gy = g_TD.contiguous().index_select(0, tok_sorted)  # (A, D) grad-out of each sorted row
+        grad_gates = None
+        if need_g:  # d out / d gate = the expert's output row
+            grad_gates = torch.linalg.vecdot(gy, y).index_select(0, pos).to(ctx.gates_dtype)
+        gy.mul_(g.index_select(0, order).unsqueeze(1))  # now grad of y (sorted)
+        gw1 = torch.empty_like(w1) if need_w1 else None
+        gw2 = torch.empty_like(w2) if need_w2 else None
+        gw3 = torch.empty_like(w3) if w3 is not None and need_w3 else None
+        gb1 = w1.new_empty(E, w1.shape[-1]) if ctx.has_b1 and need_b1 else None
+        gb2 = w2.new_empty(E, D) if ctx.has_b2 and need_b2 else None
+        dead = [e for e, n in enumerate(counts) if not n]
+        if dead:  # an expert with no rows gets a zero gradient
+            for t in (gw1, gw2, gw3, gb1, gb2):
+                if t is not None:
+                    t[dead] = 0
+        need_h = need_x or need_w1 or need_b1 or need_w3
+        ga = h.new_empty(h.shape) if need_h else None
+        live = [e for e, n in enumerate(counts) if n]
+        W1, W2, W3 = _per_expert(w1), _per_expert(w2), _per_expert(w3)
+        GY, AA, GA = _parts(gy, counts), _parts(a, counts), _parts(ga, counts)
+        GW1, GW2, GW3, GB1, GB2 = (_per_expert(t) for t in (gw1, gw2, gw3, gb1, gb2))
+        for e in live:
+            if GW2 is not None:
+                torch.mm(AA[e].t(), GY[e], out=GW2[e])
+            if GB2 is not None:
+                torch.sum(GY[e], 0, out=GB2[e])
+            if GA is not None:
+                torch.mm(GY[e], W2[e].t(), out=GA[e])
+        if ga is None:
+            return None, grad_gates, None, None, gw2, gb2, None, None, None, None, None, None
+        gh3 = None
+        if h3 is not None:  # a = silu(h) * h3
+            gh3 = F.silu(h).mul_(ga) if (need_x or need_w3) else None
+            gh = act_backward("silu", ga.mul_(h3), h, out=ga)
+        else:
+            gh = act_backward(ctx.act, ga, h, out=ga)  # in place: no second (A, F) buffer
+        gxs = xs.new_empty(A, D) if need_x else None
+        GH, XS, GH3, GXS = _parts(gh, counts), _parts(xs, counts), _parts(gh3, counts), _parts(gxs, counts)
+        for e in live:
+            if GW1 is not None:
+                torch.mm(XS[e].t(), GH[e], out=GW1[e])
+            if GB1 is not None:
+                torch.sum(GH[e], 0, out=GB1[e])
+            if GW3 is not None:
+                torch.mm(XS[e].t(), GH3[e], out=GW3[e])
+            if GXS is not None:
+                torch.mm(GH[e], W1[e].t(), out=GXS[e])
+                if GH3 is not None:
+                    GXS[e].addmm_(GH3[e], W3[e].t())
+        gx = None
+        if gxs is not None:  # the K copies of token t are token-major rows t*K .. t*K+K-1
+            gx = gxs.index_select(0, pos)
+            if k > 1:
+                gx = gx.view(T, k, D).sum(1)
+        return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None
+
+
+def dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
+    """The ``cpu_fused`` implementation (see the module docstring). Expert choice (tokens appear 0..E
+    times) goes to ``sorted``."""
+    if plan.top_k == 0:
+        return dispatch_sorted(x_TD, plan, experts, **kw)
+    E, K = experts.num_experts, plan.top_k
+    exp = plan.expert_idx  # (A,) token-major
+    order = torch.argsort(exp, stable=True)
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    counts = torch.bincount(exp, minlength=E).tolist()  # host read: free on a CPU
+    dt = _compute_dtype(x_TD, experts)
+    with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit
+        b1 = _w(experts.b1, dt) if experts.has_bias else None
+        b2 = _w(experts.b2, dt) if experts.has_bias else None
+        w3 = _w(experts.w3, dt) if experts.swiglu else None
+        act = "silu" if experts.swiglu else experts.activation
+        return _ExpertMLP.apply(_w(x_TD, dt), plan.gates, _w(experts.w1, dt), b1, _w(experts.w2, dt), b2, w3,
+                                order, pos, counts, K, act)

@@ -16,6 +16,9 @@ of being removed: the output and every gradient are exactly those of dropping th
 size reaches the host, and the cost is computing the dropped rows (the dropped fraction, a few % at
 c >= 1). Expert choice and soft MoE use the ``grouped`` / padded paths.
 
+Under ``torch.compile`` the hand-written Triton kernels are left out: inductor fuses the same
+elementwise work into its own kernels, and the whole layer is one graph (no host sync, no graph break).
+
 Where ``torch._grouped_mm`` cannot run (float64, unaligned widths, pre-Hopper GPUs) the same ops run
 with one GEMM per expert on ``torch.split`` slices (the segment sizes are then needed on the host:
 one sync).
@@ -34,7 +37,7 @@ _triton_combine = None
 
 
 def _bias_act(h_AF, b_EF, expert_of_row, act):
-    if _triton_bias_act is not None and h_AF.is_cuda:
+    if _triton_bias_act is not None and h_AF.is_cuda and not torch.compiler.is_compiling():
         return _triton_bias_act(h_AF, b_EF, expert_of_row, act)
     return ops.bias_act_torch(h_AF, b_EF, expert_of_row, act)
 
@@ -88,6 +91,6 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
         y = _expert_mlp(experts, xs, offs, e_sorted, experts.grouped_mm_ok(x_TD, dt), dt)
         b2 = _w(experts.b2, dt) if experts.has_bias else None
         gates = plan.gates.view(T, K)
-        if _triton_combine is not None and y.is_cuda:
+        if _triton_combine is not None and y.is_cuda and not torch.compiler.is_compiling():
             return _triton_combine(y, gates, pos, order, b2, exp, e_sorted)
         return ops.combine_rows(y, gates, pos, order, b2, exp if b2 is not None else None)

@@ -35,13 +35,20 @@ def act_forward(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"bias_act: unsupported activation {name!r}")
 
 
-def act_backward(name: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """d act(x)/dx * grad, with the same formulas autograd uses."""
+def act_backward(name: str, grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """d act(x)/dx * grad, with the same formulas autograd uses; written into ``out`` when given (which
+    may be ``grad`` itself: elementwise, each element is read before it is written)."""
     if name in _GELU_APPROX:
+        if out is not None:
+            return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate=_GELU_APPROX[name], grad_input=out)
         return torch.ops.aten.gelu_backward(grad, x, approximate=_GELU_APPROX[name])
     if name == "relu":
+        if out is not None:
+            return torch.mul(grad, x > 0, out=out)
         return torch.ops.aten.threshold_backward(grad, F.relu(x), 0)
     if name == "silu":
+        if out is not None:
+            return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)
         return torch.ops.aten.silu_backward(grad, x)
     raise ValueError(f"bias_act: unsupported activation {name!r}")
 

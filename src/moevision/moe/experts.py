@@ -92,15 +92,17 @@ class Experts(nn.Module):
     # -- tokens sorted by expert, one grouped GEMM per projection (torch._grouped_mm) -------------
     def grouped_mm_ok(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
         """Whether ``torch._grouped_mm`` can run these shapes in ``dtype`` (default: x's and the
-        weights' common dtype): CPU fp32/bf16, CUDA bf16 on a Hopper-class GPU (sm90+); rows 16-byte
-        aligned."""
+        weights' common dtype): CPU fp32/bf16 (bf16 only under ``torch.compile``), CUDA bf16 on a
+        Hopper-class GPU (sm90+); rows 16-byte aligned."""
         if not hasattr(torch, "_grouped_mm"):
             return False
         if dtype is None:
             if self.w1.dtype != x.dtype:
                 return False
             dtype = x.dtype
-        ok_dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)
+        # CPU runs fp32 too in eager mode, but the op's meta function (torch.compile) accepts bf16 only
+        compiling = torch.compiler.is_compiling()
+        ok_dtypes = (torch.bfloat16,) if x.is_cuda or compiling else (torch.float32, torch.bfloat16)
         if dtype not in ok_dtypes:
             return False
         align = 16 // torch.empty((), dtype=dtype).element_size()

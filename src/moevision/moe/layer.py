@@ -69,9 +69,9 @@ class MoE(nn.Module):
         expert_init: ``independent`` (default) or ``shared`` (V-MoE: identical experts at init).
         router_init_std: router weight init std; None = LeCun normal 1/sqrt(D) (vmoe).
         impl: dispatch implementation (see ``moevision.kernels``): ``auto`` (default: ``set_impl``'s
-            choice, else ``fused`` on CUDA / ``grouped`` on CPU where ``torch._grouped_mm`` runs, else
-            ``sorted``), ``fused``,
-            ``grouped``, ``sorted``, ``padded``, or the references ``einsum`` and ``loop``.
+            choice, else ``cpu_fused`` on CPU, ``fused`` on CUDA where ``torch._grouped_mm`` runs, else
+            ``sorted``), ``cpu_fused``, ``fused``, ``grouped``, ``sorted``, ``padded``, or the
+            references ``einsum`` and ``loop``.
         check_finite: raise ValueError on non-finite input (costs a sync; off by default).
         record_routing: put per-token expert ids and gates in ``stats`` (for analytics).
     """
@@ -223,7 +223,11 @@ class MoE(nn.Module):
 
     def _stats(self, plan: RoutingPlan, T: int, lead) -> RoutingStats:
         """Statistics computed on first access (a training step that does not read them launches no
-        kernel for them: on a GPU the layer's time is otherwise partly spent launching tiny ops)."""
+        kernel for them: on a GPU the layer's time is otherwise partly spent launching tiny ops). Under
+        ``torch.compile`` they are computed in the graph (fused there, and dynamo cannot trace the lazy
+        object)."""
+        if torch.compiler.is_compiling():
+            return self._compute_stats(plan, T, lead)
         return _LazyRoutingStats(lambda: self._compute_stats(plan, T, lead))
 
     @torch.no_grad()

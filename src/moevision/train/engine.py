@@ -261,6 +261,8 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
 
     final = None
     model.train()
+    # the compiled module shares the parameters; checkpoints, hooks and evaluation use ``model`` itself
+    fwd_model = torch.compile(model, mode=tc.compile) if tc.compile else model
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     run_loss, run_correct, run_n, window_t, window_imgs = 0.0, 0, 0, time.perf_counter(), 0
@@ -278,7 +280,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                 set_lr(optimizer, warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup,
                                                 lr=tc.lr, min_lr=tc.min_lr))
                 with _autocast(device, tc.amp):
-                    out = model(x)
+                    out = fwd_model(x)
                 logits = out.logits.float()
                 task_loss = F.cross_entropy(logits, labels, label_smoothing=tc.label_smoothing)
                 loss = task_loss + tc.aux_loss_weight * out.aux_loss.float()

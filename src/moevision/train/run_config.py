@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import config as C
+from ..errors import ConfigError
 from ..data import AUGMENTS, DATASETS
 from ..models.vit import ViTConfig
 
@@ -32,6 +33,9 @@ class DataConfig:
             C.check(v is None or v >= 1, f"data.{k}", v, "must be >= 1 or none")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -55,8 +59,15 @@ class TrainConfig:
     # shape checks (moevision.train.init_from). `moevision train --init DIR` also takes its model config.
     init_from: str | None = None
     init_optimizer_state: bool = False  # also load DIR/optimizer.safetensors (upcycled Adam moments)
+    # torch.compile the training forward (+ its backward): null = eager; else the mode, one of
+    # COMPILE_MODES ("reduce-overhead" adds CUDA graphs on a GPU: the MoE layers' fused path has no host
+    # sync, so the whole step is capturable). Evaluation stays eager. Needs Triton on CUDA, a C++
+    # compiler on CPU.
+    compile: str | None = None
 
     def validate(self) -> None:
+        C.check(self.compile is None or self.compile in COMPILE_MODES, "train.compile", self.compile,
+                f"must be null or one of {list(COMPILE_MODES)}")
         C.check(not self.init_optimizer_state or self.init_from is not None, "train.init_optimizer_state",
                 self.init_optimizer_state, "needs train.init_from")
         C.check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
@@ -131,8 +142,10 @@ class RunConfig:
     techniques: TechniquesConfig = field(default_factory=TechniquesConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def validate(self) -> None:
-        pass  # sections validate themselves (config.validate_config)
+    def validate(self) -> None:  # sections validate themselves (config.validate_config); cross-section here
+        if self.train.compile is not None and self.parallel.ep > 1:
+            raise ConfigError(f"train.compile={self.train.compile!r} is not supported with expert parallelism "
+                              f"(parallel.ep={self.parallel.ep}); set train.compile=null or parallel.ep=1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
