@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                         "model: every model compiled). Needs a C++ compiler on CPU, Triton on CUDA")
     b.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                    help="CPU allocator: 'tuned' (default) keeps freed large blocks for reuse instead of "
-                        "returning them to the OS, as a training process should (see docs/performance.md); "
-                        "'default' leaves glibc's behaviour. Applies to every candidate alike")
+                        "returning them to the OS: glibc's dynamic thresholds otherwise page-fault through "
+                        "0 or ~10k pages a step depending on the heap's layout, noise that hits candidates "
+                        "unevenly (docs/performance.md); 'default' leaves glibc's behaviour")
     return p
 
 
@@ -298,10 +299,6 @@ def _plugin_modules():
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if argv is None and args.command != "bench":  # a CLI process (not a caller's): a caching heap
-        from ..utils import tune_malloc  # (bench decides by its --malloc flag)
-
-        tune_malloc()
     try:
         return COMMANDS[args.command](args)
     except MoEVisionError as e:
