@@ -512,3 +512,14 @@ def test_small_axis_softmax_equals_torch_and_gradchecks():
     assert _softmax(x)[0, :5, 2:].eq(0).all()
     xd = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_SoftmaxSmall.apply, (xd,))
+
+
+def test_router_logits_stay_fp32_under_autocast():
+    """vmoe computes the router in float32; under bf16 autocast the matmul would otherwise run in bf16."""
+    torch.manual_seed(0)
+    m = MoE(16, 32, 4, 2, noise_std=0.0)
+    x = torch.randn(64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m.router.logits(x.view(1, 64, 16))
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, x.view(1, 64, 16) @ m.router.weight.t(), atol=1e-6)

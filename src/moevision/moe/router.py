@@ -74,7 +74,8 @@ class _LinearRouter(nn.Module):
         nn.init.normal_(self.weight, std=std) if std > 0 else nn.init.zeros_(self.weight)
 
     def logits(self, x_GSD: torch.Tensor) -> torch.Tensor:
-        return _fp32(x_GSD) @ _fp32(self.weight).t()
+        with torch.autocast(x_GSD.device.type, enabled=False):  # fp32 under autocast too (as vmoe)
+            return _fp32(x_GSD) @ _fp32(self.weight).t()
 
 
 class TopKRouter(_LinearRouter):
