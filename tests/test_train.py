@@ -95,6 +95,9 @@ def test_compiled_training_matches_eager(tmp_path):
         recs = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in recs if r["type"] == "train"]
 
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    assert summary["compile"] == "default" and summary["first_step_seconds"] > 0
+    assert summary["images_per_s_after_first"] > 0
     le, lc = losses("eager"), losses("compiled")
     assert len(le) == len(lc) == 3
     assert lc[0] == pytest.approx(le[0], rel=1e-5)

@@ -260,9 +260,11 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
             "wall_seconds": prior_wall + time.perf_counter() - wall_start})
 
     final = None
+    start_step, prior_train_seconds = step, train_seconds  # where this process starts (resume)
     model.train()
     # the compiled module shares the parameters; checkpoints, hooks and evaluation use ``model`` itself
     fwd_model = torch.compile(model, mode=tc.compile) if tc.compile else model
+    first_step_seconds = None  # this process's first step (compilation, with train.compile)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     run_loss, run_correct, run_n, window_t, window_imgs = 0.0, 0, 0, time.perf_counter(), 0
@@ -298,6 +300,8 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                     hook(model, step, total_steps)
                 batch_in_epoch += 1
                 train_seconds += time.perf_counter() - t0
+                if first_step_seconds is None:
+                    first_step_seconds = time.perf_counter() - t0
                 run_loss += float(task_loss.detach()) * labels.numel()
                 run_correct += int((logits.argmax(-1) == labels).sum())
                 run_n += labels.numel()
@@ -348,6 +352,11 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     summary = make_summary(cfg, par.full_model(model), final, train_seconds=train_seconds, steps=step,
                            images_seen=step * bs, device=device)
     summary["epochs"] = round(step / steps_per_epoch, 3)
+    if tc.compile and first_step_seconds is not None and step - start_step > 1:
+        # steady-state throughput: the first step of a compiled run is mostly compilation
+        rest = max(train_seconds - prior_train_seconds - first_step_seconds, 1e-9)
+        summary.update(compile=tc.compile, first_step_seconds=round(first_step_seconds, 2),
+                       images_per_s_after_first=round((step - start_step - 1) * bs / rest, 1))
     summary["wall_seconds"] = round(prior_wall + time.perf_counter() - wall_start, 2)
     if getattr(par, "mesh", None) is not None:  # launched by torchrun (world size 1 included)
         summary["world_size"], summary["ep"] = par.world_size, par.mesh.ep
@@ -382,6 +391,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("train_seconds") is not None:
         lines.append(f"{'training':<22}{s['train_seconds']:.1f} s in steps, {s['steps']} steps, "
                      f"{s['images_per_s']:.0f} images/s on {s['device']} ({s['threads']} threads)")
+    if s.get("first_step_seconds") is not None:
+        lines.append(f"{'torch.compile':<22}mode {s['compile']}: first step {s['first_step_seconds']:.1f} s "
+                     f"(compilation), then {s['images_per_s_after_first']:.0f} images/s")
     if s.get("wall_seconds") is not None:
         lines.append(f"{'wall time':<22}{s['wall_seconds']:.1f} s (data, evaluation and checkpoints included)")
     if s["moe_layers"]:
