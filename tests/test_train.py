@@ -1,6 +1,8 @@
 """Training loop: learns, logs, checkpoints atomically and resumes exactly."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -81,6 +83,8 @@ def test_warmup_cosine_schedule_values():
     assert warmup_cosine(110, **kw) == pytest.approx(0.0)
 
 
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile on CPU needs a C++ compiler (g++)")
 def test_compiled_training_matches_eager(tmp_path):
     """train.compile: the same run under torch.compile logs the same losses (the first, before any
     update, to float precision), and its checkpoint has the plain model's keys (the compiled wrapper
