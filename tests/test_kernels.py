@@ -274,3 +274,35 @@ def test_fused_layer_compiles_to_one_graph_and_matches_eager():
     for a, b in zip(eager, compiled):
         assert (a - b).abs().max() <= 2e-2 * a.abs().max() + 1e-3
     assert out.stats.tokens_per_expert.sum() == 128 * 2  # statistics are computed inside the graph
+
+
+def test_cpu_default_path_supports_create_graph_and_torch_func():
+    """First-order gradients with create_graph=True (as gradient-penalty code calls them) and
+    torch.func.grad both work on the CPU default path and equal plain autograd."""
+    torch.manual_seed(0)
+    m = MoE(16, 32, 4, 2, noise_std=0.0).double()
+    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+
+    def loss(params, inp):
+        o = torch.func.functional_call(m, params, (inp,))
+        return o.out.square().sum() + o.aux_loss
+
+    params = dict(m.named_parameters())
+    g_plain = torch.autograd.grad(loss(params, x), x)[0]
+    g_graph = torch.autograd.grad(loss(params, x), x, create_graph=True)[0]
+    g_func = torch.func.grad(loss, argnums=1)({k: v.detach() for k, v in params.items()}, x.detach())
+    assert torch.allclose(g_plain, g_graph, atol=1e-12) and torch.allclose(g_plain, g_func, atol=1e-10)
+
+
+def test_relu_backward_in_place_matches_autograd_on_non_finite_grads():
+    x = torch.tensor([-1.0, 0.0, 2.0, -3.0])
+    g = torch.tensor([float("inf"), float("nan"), 1.5, float("-inf")])
+    out = g.clone()
+    ops.act_backward("relu", out, x, out=out)
+    ref = torch.ops.aten.threshold_backward(g, torch.relu(x), 0)
+    assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0)) and out[0] == 0 and out[3] == 0
+
+
+def test_router_runs_on_the_meta_device():
+    m = MoE(16, 32, 4, 2).to("meta")
+    assert m.router.logits(torch.empty(1, 8, 16, device="meta")).shape == (1, 8, 4)

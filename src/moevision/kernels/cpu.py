@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..moe.dispatch import dispatch_sorted  # noqa: F401  (re-exported: the other CPU path)
 from ..moe.experts import Experts
@@ -93,6 +94,7 @@ class _ExpertMLP(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # first-order only: the backward writes into preallocated buffers (out=)
     def backward(ctx, g_TD):
         xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted = ctx.saved_tensors
         counts, k = ctx.counts, ctx.k
@@ -156,11 +158,17 @@ class _ExpertMLP(torch.autograd.Function):
         return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None
 
 
+@torch.compiler.disable  # data-dependent sizes: dynamo would re-specialise on every count pattern
 def dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
     """The ``cpu_fused`` implementation (see the module docstring). Expert choice (tokens appear 0..E
-    times) goes to ``sorted``."""
+    times) goes to ``sorted``; inside a torch.func transform (the function has no functorch rule) to
+    ``grouped`` where it runs, else ``sorted``. Never traced by ``torch.compile`` (a graph break: the
+    rest of the model compiles, this layer's experts run eagerly)."""
     if plan.top_k == 0:
         return dispatch_sorted(x_TD, plan, experts, **kw)
+    if torch._C._are_functorch_transforms_active():
+        from ..moe.dispatch import dispatch_grouped
+        return dispatch_grouped(x_TD, plan, experts, **kw)
     E, K = experts.num_experts, plan.top_k
     exp = plan.expert_idx  # (A,) token-major
     order = torch.argsort(exp, stable=True)

@@ -44,7 +44,7 @@ def act_backward(name: str, grad: torch.Tensor, x: torch.Tensor, out: torch.Tens
         return torch.ops.aten.gelu_backward(grad, x, approximate=_GELU_APPROX[name])
     if name == "relu":
         if out is not None:
-            return torch.mul(grad, x > 0, out=out)
+            return torch.ops.aten.threshold_backward.grad_input(grad, x, 0, grad_input=out)
         return torch.ops.aten.threshold_backward(grad, F.relu(x), 0)
     if name == "silu":
         if out is not None:

@@ -29,17 +29,24 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _functorch_active() -> bool:
+    """Inside a torch.func transform (grad, vmap, jacrev, ...)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 class _SoftmaxSmall(torch.autograd.Function):
     """Softmax over a short last axis (the E experts), for CPU: ATen's last-axis softmax kernel costs
     ~0.5 ms for a (6400, 8) tensor (per-row setup dominates at E=8) where these few vectorised passes
     take ~0.08 ms; same formula (max-shifted exp over its sum), backward p * (g - sum(g * p))."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(x):
         p = (x - x.amax(-1, keepdim=True)).exp_()
-        p = p.div_(p.sum(-1, keepdim=True))
-        ctx.save_for_backward(p)
-        return p
+        return p.div_(p.sum(-1, keepdim=True))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the torch.func-compatible form
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, g):
@@ -49,7 +56,7 @@ class _SoftmaxSmall(torch.autograd.Function):
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
     """softmax(x, -1): the small-axis CPU version where it is faster (measured, see _SoftmaxSmall)."""
-    if x.is_cuda or x.shape[-1] > 64 or torch.compiler.is_compiling():
+    if x.is_cuda or x.shape[-1] > 64 or torch.compiler.is_compiling() or _functorch_active():
         return x.softmax(dim=-1)
     return _SoftmaxSmall.apply(x)
 
@@ -74,7 +81,10 @@ class _LinearRouter(nn.Module):
         nn.init.normal_(self.weight, std=std) if std > 0 else nn.init.zeros_(self.weight)
 
     def logits(self, x_GSD: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x_GSD.device.type, enabled=False):  # fp32 under autocast too (as vmoe)
+        dev = x_GSD.device.type
+        if not torch.amp.is_autocast_available(dev):  # meta tensors, backends without autocast
+            return _fp32(x_GSD) @ _fp32(self.weight).t()
+        with torch.autocast(dev, enabled=False):  # fp32 under autocast too (as vmoe)
             return _fp32(x_GSD) @ _fp32(self.weight).t()
 
 

@@ -299,9 +299,10 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                 for hook in hooks:
                     hook(model, step, total_steps)
                 batch_in_epoch += 1
-                train_seconds += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                train_seconds += dt
                 if first_step_seconds is None:
-                    first_step_seconds = time.perf_counter() - t0
+                    first_step_seconds = dt
                 run_loss += float(task_loss.detach()) * labels.numel()
                 run_correct += int((logits.argmax(-1) == labels).sum())
                 run_n += labels.numel()
@@ -352,11 +353,13 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     summary = make_summary(cfg, par.full_model(model), final, train_seconds=train_seconds, steps=step,
                            images_seen=step * bs, device=device)
     summary["epochs"] = round(step / steps_per_epoch, 3)
-    if tc.compile and first_step_seconds is not None and step - start_step > 1:
-        # steady-state throughput: the first step of a compiled run is mostly compilation
-        rest = max(train_seconds - prior_train_seconds - first_step_seconds, 1e-9)
-        summary.update(compile=tc.compile, first_step_seconds=round(first_step_seconds, 2),
-                       images_per_s_after_first=round((step - start_step - 1) * bs / rest, 1))
+    if tc.compile:
+        summary["compile"] = tc.compile
+        if first_step_seconds is not None and step - start_step > 1:
+            # steady-state throughput: the first step of a compiled run is mostly compilation
+            rest = max(train_seconds - prior_train_seconds - first_step_seconds, 1e-9)
+            summary.update(first_step_seconds=round(first_step_seconds, 2),
+                           images_per_s_after_first=round((step - start_step - 1) * bs / rest, 1))
     summary["wall_seconds"] = round(prior_wall + time.perf_counter() - wall_start, 2)
     if getattr(par, "mesh", None) is not None:  # launched by torchrun (world size 1 included)
         summary["world_size"], summary["ep"] = par.world_size, par.mesh.ep
