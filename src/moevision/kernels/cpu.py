@@ -23,6 +23,11 @@ The segment sizes are read on the host (one ``tolist``): cheap on a CPU, a synch
 where ``fused`` (``kernels/fused.py``) is the sync-free path. The function is device-agnostic and is
 tested against the loop reference on CPU in float64 and float32, forward and backward.
 
+Under autocast the experts run in the autocast dtype and return it, as ``fused`` does (``grouped`` on
+CPU runs them in fp32: ``torch._grouped_mm`` is not an autocast op). The backward is first-order only
+(``once_differentiable``); inside ``torch.func`` transforms and ``torch.compile`` the path steps aside
+(see ``dispatch_cpu_fused``).
+
 Shape legend: T tokens, K choices per token, A = T*K assignments, D width, F hidden, E experts.
 """
 
