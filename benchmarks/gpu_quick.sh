@@ -3,15 +3,21 @@
 # torch.compile of the fused layer), then the two target shapes - dense vs grouped vs fused, eager, CUDA
 # graph, torch.compile and torch.compile replayed from a CUDA graph - then the ViT-B/16 vs V-MoE-B/16
 # training step, eager and compiled. Each part has its own timeout and writes as it goes (to $OUT or runs/).
+# Usage: benchmarks/gpu_quick.sh [all|correctness|layer|model]  (one part alone: its timeout doubles)
 set -uo pipefail
+PART="${1:-all}"; SCALE=1; [ "$PART" = all ] || SCALE=2
+run_part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-runs}"; mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=/tmp/moevision_inductor_cache
 nvidia-smi --query-gpu=name --format=csv,noheader || true
-timeout 150 python benchmarks/gpu_correctness.py > "$OUT/gpu_correctness.txt" 2>&1
+if run_part correctness; then
+timeout $((170 * SCALE)) python benchmarks/gpu_correctness.py > "$OUT/gpu_correctness.txt" 2>&1
 echo "correctness rc=$? $(grep FAILURES "$OUT/gpu_correctness.txt")"; grep -E "FAIL|compiled" "$OUT/gpu_correctness.txt"
-timeout 180 python - <<'PY' 2>&1 | grep -v "^[EW][0-9]" | tee "$OUT/gpu_layer.txt"
+fi
+if run_part layer; then
+timeout $((170 * SCALE)) python - <<'PY' 2>&1 | grep -v "^[EW][0-9]" | tee "$OUT/gpu_layer.txt"
 import json, os, torch
 from moevision.bench import bench_layer, GPU_SHAPES
 dev = torch.device("cuda")
@@ -26,7 +32,9 @@ for s in GPU_SHAPES[:3:2]:  # ViT-B E8 k2 and ViT-S E8 k1
               f"graph x{f(r['graph_ratio'])}  compiled x{f(r['compiled_ratio'])}  compiled+graph x{f(r['compiled_graph_ratio'])}")
     json.dump(out, open(os.path.join(os.environ.get("OUT", "runs"), "gpu_layer.json"), "w"), indent=1)
 PY
-timeout 240 python - <<'PY' 2>&1 | grep -v "^[EW][0-9]" | tee "$OUT/gpu_model.txt"
+fi
+if run_part model; then
+timeout $((230 * SCALE)) python - <<'PY' 2>&1 | grep -v "^[EW][0-9]" | tee "$OUT/gpu_model.txt"
 import json, os, torch
 from moevision.bench import bench_model
 dev = torch.device("cuda")
@@ -38,3 +46,4 @@ for compiled in (False, True):
         print(f"{'compiled' if compiled else 'eager':<9} {r['model']:<32} {r['step_ms']:.1f} ms  x{r['ratio']:.2f}")
     json.dump(out, open(os.path.join(os.environ.get("OUT", "runs"), "gpu_model.json"), "w"), indent=1)
 PY
+fi
