@@ -310,6 +310,12 @@ def run_bench(args) -> int:
                     g, gr = r["graph_fwdbwd_ms"], r["graph_ratio"]
                     line += f"{'-' if g is None else f'{g:.3f}':>14}{'-' if gr is None else f'{gr:.2f}':>9}"
                 print(line)
+            moe_rows = [r for r in rows[1:] if r["impl"] not in ("loop", "einsum")]
+            if moe_rows:
+                best = min(moe_rows, key=lambda r: r["fwdbwd_ratio"])
+                base = {r["impl"]: r["fwdbwd_ratio"] for r in rows if r["impl"] in ("loop", "einsum")}
+                print(f"best fwd+bwd: {best['impl']} {best['fwdbwd_ratio']:.2f}x dense"
+                      + "".join(f", {k} {v:.2f}x" for k, v in base.items()))
             if getattr(args, "compile", False):
                 for r in rows:
                     if r["compiled_fwdbwd_ms"] is not None:
