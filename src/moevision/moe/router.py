@@ -29,6 +29,11 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _autocast_available(device_type: str) -> bool:
+    check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    return check(device_type) if check is not None else device_type in ("cpu", "cuda")
+
+
 def _functorch_active() -> bool:
     """Inside a torch.func transform (grad, vmap, jacrev, ...)."""
     return torch._C._are_functorch_transforms_active()
@@ -82,7 +87,7 @@ class _LinearRouter(nn.Module):
 
     def logits(self, x_GSD: torch.Tensor) -> torch.Tensor:
         dev = x_GSD.device.type
-        if not torch.amp.is_autocast_available(dev):  # meta tensors, backends without autocast
+        if not _autocast_available(dev):  # meta tensors, backends without autocast
             return _fp32(x_GSD) @ _fp32(self.weight).t()
         with torch.autocast(dev, enabled=False):  # fp32 under autocast too (as vmoe)
             return _fp32(x_GSD) @ _fp32(self.weight).t()
