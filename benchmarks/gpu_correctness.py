@@ -111,5 +111,15 @@ for cfg in (dict(top_k=2), dict(top_k=1), dict(top_k=2, capacity_factor=1.0),
         print(f"{str(cfg):<66} {tag:<22} {str(dtype):<15} rel err out {err:.1e} grads {gerr:.1e} dx {xerr:.1e} "
               f"{'ok' if ok else 'FAIL'}")
 kernels.use_triton(kernels.TRITON_AVAILABLE)
+
+# torch.compile sees the fused layer as one graph on CUDA too (no host sync, no graph break)
+torch._dynamo.reset()
+mc = MoE(256, 512, 8, 2, noise_std=1.0).to(dev)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    ex = torch._dynamo.explain(lambda t: mc(t).out)(torch.randn(1024, 256, device=dev))
+ok = (ex.graph_count, ex.graph_break_count) == (1, 0)
+failures += not ok
+print(f"dynamo: fused layer (bf16 autocast, training noise) graphs {ex.graph_count} breaks {ex.graph_break_count} "
+      f"{'ok' if ok else 'FAIL ' + str(ex.break_reasons)[:500]}")
 print("FAILURES:", failures)
 sys.exit(1 if failures else 0)

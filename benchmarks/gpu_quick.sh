@@ -14,7 +14,7 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/moevision_inductor_cache
 nvidia-smi --query-gpu=name --format=csv,noheader || true
 if run_part correctness; then
 timeout $((170 * SCALE)) python benchmarks/gpu_correctness.py > "$OUT/gpu_correctness.txt" 2>&1
-echo "correctness rc=$? $(grep FAILURES "$OUT/gpu_correctness.txt")"; grep -E "FAIL|compiled" "$OUT/gpu_correctness.txt"
+echo "correctness rc=$? $(grep FAILURES "$OUT/gpu_correctness.txt")"; grep -E "FAIL|compiled|dynamo" "$OUT/gpu_correctness.txt"
 fi
 if run_part layer; then
 timeout $((170 * SCALE)) python - <<'PY' 2>&1 | grep -v "^[EW][0-9]" | tee "$OUT/gpu_layer.txt"
