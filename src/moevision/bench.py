@@ -213,10 +213,11 @@ def _interleaved(fns, device, repeats: int, warmup: int = 2) -> list[float]:
     return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
-def bench_model(device, dtype, repeats: int, batch: int = 64, compile: bool = False, impls=None):
+def bench_model(device, dtype, repeats: int, batch: int = 64, compile: bool | str = False, impls=None):
     """Training step (AdamW) of MoE ViTs over their dense twin. CPU: the Fashion-MNIST hybrid pair of
     the main job (28x28). CUDA: ViT-B/16 at 224 px vs V-MoE-B/16 (E=8 top-2 in every other block,
-    dropless), the shape of ../shared/anchors/vit_step_h100.txt."""
+    dropless), the shape of ../shared/anchors/vit_step_h100.txt. ``compile``: True or a torch.compile
+    mode (``"reduce-overhead"`` adds CUDA graphs) for every model."""
     from .models import create_model
     from .models.vit import ViTConfig, VisionTransformer
 
@@ -244,7 +245,9 @@ def bench_model(device, dtype, repeats: int, batch: int = 64, compile: bool = Fa
     for label, make_model in pairs:
         torch.manual_seed(0)
         model = make_model().to(device)
-        step = _train_step(torch.compile(model) if compile else model, x, y, dtype, params=model.parameters())
+        mode = compile if isinstance(compile, str) else None  # e.g. "reduce-overhead": CUDA graphs
+        step = _train_step(torch.compile(model, mode=mode) if compile else model, x, y, dtype,
+                           params=model.parameters())
         peaks.append(_memory(step, device)[1])
         steps.append(step)
         labels.append(label)
