@@ -306,3 +306,36 @@ def test_relu_backward_in_place_matches_autograd_on_non_finite_grads():
 def test_router_runs_on_the_meta_device():
     m = MoE(16, 32, 4, 2).to("meta")
     assert m.router.logits(torch.empty(1, 8, 16, device="meta")).shape == (1, 8, 4)
+
+
+@pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_cpu_fp32_layer_does_not_recompile_per_routing_pattern():
+    """On CPU in fp32 the layer's experts run through cpu_fused, kept out of the graph: a new pattern
+    of empty experts (12 tokens, 8 experts) must not trigger a recompile, and results equal eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = MoE(32, 64, 8, 1, noise_std=0.0)
+    cm = torch.compile(m)
+    frames = []
+    for _ in range(6):
+        x = torch.randn(12, 32, requires_grad=True)
+        o = cm(x)
+        (o.out.square().sum() + o.aux_loss).backward()
+        gx, x.grad = x.grad, None
+        ref = m(x)
+        (ref.out.square().sum() + ref.aux_loss).backward()
+        assert torch.allclose(o.out, ref.out, atol=1e-6) and torch.allclose(gx, x.grad, atol=1e-6)
+        frames.append(counters["frames"]["total"])
+    assert frames[2:] == [frames[2]] * 4, frames  # no new frames after warm-up
+
+
+def test_import_is_light():
+    """moevision must not import torch._dynamo at import time (~0.9 s for every CLI call)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, moevision; print('torch._dynamo' in sys.modules)"],
+                       capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert r.stdout.strip() == "False"

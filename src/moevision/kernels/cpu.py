@@ -163,12 +163,25 @@ class _ExpertMLP(torch.autograd.Function):
         return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None
 
 
-@torch.compiler.disable  # data-dependent sizes: dynamo would re-specialise on every count pattern
+_DISABLED: dict = {}  # the torch.compiler.disable'd function, made on first use under compile
+
+
 def dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
     """The ``cpu_fused`` implementation (see the module docstring). Expert choice (tokens appear 0..E
     times) goes to ``sorted``; inside a torch.func transform (the function has no functorch rule) to
-    ``grouped`` where it runs, else ``sorted``. Never traced by ``torch.compile`` (a graph break: the
-    rest of the model compiles, this layer's experts run eagerly)."""
+    ``grouped`` where it runs, else ``sorted``. Never traced by ``torch.compile``: its sizes are
+    data-dependent and dynamo would re-specialise on every pattern of empty experts; the call runs
+    eagerly and the rest of the model compiles. (``torch.compiler.disable`` is applied on first use,
+    not at import: it imports dynamo, ~0.9 s.)"""
+    if torch.compiler.is_compiling():
+        fn = _DISABLED.get("fn")
+        if fn is None:
+            fn = _DISABLED["fn"] = torch.compiler.disable(_dispatch_cpu_fused)
+        return fn(x_TD, plan, experts, **kw)
+    return _dispatch_cpu_fused(x_TD, plan, experts, **kw)
+
+
+def _dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
     if plan.top_k == 0:
         return dispatch_sorted(x_TD, plan, experts, **kw)
     if torch._C._are_functorch_transforms_active():

@@ -25,11 +25,6 @@ ACTIVATIONS = {
 EXPERT_ACTIVATIONS = tuple(ACTIVATIONS) + ("swiglu",)
 
 
-@torch.compiler.assume_constant_result  # a constant for torch.compile (no graph break on the query)
-def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 class Experts(nn.Module):
     """E independent MLPs stored as stacked tensors.
 
@@ -114,7 +109,8 @@ class Experts(nn.Module):
         if self.dim % align or self.hidden_dim % align:
             return False
         if x.is_cuda:
-            return _cuda_capability(x.device) >= (9, 0)
+            # torch.compile constant-folds this query (dynamo's trace rules list it as in-graph)
+            return torch.cuda.get_device_capability(x.device) >= (9, 0)
         return True
 
     def forward_grouped(self, x_ND: torch.Tensor, offs: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
