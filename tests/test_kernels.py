@@ -339,3 +339,33 @@ def test_import_is_light():
                        capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert r.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile on CPU needs a C++ compiler (g++)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_layer_compiles_whole_on_cpu_in_fp32_and_fp64(dtype):
+    """Under torch.compile ``auto`` runs ``fused`` with its expert GEMMs as the opaque
+    ``moevision::segment_mm`` operator: one graph, no break, equal to the loop reference."""
+    torch._dynamo.reset()
+    ref, m = _pair(dict(top_k=2), dtype, impl="auto")
+    x = torch.randn(64, 16, dtype=dtype)
+    explain = torch._dynamo.explain(lambda t: m(t).out)(x)
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+    (o1, gx1, gp1), (o2, gx2, gp2) = _run(ref, x), _run(torch.compile(m), x)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(o1, o2, atol=tol) and torch.allclose(gx1, gx2, atol=tol)
+    assert all(torch.allclose(gp1[n], m.get_parameter(n).grad, atol=10 * tol) for n in gp1)
+
+
+def test_segment_mm_equals_per_expert_products_and_gradchecks():
+    from moevision.kernels.segment_mm import segment_mm
+
+    torch.manual_seed(0)
+    a = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    offs = torch.tensor([7, 7, 20])  # expert 1 has no rows
+    assert torch.equal(segment_mm(a, w, offs), torch.cat([a[:7] @ w[0], a[7:] @ w[2]]))
+    assert torch.autograd.gradcheck(lambda a_, w_: segment_mm(a_, w_, offs), (a, w))
+    segment_mm(a, w, offs).sum().backward()
+    assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))

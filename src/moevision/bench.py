@@ -285,9 +285,6 @@ def run_bench(args) -> int:
                             or platform.machine()), "torch": torch.__version__, "dtype": dtype_name,
               "threads": torch.get_num_threads(), "what": args.what,
               "malloc": getattr(args, "malloc_state", None) or _malloc_state()}
-    if getattr(args, "compile", False) and device.type == "cpu" and dtype == torch.float32:
-        print("note: on CPU in fp32 the compiled `fused` row has a graph break per layer (torch._grouped_mm "
-              "compiles in bf16 only); --dtype bfloat16 compiles it whole")
     if args.what == "moe-layer":
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
         if args.shapes:

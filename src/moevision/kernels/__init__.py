@@ -68,10 +68,9 @@ def resolve_impl(name: str, x: torch.Tensor, experts) -> str:
     dev = x.device.type
     if not x.is_cuda:
         # measured (docs/performance.md): host reads cost nothing on a CPU, so the per-expert GEMMs
-        # write into preallocated buffers; under torch.compile the sizes are data-dependent, so the
-        # bf16 grouped path (one graph) where it runs
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else experts.w1.dtype
-        if torch.compiler.is_compiling() and experts.grouped_mm_ok(x, dtype):
+        # write into preallocated buffers; under torch.compile ``fused`` (its GEMMs are opaque ops,
+        # ``kernels.segment_mm`` or ``torch._grouped_mm``: the layer is one graph)
+        if torch.compiler.is_compiling():  # one graph: the expert GEMMs as an opaque operator
             return "fused"
         return "cpu_fused"
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else experts.w1.dtype

@@ -59,11 +59,11 @@ def _expert_mlp(experts: Experts, xs_AD: torch.Tensor, offs: torch.Tensor, e_sor
     if grouped:
         def mm(a, w):
             return torch._grouped_mm(a, w, offs=offs)
-    else:
-        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()  # host sync: split sizes
+    else:  # one GEMM per expert inside an opaque operator (reads the segment ends on the host)
+        from .segment_mm import segment_mm
 
         def mm(a, w):
-            return torch.cat([c @ w[e] for e, c in enumerate(torch.split(a, counts))])
+            return segment_mm(a, w, offs)
     h = mm(xs_AD, _w(experts.w1, dt))
     if experts.swiglu:
         a = torch.nn.functional.silu(h) * mm(xs_AD, _w(experts.w3, dt))
