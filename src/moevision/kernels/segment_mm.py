@@ -18,11 +18,19 @@ gradcheck (``tests/test_kernels.py``).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
+# the ops read the segment ends on the host: a CUDA-graph capture must not contain them (inductor's
+# cudagraphs skip a graph with an op tagged so, where this torch has the tag)
+_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_TAGS = {"tags": (_UNSAFE,)} if _UNSAFE is not None and "tags" in inspect.signature(
+    torch.library.custom_op).parameters else {}
 
-@torch.library.custom_op("moevision::segment_mm", mutates_args=())
+
+@torch.library.custom_op("moevision::segment_mm", mutates_args=(), **_TAGS)
 def segment_mm(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     out = a.new_empty(a.shape[0], w.shape[-1])
     start = 0
@@ -38,7 +46,7 @@ def _segment_mm_fake(a, w, offs):
     return a.new_empty(a.shape[0], w.shape[-1])
 
 
-@torch.library.custom_op("moevision::segment_mm_wgrad", mutates_args=())
+@torch.library.custom_op("moevision::segment_mm_wgrad", mutates_args=(), **_TAGS)
 def segment_mm_wgrad(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
     out = a.new_empty(offs.shape[0], a.shape[1], g.shape[1])
     start = 0
