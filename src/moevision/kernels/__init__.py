@@ -67,12 +67,9 @@ def resolve_impl(name: str, x: torch.Tensor, experts) -> str:
         return _DEFAULT
     dev = x.device.type
     if not x.is_cuda:
-        # measured (docs/performance.md): host reads cost nothing on a CPU, so the per-expert GEMMs
-        # write into preallocated buffers; under torch.compile ``fused`` (its GEMMs are opaque ops,
-        # ``kernels.segment_mm`` or ``torch._grouped_mm``: the layer is one graph)
-        if torch.compiler.is_compiling():  # one graph: the expert GEMMs as an opaque operator
-            return "fused"
-        return "cpu_fused"
+        # measured (docs/performance.md). Under torch.compile ``fused``: its expert GEMMs are opaque
+        # ops (``segment_mm`` / ``_grouped_mm``), so the layer is one graph
+        return "fused" if torch.compiler.is_compiling() else "cpu_fused"
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else experts.w1.dtype
     if experts.grouped_mm_ok(x, dtype):
         return "fused"  # measured: fastest on CUDA, and sync-free (CUDA-graph capturable)

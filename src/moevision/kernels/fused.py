@@ -19,9 +19,9 @@ c >= 1). Expert choice and soft MoE use the ``grouped`` / padded paths.
 Under ``torch.compile`` the hand-written Triton kernels are left out: inductor fuses the same
 elementwise work into its own kernels, and the whole layer is one graph (no host sync, no graph break).
 
-Where ``torch._grouped_mm`` cannot run (float64, unaligned widths, pre-Hopper GPUs) the same ops run
-with one GEMM per expert on ``torch.split`` slices (the segment sizes are then needed on the host:
-one sync).
+Where ``torch._grouped_mm`` cannot run (float64, unaligned widths, pre-Hopper GPUs, fp32 under
+``torch.compile``) the GEMMs are ``moevision::segment_mm`` (``kernels/segment_mm.py``): one GEMM per
+expert inside an opaque operator, which reads the segment ends on the host (one sync on a GPU).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from ..moe.experts import Experts
 from ..moe.types import RoutingPlan
 from . import ops
+from .segment_mm import segment_mm
 
 _triton_bias_act = None  # the Triton kernels, set by moevision.kernels when Triton imports
 _triton_combine = None
@@ -59,9 +60,7 @@ def _expert_mlp(experts: Experts, xs_AD: torch.Tensor, offs: torch.Tensor, e_sor
     if grouped:
         def mm(a, w):
             return torch._grouped_mm(a, w, offs=offs)
-    else:  # one GEMM per expert inside an opaque operator (reads the segment ends on the host)
-        from .segment_mm import segment_mm
-
+    else:
         def mm(a, w):
             return segment_mm(a, w, offs)
     h = mm(xs_AD, _w(experts.w1, dt))
