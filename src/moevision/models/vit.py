@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from ..layers import Attention, ConvStem, DropPath, LayerScale, Mlp, PatchEmbed, get_attention
 from ..moe import ROUTERS, MoE, moe_layer_indices
+from ..moe.router import TASK_ROUTING
 from ..moe.types import MoEOutput
 from ._builder import ModelOutput, register_arch, register_model
 
@@ -82,6 +83,10 @@ class ViTConfig:
     switch_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
     moe_impl: str = "auto"  # see moevision.kernels
+    # task-dependent routing (M³ViT): "none", "multi_gate" or "task_conditioned"; forward then takes task=
+    task_routing: str = "none"
+    num_tasks: int = 0
+    task_embed_dim: int | None = None
 
     # -- config protocol
     @classmethod
@@ -123,6 +128,20 @@ class ViTConfig:
             C.check(v is None or v > 0, f"model.{k}", v, "must be > 0, or none for dropless")
         moe_layer_indices(self.moe_layers, self.depth)  # raises on a bad spec
         moe_layer_indices(self.attention_layers, self.depth)
+        C.check(self.task_routing in TASK_ROUTING, "model.task_routing", self.task_routing,
+                f"must be one of {TASK_ROUTING}")
+        if self.task_routing != "none":
+            C.check(isinstance(self.num_tasks, int) and self.num_tasks >= 1, "model.num_tasks", self.num_tasks,
+                    f"must be a positive integer with task_routing={self.task_routing!r}")
+            C.check(self.router == "topk", "model.router", self.router,
+                    f"must be 'topk' with task_routing={self.task_routing!r}")
+            C.check(bool(self.moe_block_indices), "model.moe_layers", self.moe_layers,
+                    "names no MoE block, so task_routing has nothing to route")
+        else:
+            C.check(not self.num_tasks, "model.num_tasks", self.num_tasks,
+                    "needs model.task_routing 'multi_gate' or 'task_conditioned'")
+        C.check(self.task_embed_dim is None or self.task_routing == "task_conditioned", "model.task_embed_dim",
+                self.task_embed_dim, "needs model.task_routing='task_conditioned'")
         get_attention(self.attention)
         get_block(self.block)
 
@@ -139,12 +158,20 @@ class ViTConfig:
             group_size=self.group_size, slots_per_expert=self.slots_per_expert, expert_init=self.expert_init,
             importance_loss_weight=self.importance_loss_weight, load_loss_weight=self.load_loss_weight,
             switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl,
-            activation=self.mlp_act)
+            activation=self.mlp_act, task_routing=self.task_routing, num_tasks=self.num_tasks,
+            task_embed_dim=self.task_embed_dim)
 
 
 # MLP activations by name; each is also an expert activation of ``moevision.MoE`` (same function)
 MLP_ACTS: dict[str, Any] = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU,
                             "silu": nn.SiLU}
+
+
+def call_mlp(mlp: nn.Module, x: torch.Tensor, state: dict | None):
+    """The block's FFN on ``x``; an MoE that routes by task gets the forward pass's ``state["task"]``."""
+    if isinstance(mlp, MoE) and mlp.task_aware:
+        return mlp(x, task=None if state is None else state.get("task"))
+    return mlp(x)
 
 
 class Block(nn.Module):
@@ -174,7 +201,7 @@ class Block(nn.Module):
         if isinstance(a, MoEOutput):
             a, aux = a.out, a.aux_loss
         x = x + self.drop_path(self.ls1(a))
-        y = self.mlp(self.norm2(x))
+        y = call_mlp(self.mlp, self.norm2(x), state)
         if isinstance(y, MoEOutput):
             aux = y.aux_loss if aux is None else aux + y.aux_loss
             return x + self.drop_path(self.ls2(y.out)), aux, y.stats
@@ -269,7 +296,7 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token"}
 
     # -- forward
-    def _features(self, x: torch.Tensor):
+    def _features(self, x: torch.Tensor, task=None):
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -277,6 +304,13 @@ class VisionTransformer(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         stats = []
         state: dict = {}  # fresh per forward: nothing leaks across batches
+        if self.config.task_routing != "none":
+            if task is None:
+                raise ValueError(f"this model routes by task (model.task_routing={self.config.task_routing!r}, "
+                                 f"num_tasks={self.config.num_tasks}); call it with task=<id>")
+            state["task"] = task
+        elif task is not None:
+            raise ValueError("task= was given but this model does not route by task (model.task_routing='none')")
         for blk in self.blocks:
             x, a, s = blk(x, state)
             if a is not None:
@@ -285,21 +319,23 @@ class VisionTransformer(nn.Module):
                 stats.append(s)
         return self.norm(x), aux, stats
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The token sequence after the final norm, (B, N, D)."""
-        return self._features(x)[0]
+    def forward_features(self, x: torch.Tensor, task=None) -> torch.Tensor:
+        """The token sequence after the final norm, (B, N, D). ``task``: see ``forward``."""
+        return self._features(x, task)[0]
 
     def forward_head(self, x_BND: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x_BND[:, 0] if self.config.global_pool == "token" else x_BND[:, self.num_prefix_tokens:].mean(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, task=None) -> ModelOutput:
+        """``task`` (models with ``task_routing`` only, and then required): the task id, an int or a (B,)
+        integer tensor, handed to every MoE layer's router (M³ViT)."""
         cfg = self.config
         if x.dim() != 4 or x.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
             raise ValueError(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
                              f"got {tuple(x.shape)}")
-        feats, aux, stats = self._features(x)
+        feats, aux, stats = self._features(x, task)
         return ModelOutput(logits=self.forward_head(feats), aux_loss=aux, routing=stats, moe_layers=self.moe_layers)
 
     # -- parameter counts

@@ -74,6 +74,10 @@ class MoE(nn.Module):
             references ``einsum`` and ``loop``.
         check_finite: raise ValueError on non-finite input (costs a sync; off by default).
         record_routing: put per-token expert ids and gates in ``stats`` (for analytics).
+        num_tasks, task_routing, task_embed_dim, task_init_std: task-dependent routing (M³ViT, ``topk``
+            router only): ``task_routing`` ``none`` (default), ``multi_gate`` (a gate per task) or
+            ``task_conditioned`` (one gate on the token and the task id); ``forward`` then needs ``task``.
+            See ``TopKRouter``.
     """
 
     def __init__(
@@ -109,6 +113,10 @@ class MoE(nn.Module):
         impl: str = "auto",
         check_finite: bool = False,
         record_routing: bool = False,
+        num_tasks: int = 0,
+        task_routing: str = "none",
+        task_embed_dim: int | None = None,
+        task_init_std: float | None = None,
     ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
@@ -135,6 +143,8 @@ class MoE(nn.Module):
         if impl != "auto":
             get_dispatch(impl)  # validates the name
         noise = _DEFAULT_NOISE.get(router, 0.0) if noise_std is None else noise_std
+        if (task_routing != "none" or num_tasks) and router != "topk":
+            raise ConfigError(f"task_routing={task_routing!r} needs router='topk', got router={router!r}")
 
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.router_name, self.group_size, self.impl = router, group_size, impl
@@ -147,7 +157,9 @@ class MoE(nn.Module):
                 batch_priority=batch_priority, bpr_score=bpr_score, capacity_mode=capacity_mode,
                 capacity_multiple_of=capacity_multiple_of, importance_loss_weight=importance_loss_weight,
                 load_loss_weight=load_loss_weight, switch_loss_weight=switch_loss_weight,
-                switch_use_all_k=switch_use_all_k, z_loss_weight=z_loss_weight, init_std=router_init_std)
+                switch_use_all_k=switch_use_all_k, z_loss_weight=z_loss_weight, init_std=router_init_std,
+                num_tasks=num_tasks, task_routing=task_routing, task_embed_dim=task_embed_dim,
+                task_init_std=task_init_std)
         elif router == "expert_choice":
             self.router = ExpertChoiceRouter(
                 dim, num_experts, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
@@ -162,7 +174,48 @@ class MoE(nn.Module):
         self.experts = Experts(num_experts, dim, hidden_dim, activation=activation, bias=bias, init=expert_init)
 
     def extra_repr(self) -> str:
-        return f"router={self.router_name}, top_k={self.top_k}, impl={self.impl}"
+        task = f", task_routing={self.task_routing}, num_tasks={self.num_tasks}" if self.task_aware else ""
+        return f"router={self.router_name}, top_k={self.top_k}, impl={self.impl}{task}"
+
+    @property
+    def task_routing(self) -> str:
+        return getattr(self.router, "task_routing", "none")
+
+    @property
+    def num_tasks(self) -> int:
+        return getattr(self.router, "num_tasks", 0)
+
+    @property
+    def task_aware(self) -> bool:
+        """True when routing depends on a task id (``forward`` then needs ``task``)."""
+        return self.task_routing != "none"
+
+    def _task(self, task, lead, G: int, S: int):
+        """The task id as an int (one task for the whole call) or a (G, S) int64 tensor (one per token)."""
+        if not self.task_aware:
+            raise ConfigError("task= was given but this layer does not route by task "
+                              "(set task_routing='multi_gate' or 'task_conditioned')")
+        if task is None:
+            raise ValueError(f"this layer routes by task (task_routing={self.task_routing!r}); pass task=<id>")
+        n = self.num_tasks
+        if isinstance(task, torch.Tensor) and task.dim() == 0:
+            task = int(task)
+        if isinstance(task, int):
+            if not 0 <= task < n:
+                raise ValueError(f"task must be in [0, num_tasks={n}), got {task}")
+            return task
+        if not isinstance(task, torch.Tensor) or task.dtype.is_floating_point or task.dtype == torch.bool:
+            raise ValueError(f"task must be an int or an integer tensor, got {type(task).__name__}"
+                             f"{'' if not isinstance(task, torch.Tensor) else ' of dtype ' + str(task.dtype)}")
+        lead = tuple(lead)
+        if tuple(task.shape) != lead[:task.dim()]:
+            raise ValueError(f"task must have shape {lead} or a prefix of it (e.g. one id per sample, "
+                             f"{lead[:1]}), got {tuple(task.shape)}")
+        if task.device.type == "cpu" and task.numel() and not (0 <= int(task.min()) and int(task.max()) < n):
+            raise ValueError(f"task ids must be in [0, num_tasks={n}), got ids in "
+                             f"[{int(task.min())}, {int(task.max())}]")
+        t = task.to(torch.long).reshape(task.shape + (1,) * (len(lead) - task.dim())).expand(lead)
+        return t.reshape(G, S)
 
     def _groups(self, x: torch.Tensor, T: int) -> tuple[int, int]:
         S = self.group_size
@@ -173,9 +226,12 @@ class MoE(nn.Module):
                               f"use a batch whose token count is a multiple of it")
         return T // S, S
 
-    def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> MoEOutput:
+    def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None, task=None) -> MoEOutput:
         """``expert_mask`` (optional, bool, shape ``x.shape[:-1] + (E,)``, True = allowed): the experts each
-        token may be routed to (MoMa-style modality groups; ``topk`` router only)."""
+        token may be routed to (MoMa-style modality groups; ``topk`` router only). ``task`` (layers with
+        task-dependent routing only, and then required): an int, one task for every token, or an integer
+        tensor of shape ``x.shape[:-1]`` or a prefix of it (e.g. (B,), one task per sample). CPU task tensors
+        are range-checked; on a GPU that check would be a host sync, so it is skipped."""
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE input width must be dim={self.dim}, got input of shape {tuple(x.shape)}")
         if self.check_finite and not bool(torch.isfinite(x).all()):
@@ -184,15 +240,20 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
         G, S = self._groups(x, T)
+        if task is not None or self.task_aware:
+            task_kw = {"task": self._task(task, lead, G, S)}
+        else:
+            task_kw = {}
         if expert_mask is None:
-            plan = self.router(x_TD.view(G, S, self.dim))
+            plan = self.router(x_TD.view(G, S, self.dim), **task_kw)
         else:
             if self.router_name != "topk":
                 raise ConfigError(f"expert_mask needs router='topk', this layer has router={self.router_name!r}")
             if tuple(expert_mask.shape) != tuple(lead) + (self.num_experts,):
                 raise ValueError(f"expert_mask must have shape {tuple(lead) + (self.num_experts,)}, "
                                  f"got {tuple(expert_mask.shape)}")
-            plan = self.router(x_TD.view(G, S, self.dim), expert_mask.reshape(G, S, self.num_experts).bool())
+            plan = self.router(x_TD.view(G, S, self.dim), expert_mask.reshape(G, S, self.num_experts).bool(),
+                               **task_kw)
         if isinstance(plan, SoftRoutingPlan):
             out, stats = self._soft(x_TD.view(G, S, self.dim), plan, lead)
         else:

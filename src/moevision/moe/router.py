@@ -76,21 +76,30 @@ class _LinearRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, init_std: float | None = None):
         super().__init__()
         self.dim, self.num_experts = dim, num_experts
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.weight = nn.Parameter(torch.empty(self._weight_shape()))
         self.init_std = init_std
         self.reset_parameters()
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (self.num_experts, self.dim)
 
     def reset_parameters(self) -> None:
         # LeCun normal (vmoe's Flax Dense default) unless a std is given.
         std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.dim)
         nn.init.normal_(self.weight, std=std) if std > 0 else nn.init.zeros_(self.weight)
 
-    def logits(self, x_GSD: torch.Tensor) -> torch.Tensor:
+    def logits(self, x_GSD: torch.Tensor, task: torch.Tensor | int | None = None) -> torch.Tensor:
         dev = x_GSD.device.type
         if not _autocast_available(dev):  # meta tensors, backends without autocast
-            return _fp32(x_GSD) @ _fp32(self.weight).t()
+            return self._logits(_fp32(x_GSD), task)
         with torch.autocast(dev, enabled=False):  # fp32 under autocast too (as vmoe)
-            return _fp32(x_GSD) @ _fp32(self.weight).t()
+            return self._logits(_fp32(x_GSD), task)
+
+    def _logits(self, x_GSD: torch.Tensor, task) -> torch.Tensor:
+        return x_GSD @ _fp32(self.weight).t()
+
+
+TASK_ROUTING = ("none", "multi_gate", "task_conditioned")
 
 
 class TopKRouter(_LinearRouter):
@@ -106,6 +115,18 @@ class TopKRouter(_LinearRouter):
     top-k gates with ``bpr_score="sum"``, [R]) instead of position; ties keep position order.
     All first choices are placed before any second choice, so a top-1 choice is never displaced by a
     top-2 choice.
+
+    Task-dependent routing (M³ViT, Liang et al., NeurIPS 2022; vision_moe.md §10), with ``num_tasks`` > 0:
+    ``task_routing="multi_gate"`` gives each task its own gate: ``weight`` is (num_tasks, E, D) and task t
+    routes with ``weight[t]``. ``task_routing="task_conditioned"`` is one gate on ``[x ; e_t]``, e_t the
+    one-hot task id: its first D columns are ``weight`` (E, D) and its task columns ``task_weight``
+    (E, num_tasks), so the logits are ``x @ weight.T + task_weight[:, t]``. With ``task_embed_dim`` set, e_t
+    is a learned task embedding ``task_embed[t]`` (num_tasks, task_embed_dim) instead of the one-hot (the
+    reference code's ``gate_task_specific_dim`` option; its exact embedding network is [R], here one
+    embedding table). ``task_init_std`` initialises the task columns (None = the token columns' std; 0 =
+    zero, which leaves routing task-independent at step 0). ``from_single_gate`` in
+    ``moevision.techniques.multitask`` builds either form from a trained single gate without changing
+    the function.
     """
 
     def __init__(
@@ -130,7 +151,22 @@ class TopKRouter(_LinearRouter):
         switch_use_all_k: bool = False,
         z_loss_weight: float = 0.0,
         init_std: float | None = None,
+        num_tasks: int = 0,
+        task_routing: str = "none",
+        task_embed_dim: int | None = None,
+        task_init_std: float | None = None,
     ):
+        if task_routing not in TASK_ROUTING:
+            raise ConfigError(f"task_routing must be one of {TASK_ROUTING}, got {task_routing!r}")
+        if task_routing != "none" and (not isinstance(num_tasks, int) or num_tasks < 1):
+            raise ConfigError(f"task_routing={task_routing!r} needs num_tasks >= 1, got {num_tasks!r}")
+        if task_routing == "none" and num_tasks:
+            raise ConfigError(f"num_tasks={num_tasks!r} needs task_routing 'multi_gate' or 'task_conditioned'")
+        if task_embed_dim is not None and (task_routing != "task_conditioned" or task_embed_dim < 1):
+            raise ConfigError(f"task_embed_dim={task_embed_dim!r} needs task_routing='task_conditioned' and "
+                              f"a positive size")
+        self.num_tasks, self.task_routing = (num_tasks if task_routing != "none" else 0), task_routing
+        self.task_embed_dim, self.task_init_std = task_embed_dim, task_init_std
         super().__init__(dim, num_experts, init_std)
         if softmax_order not in ("before_topk", "after_topk"):
             raise ConfigError(f"softmax_order must be 'before_topk' or 'after_topk', got {softmax_order!r}")
@@ -146,16 +182,58 @@ class TopKRouter(_LinearRouter):
                             switch=switch_loss_weight, z=z_loss_weight)
         self.switch_use_all_k = switch_use_all_k
 
+    # -- task-dependent routing (M³ViT)
+    def _weight_shape(self) -> tuple[int, ...]:
+        if self.task_routing == "multi_gate":
+            return (self.num_tasks, self.num_experts, self.dim)
+        return (self.num_experts, self.dim)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.task_routing != "task_conditioned":
+            return
+        cols = self.task_embed_dim or self.num_tasks
+        if not hasattr(self, "task_weight"):
+            self.task_weight = nn.Parameter(torch.empty(self.num_experts, cols, device=self.weight.device))
+            if self.task_embed_dim:
+                self.task_embed = nn.Parameter(torch.empty(self.num_tasks, cols, device=self.weight.device))
+        std = self.task_init_std
+        if std is None:
+            std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.dim)
+        for p in (self.task_weight, getattr(self, "task_embed", None)):
+            if p is not None:
+                nn.init.normal_(p, std=std) if std > 0 else nn.init.zeros_(p)
+        if self.task_embed_dim and std == 0:  # a zero table would get no gradient through a zero weight
+            nn.init.normal_(self.task_embed, std=1.0)
+
+    def _logits(self, x_GSD: torch.Tensor, task) -> torch.Tensor:
+        if self.task_routing == "none":
+            return x_GSD @ _fp32(self.weight).t()
+        if task is None:
+            raise ValueError(f"this router routes by task (task_routing={self.task_routing!r}); pass task=<id>")
+        w = _fp32(self.weight)
+        if self.task_routing == "multi_gate":
+            if isinstance(task, int):
+                return x_GSD @ w[task].t()
+            # per-token tasks: every gate on every token (num_tasks x E logits, cheap), then each token's own
+            all_GSTE = (x_GSD @ w.reshape(-1, self.dim).t()).unflatten(-1, (self.num_tasks, self.num_experts))
+            return all_GSTE.gather(-2, task[..., None, None].expand(*task.shape, 1, self.num_experts)).squeeze(-2)
+        cols = _fp32(self.task_weight)  # (E, num_tasks) or (E, task_embed_dim)
+        bias_TE = (_fp32(self.task_embed) @ cols.t()) if self.task_embed_dim else cols.t()  # (num_tasks, E)
+        return x_GSD @ w.t() + (bias_TE[task] if isinstance(task, int) else bias_TE[task])
+
     def current_capacity_factor(self) -> float | None:
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
-    def forward(self, x_GSD: torch.Tensor, expert_mask_GSE: torch.Tensor | None = None) -> RoutingPlan:
+    def forward(self, x_GSD: torch.Tensor, expert_mask_GSE: torch.Tensor | None = None,
+                task: torch.Tensor | int | None = None) -> RoutingPlan:
         """``expert_mask_GSE`` (bool, True = allowed) restricts each token to a subset of the experts
         (MoMa's modality groups): the other logits become -inf, so their probability is exactly 0 and
-        top-k is taken over the allowed experts only. Every token needs at least K allowed experts."""
+        top-k is taken over the allowed experts only. Every token needs at least K allowed experts.
+        ``task`` (task-dependent routers only): one task id for all tokens (int) or one per token, (G, S)."""
         G, S, _ = x_GSD.shape
         E, K = self.num_experts, self.top_k
-        logits = self.logits(x_GSD)  # (G, S, E) clean
+        logits = self.logits(x_GSD, task)  # (G, S, E) clean
         if expert_mask_GSE is not None:
             if bool((expert_mask_GSE.sum(-1) < K).any()):
                 raise ValueError(f"expert_mask allows fewer than top_k={K} experts for some token")

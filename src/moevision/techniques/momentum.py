@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..models.vit import Block, register_block
+from ..models.vit import Block, call_mlp, register_block
 from ..moe import MoE
 from ..moe.types import MoEOutput
 
@@ -76,12 +76,12 @@ class MomentumBlock(Block):
         if self.variant == "robust":
             p_prev = state.get("p")
             y = u if p_prev is None else u + self.gamma_r * self.alpha * p_prev
-            o = self.mlp(y)
+            o = call_mlp(self.mlp, y, state)
             p = o.out if p_prev is None else o.out + self.beta * p_prev
             state["p"] = p
             step = self.alpha * p
         elif self.variant == "adam" and t in self.adam_layers:
-            o = self.mlp(u)
+            o = call_mlp(self.mlp, u, state)
             f = o.out
             m1 = (1 - self.beta1) * f + self.beta1 * state.get("adam_a", 0.0)
             v = (1 - self.beta2) * f * f + self.beta2 * state.get("adam_v", 0.0)
@@ -89,7 +89,7 @@ class MomentumBlock(Block):
             state["m"] = self.gamma * f
             step = self.gamma1 * m1 / torch.sqrt(v + 1e-8)
         else:  # heavy ball (also adam's later layers)
-            o = self.mlp(u)
+            o = call_mlp(self.mlp, u, state)
             m = self.gamma * o.out + (self.mu * state["m"] if "m" in state else 0.0)
             state["m"] = m
             step = m

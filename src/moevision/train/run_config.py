@@ -146,6 +146,11 @@ class RunConfig:
         if self.train.compile is not None and self.parallel.ep > 1:
             raise ConfigError(f"train.compile={self.train.compile!r} is not supported with expert parallelism "
                               f"(parallel.ep={self.parallel.ep}); set train.compile=null or parallel.ep=1")
+        if self.model.task_routing != "none":
+            raise ConfigError(f"model.task_routing={self.model.task_routing!r}: `moevision train` trains one "
+                              f"task, so there is no task id to route by; train task-routed models with "
+                              f"`moevision multitask` or moevision.techniques.multitask.MultiTaskViT, or set "
+                              f"model.task_routing=none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

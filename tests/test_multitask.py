@@ -1,0 +1,260 @@
+"""Task-dependent routing (M³ViT, vision_moe.md §10) and Edge-MoE's numerics, against independent oracles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moevision import MoE
+from moevision.errors import ConfigError
+from moevision.models.vit import ViTConfig, VisionTransformer
+from moevision.moe.dispatch import dispatch_loop
+from moevision.techniques.edge_moe import (dispatch_by_expert, gelu_lut, gelu_lut_table, online_softmax,
+                                           streaming_topk)
+from moevision.techniques.multitask import (MultiTaskSettings, MultiTaskViT, build_model, from_single_gate,
+                                            patch_stats, specialisation, task_flops)
+
+TINY = dict(img_size=8, in_chans=1, num_classes=10, patch_size=2, embed_dim=16, depth=2, num_heads=2,
+            mlp_ratio=2.0, moe_layers="every_2", num_experts=4, top_k=2, noise_std=0.0)
+
+
+def _vit(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(ViTConfig.from_dict({**TINY, **kw}))
+
+
+# ---- the router ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["multi_gate", "task_conditioned"])
+def test_task_router_logits_match_the_papers_gate(mode):
+    """multi-gate: task t's logits are x @ W_t^T; task-conditioned: the gate on [x ; one_hot(t)]."""
+    torch.manual_seed(0)
+    moe = MoE(6, 8, 4, 2, num_tasks=3, task_routing=mode, noise_std=0.0).eval()
+    x = torch.randn(1, 5, 6)
+    r = moe.router
+    for t in range(3):
+        got = r.logits(x, t)
+        if mode == "multi_gate":
+            want = x @ r.weight[t].t()
+        else:
+            full = torch.cat([r.weight, r.task_weight], dim=1)  # (E, D + T): the paper's one gate
+            want = torch.cat([x, F.one_hot(torch.tensor(t), 3).float().expand(1, 5, 3)], -1) @ full.t()
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["multi_gate", "task_conditioned"])
+def test_per_sample_task_tensor_equals_one_call_per_task(mode):
+    torch.manual_seed(1)
+    moe = MoE(8, 16, 4, 2, num_tasks=2, task_routing=mode).eval()
+    x = torch.randn(3, 5, 8)
+    task = torch.tensor([1, 0, 1])
+    out = moe(x, task=task).out
+    for b in range(3):
+        torch.testing.assert_close(out[b], moe(x[b:b + 1], task=int(task[b])).out[0])
+    # per-token ids too
+    per_tok = torch.tensor([[0, 1, 0, 1, 1]] * 3)
+    out_tok = moe(x, task=per_tok).out
+    for t in (0, 1):
+        m = per_tok == t
+        torch.testing.assert_close(out_tok[m], moe(x, task=t).out[m])
+
+
+@pytest.mark.parametrize("mode", ["multi_gate", "task_conditioned"])
+def test_task_id_changes_routing_and_only_its_gate_gets_gradients(mode):
+    torch.manual_seed(2)
+    moe = MoE(8, 16, 4, 1, num_tasks=3, task_routing=mode, task_init_std=1.0).eval()
+    x = torch.randn(64, 8)
+    choices = [moe.router(x.view(1, 64, 8), task=t).expert_idx for t in range(3)]
+    assert not torch.equal(choices[0], choices[1]) and not torch.equal(choices[0], choices[2])
+    moe.zero_grad()
+    o = moe(x, task=1)
+    (o.out.square().sum() + o.aux_loss).backward()
+    if mode == "multi_gate":
+        g = moe.router.weight.grad
+        assert g[1].abs().sum() > 0
+        assert g[0].abs().sum() == 0 and g[2].abs().sum() == 0
+    else:
+        g = moe.router.task_weight.grad
+        assert g[:, 1].abs().sum() > 0
+        assert g[:, 0].abs().sum() == 0 and g[:, 2].abs().sum() == 0
+        assert moe.router.weight.grad.abs().sum() > 0  # the shared token columns learn from every task
+
+
+def test_task_embedding_option():
+    moe = MoE(8, 16, 4, 2, num_tasks=3, task_routing="task_conditioned", task_embed_dim=5).eval()
+    r = moe.router
+    assert tuple(r.task_embed.shape) == (3, 5) and tuple(r.task_weight.shape) == (4, 5)
+    x = torch.randn(1, 4, 8)
+    torch.testing.assert_close(r.logits(x, 2), x @ r.weight.t() + r.task_embed[2] @ r.task_weight.t())
+
+
+def test_task_validation_messages():
+    moe = MoE(8, 16, 4, 2, num_tasks=2, task_routing="multi_gate")
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="pass task"):
+        moe(x)
+    with pytest.raises(ValueError, match=r"task must be in \[0, num_tasks=2\)"):
+        moe(x, task=2)
+    with pytest.raises(ValueError, match=r"task ids must be in \[0, num_tasks=2\)"):
+        moe(x, task=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="shape"):
+        moe(x, task=torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match="integer"):
+        moe(x, task=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ConfigError, match="does not route by task"):
+        MoE(8, 16, 4, 2)(x, task=0)
+    with pytest.raises(ConfigError, match="router='topk'"):
+        MoE(8, 16, 4, router="soft", num_tasks=2, task_routing="multi_gate")
+    with pytest.raises(ConfigError, match="task_routing must be"):
+        MoE(8, 16, 4, 2, num_tasks=2, task_routing="per_task")
+    with pytest.raises(ConfigError, match="num_tasks >= 1"):
+        MoE(8, 16, 4, 2, task_routing="multi_gate")
+    with pytest.raises(ConfigError, match="model.num_tasks"):
+        ViTConfig.from_dict({**TINY, "task_routing": "multi_gate", "num_tasks": 0})
+    with pytest.raises(ConfigError, match="model.moe_layers"):
+        ViTConfig.from_dict({**TINY, "moe_layers": "none", "task_routing": "multi_gate", "num_tasks": 2})
+
+
+# ---- the model --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["multi_gate", "task_conditioned"])
+def test_from_single_gate_preserves_the_function_for_every_task(mode):
+    single = _vit().eval()
+    multi = from_single_gate(single, 3, mode).eval()
+    assert multi.config.task_routing == mode
+    x = torch.randn(4, 1, 8, 8)
+    ref = single(x)
+    for t in range(3):
+        got = multi(x, task=t)
+        torch.testing.assert_close(got.logits, ref.logits)
+        for a, b in zip(got.routing, ref.routing):
+            torch.testing.assert_close(a.tokens_per_expert, b.tokens_per_expert)
+    # the task-routed model saves and reloads like any model
+    state = multi.state_dict()
+    again = VisionTransformer(multi.config)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.eval()(x, task=1).logits, ref.logits)
+
+
+def test_vit_task_argument_is_required_and_refused_as_needed():
+    with pytest.raises(ValueError, match="task=<id>"):
+        _vit(task_routing="multi_gate", num_tasks=2)(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="does not route by task"):
+        _vit()(torch.randn(2, 1, 8, 8), task=0)
+
+
+def test_momentum_block_passes_the_task():
+    m = _vit(task_routing="multi_gate", num_tasks=2, block="momentum").eval()
+    x = torch.randn(2, 1, 8, 8)
+    assert not torch.equal(m(x, task=0).logits, m(x, task=1).logits)  # the task reaches the momentum block
+    with pytest.raises(ValueError, match="pass task"):
+        m.blocks[1].mlp(torch.randn(2, 3, 16))
+
+
+def test_patch_stats_against_a_loop():
+    x = torch.rand(2, 1, 8, 8)
+    got = patch_stats(x, 4)  # 4 patches, row-major
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                p = x[b, 0, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
+                torch.testing.assert_close(got[b, 2 * i + j], torch.stack([p.mean(), p.std(unbiased=False)]))
+
+
+def test_multitask_model_passes_and_flops():
+    S = MultiTaskSettings(embed_dim=16, depth=2, num_heads=2, num_experts=4, top_k=2)
+    x = torch.randn(3, 1, 8, 8)
+    for row in ("dense", "moe", "multi_gate", "task_conditioned"):
+        m = build_model(row, S, (1, 8, 8))
+        preds, aux, stats = m(x)
+        assert preds["classify"].shape == (3, 10) and preds["patch_stats"].shape == (3, 16, 2)
+        assert (len(stats["classify"]) == 0) == (row == "dense")
+    dense, moe = build_model("dense", S, (1, 8, 8)), build_model("multi_gate", S, (1, 8, 8))
+    # expert hidden = D * mlp_ratio / top_k: the MoE's active FLOPs are the dense twin's plus its routers
+    N, D, E = 17, 16, 4
+    router = 2 * N * D * E  # one MoE block (block 1 of 2)
+    assert task_flops(moe, "classify") - task_flops(dense, "classify") == router
+    with pytest.raises(ConfigError, match="task names"):
+        MultiTaskViT(moe.backbone, ("classify",))
+
+
+def test_specialisation_metric():
+    same = [[[0.5, 0.5], [0.5, 0.5]]]
+    disjoint = [[[1.0, 0.0], [0.0, 1.0]]]
+    assert specialisation(same) == 0.0 and specialisation(disjoint) == 1.0
+
+
+def test_multitask_cli_on_digits(tmp_path, capsys):
+    from moevision.cli.main import main
+
+    out = tmp_path / "mt.md"
+    rc = main(["multitask", "--dataset", "digits", "--rows", "dense,task_conditioned", "--seeds", "1",
+               "--epochs", "1", "--train-subset", "128", "--test-subset", "64", "--out", str(out),
+               "--work-dir", str(tmp_path / "work"), "--no-progress"])
+    assert rc == 0
+    text = out.read_text()
+    assert "M³ViT task-conditioned" in text and "Usage matrix" in text
+    assert (tmp_path / "mt.json").is_file()
+    assert main(["multitask", "--rows", "dense,bogus"]) != 0
+    assert "--rows: unknown ['bogus']" in capsys.readouterr().err
+
+
+# ---- Edge-MoE numerics --------------------------------------------------------------------------------
+def test_online_softmax_equals_softmax():
+    torch.manual_seed(0)
+    x = torch.randn(50, 9, dtype=torch.float64) * 5
+    x[0] += 1e4
+    x[1] -= 1e4
+    x[2, 3] = float("-inf")
+    x[3, :8] = float("-inf")
+    torch.testing.assert_close(online_softmax(x), torch.softmax(x, -1), atol=1e-12, rtol=0)
+    perm = torch.randperm(9)
+    torch.testing.assert_close(online_softmax(x[:, perm]), torch.softmax(x, -1)[:, perm], atol=1e-12, rtol=0)
+    torch.testing.assert_close(online_softmax(x.t(), dim=0), torch.softmax(x, -1).t(), atol=1e-12, rtol=0)
+
+
+def test_gelu_lut_error_and_grid():
+    x = torch.linspace(-8, 8, 200001, dtype=torch.float64)
+    err = (gelu_lut(x) - F.gelu(x)).abs().max().item()
+    assert err <= 1e-4, err
+    tanh_err = (F.gelu(x, approximate="tanh") - F.gelu(x)).abs().max().item()
+    assert err < tanh_err  # better than the tanh approximation, as Edge-MoE says
+    k = torch.arange(0, 176, dtype=torch.float64)
+    grid = k / 32
+    table = gelu_lut_table()
+    torch.testing.assert_close(gelu_lut(grid), torch.relu(grid) - table[:176], atol=1e-15, rtol=0)
+    torch.testing.assert_close(gelu_lut(-grid), -table[:176], atol=1e-15, rtol=0)
+    assert table[-1] == 0 and math.isclose(float(table[32]), 1.0 * 0.5 * math.erfc(1 / math.sqrt(2)))
+
+
+def test_streaming_topk_equals_topk_and_breaks_ties_by_index():
+    torch.manual_seed(0)
+    s = torch.randn(40, 8)
+    for k in (1, 2, 3, 8):
+        v, i = streaming_topk(s, k)
+        tv, ti = torch.topk(s, k)
+        torch.testing.assert_close(v, tv)
+        assert torch.equal(i, ti)
+    ties = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
+    v, i = streaming_topk(ties, 3)
+    assert i.tolist() == [[1, 2, 4]] and v.tolist() == [[3.0, 3.0, 3.0]]
+    with pytest.raises(ValueError):
+        streaming_topk(s, 9)
+
+
+def test_dispatch_by_expert_equals_token_wise_moe():
+    torch.manual_seed(0)
+    moe = MoE(8, 16, 4, 2, capacity_factor=0.75).eval()  # some tokens dropped, too
+    x = torch.randn(30, 8)
+    plan = moe.router(x.view(1, 30, 8))
+    want = dispatch_loop(x, plan, moe.experts)
+    torch.testing.assert_close(dispatch_by_expert(x, plan, moe.experts), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(moe(x).out, want, atol=1e-6, rtol=0)
+
+
+def test_single_task_training_refuses_task_routing():
+    from moevision.train.run_config import RunConfig
+
+    with pytest.raises(ConfigError, match="moevision multitask"):
+        RunConfig.from_dict({"model": {"task_routing": "multi_gate", "num_tasks": 2, "moe_layers": "every_2"}})
