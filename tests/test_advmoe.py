@@ -1,0 +1,188 @@
+"""MoE-CNN (channel-group experts, straight-through top-1) and AdvMoE's training pieces (vision_moe.md §11)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moevision.errors import ConfigError
+from moevision.models.cnn import CNNConfig, MoECNN, MoEConv2d, build_cnn, straight_through_top1
+from moevision.techniques.advmoe import (AdvConfig, advmoe_step, evaluate_autoattack, evaluate_robust,
+                                         joint_trades_step, load_row_model, pgd_attack, trades_attack, trades_kl)
+
+
+def _moe(**kw) -> MoECNN:
+    torch.manual_seed(0)
+    return build_cnn(**{"width": 8, "num_experts": 3, "width_ratio": 0.5, "router_widths": [4, 8],
+                        "router_blocks": 1, **kw})
+
+
+def test_selected_group_conv_equals_masked_full_conv():
+    torch.manual_seed(0)
+    conv = MoEConv2d(4, 5, 3, num_experts=3, stride=2, padding=1, bias=True)
+    x = torch.randn(6, 4, 9, 9)
+    sel = torch.tensor([2, 0, 2, 1, 1, 0])
+    mask = F.one_hot(sel, 3).float()
+    full = conv.forward_masked(x, mask)
+    assert full.shape == (6, 5, 5, 5)
+    torch.testing.assert_close(conv.forward_selected(x, sel), full)
+    # only the selected group's channels: equal to a plain conv with that group's weights
+    for b in range(6):
+        e = int(sel[b])
+        ref = F.conv2d(x[b:b + 1], conv.weight[5 * e:5 * e + 5], conv.bias[5 * e:5 * e + 5], 2, 1)
+        torch.testing.assert_close(full[b:b + 1], ref)
+
+
+def test_straight_through_gradient_is_the_mask_gradient():
+    s = torch.randn(4, 3, requires_grad=True)
+    m = straight_through_top1(s)
+    assert torch.equal(m.detach(), F.one_hot(s.argmax(-1), 3).float())
+    g = torch.randn(4, 3)
+    (m * g).sum().backward()
+    torch.testing.assert_close(s.grad, g)  # dL/ds = dL/dmask
+
+
+def test_global_router_reaches_every_moe_conv_and_eval_path_matches_training_path():
+    model = _moe().eval()
+    x = torch.rand(5, 1, 12, 12)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, MoEConv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(inp[1].argmax(-1) if len(inp) > 1 else None))
+    with torch.no_grad():
+        scores = model.router_scores(x)
+        model(x)  # eval + no grad: the selected-group path
+    assert len(seen) == 3 and all(torch.equal(s, scores.argmax(-1)) for s in seen)
+    with torch.no_grad():
+        fast = model(x)
+    model.train()
+    for mod in model.modules():  # BN in eval, so both paths see the same statistics
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.eval()
+    torch.testing.assert_close(model(x), fast, atol=1e-5, rtol=1e-5)
+
+
+def test_router_gets_gradients_through_the_straight_through_mask_for_every_expert():
+    model = _moe()
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(x), y).backward()
+    g = model.router.fc.weight.grad
+    assert g is not None and (g.abs().sum(1) > 0).all()  # every expert's score row learns
+
+
+def test_dense_and_narrow_models_and_flops():
+    full, half = build_cnn(width=8), build_cnn(width=8, width_ratio=0.5)
+    moe = _moe(num_experts=2)
+    assert full.router is None and not full.router_parameters()
+    f_full, f_half, f_moe = (m.inference_flops(12) for m in (full, half, moe))
+    assert f_half < f_full and f_moe > f_half
+    # the MoE's inference FLOPs = the narrow dense pathway + its router CNN
+    router_only = moe.inference_flops(12) - half.inference_flops(12)
+    assert router_only > 0
+    per_layer = _moe(num_experts=2, router_scope="per_layer")
+    assert per_layer.router is None and per_layer.router_parameters()
+    out, s = per_layer.forward_with_router(torch.rand(2, 1, 12, 12))
+    assert out.shape == (2, 10) and s.shape == (2, 2)
+    with pytest.raises(ConfigError, match="model.width_ratio"):
+        CNNConfig(width_ratio=1.5).validate()
+    with pytest.raises(ConfigError, match="model.router_scope"):
+        CNNConfig(router_scope="local").validate()
+    r18 = build_cnn(arch="resnet18", width=8, num_experts=2, width_ratio=0.5, router_widths=[4], router_blocks=1)
+    assert r18(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_pgd_stays_in_the_ball_and_the_box_and_raises_the_loss():
+    model = build_cnn(width=8).eval()
+    torch.manual_seed(1)
+    x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 10, (6,))
+    loss = lambda z: F.cross_entropy(model(z), y, reduction="sum")  # noqa: E731
+    x_adv = pgd_attack(loss, x, eps=0.05, step=0.02, steps=5)
+    assert (x_adv - x).abs().max() <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert float(loss(x_adv)) > float(loss(x))
+    moe = _moe()
+    xt = trades_attack(moe, x, eps=0.05, step=0.03, steps=2)
+    assert (xt - x).abs().max() <= 0.05 + 1e-6 and xt.min() >= 0 and xt.max() <= 1
+    assert moe.training  # the attack restores the mode it found
+
+
+def test_trades_kl_is_summed_over_the_batch():
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    p, q = a.softmax(1), b.softmax(1)
+    want = (p * (p.log() - q.log())).sum()
+    torch.testing.assert_close(trades_kl(a, b), want)
+
+
+def test_each_optimiser_touches_only_its_parameters():
+    model = _moe(num_experts=2)
+    theta, phi = model.expert_parameters(), model.router_parameters()
+    assert {id(p) for p in theta}.isdisjoint({id(p) for p in phi}) and phi
+    opt_t = torch.optim.SGD(theta, lr=0.1)
+    opt_p = torch.optim.SGD(phi, lr=0.1)
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    cfg = AdvConfig(eps=0.05, step=0.03, steps=1)
+    # the θ step moves θ and not φ (the φ optimiser is made a no-op); then the reverse
+    snap_phi = [p.detach().clone() for p in phi]
+    snap_theta = [p.detach().clone() for p in theta]
+    noop = torch.optim.SGD(phi, lr=0.0)
+    advmoe_step(model, x, y, opt_t, noop, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(snap_phi, phi))
+    assert any(not torch.equal(a, b) for a, b in zip(snap_theta, theta))
+    snap_theta = [p.detach().clone() for p in theta]
+    advmoe_step(model, x, y, torch.optim.SGD(theta, lr=0.0), opt_p, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(snap_theta, theta))  # θ untouched by the router step
+    assert any(not torch.equal(a, b) for a, b in zip(snap_phi, phi))
+    with pytest.raises(ConfigError, match="global router"):
+        advmoe_step(build_cnn(width=8), x, y, opt_t, opt_p, cfg)
+
+
+def test_router_through_moe_loss_and_joint_step_and_evaluation():
+    model = _moe(num_experts=2)
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    cfg = AdvConfig(eps=0.05, step=0.03, steps=1, router_loss="trades_through_moe")
+    phi = model.router_parameters()
+    snap = [p.detach().clone() for p in phi]
+    advmoe_step(model, x, y, torch.optim.SGD(model.expert_parameters(), lr=0.0),
+                torch.optim.SGD(phi, lr=0.5), cfg)
+    assert any(not torch.equal(a, b) for a, b in zip(snap, phi))  # gradient reached φ through the STE
+    info = joint_trades_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.01), cfg)
+    assert set(info) == {"loss"}
+    res = evaluate_robust(model, x, y, eps=0.05, step=0.02, steps=2, batch_size=4)
+    assert set(res) == {"sa", "ra", "router_acc", "router_ra"} and 0 <= res["ra"] <= 1
+    with pytest.raises(ConfigError, match="router_loss"):
+        AdvConfig(router_loss="x").validate()
+
+
+def test_advmoe_cli_on_digits(tmp_path, capsys):
+    from moevision.cli.main import main
+
+    out = tmp_path / "adv.md"
+    rc = main(["advmoe", "--dataset", "digits", "--rows", "dense_half,advmoe", "--seeds", "1", "--epochs", "1",
+               "--train-subset", "256", "--test-subset", "64", "--out", str(out), "--work-dir",
+               str(tmp_path / "w"), "--no-progress"])
+    assert rc == 0
+    text = out.read_text()
+    assert "AdvMoE (alternating" in text and "dense CNN, half width" in text
+    # the trained weights are kept (safetensors, config in the metadata) and load back exactly
+    saved = sorted((tmp_path / "w").glob("*/advmoe_seed0.safetensors"))
+    assert len(saved) == 1
+    model = load_row_model(saved[0]).eval()
+    assert model.is_moe and model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="metadata"):
+        from safetensors.torch import save_file
+        save_file({"w": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
+        load_row_model(tmp_path / "bare.safetensors")
+    assert main(["advmoe", "--eps", "2"]) != 0
+    assert "--eps must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_autoattack_is_no_stronger_than_clean_and_stays_in_the_ball():
+    pytest.importorskip("pyautoattack")
+    model = build_cnn(width=8).eval()
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 12, 12), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+    aa = evaluate_autoattack(model, x, y, eps=0.05, attacks=("apgd-ce",), batch_size=16)
+    assert 0.0 <= aa <= clean
