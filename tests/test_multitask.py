@@ -258,3 +258,11 @@ def test_single_task_training_refuses_task_routing():
 
     with pytest.raises(ConfigError, match="moevision multitask"):
         RunConfig.from_dict({"model": {"task_routing": "multi_gate", "num_tasks": 2, "moe_layers": "every_2"}})
+
+
+def test_expert_pruning_refuses_task_routers():
+    from moevision.techniques.qmoe.prune import prune_experts
+
+    m = _vit(task_routing="multi_gate", num_tasks=2)
+    with pytest.raises(ConfigError, match="task-dependent routers"):
+        prune_experts(m, {"blocks.1.mlp": [0, 1]})

@@ -73,6 +73,9 @@ def _rebuild(model: torch.nn.Module, num_experts: int, layer_state) -> torch.nn.
 
 
 def _check_count(model, n: int, what: str) -> None:
+    if getattr(model.config, "task_routing", "none") != "none":
+        raise ConfigError(f"expert pruning/merging does not handle task-dependent routers yet "
+                          f"(model.task_routing={model.config.task_routing!r})")
     E = model.config.num_experts
     if not (isinstance(n, int) and 1 <= n < E):
         raise ConfigError(f"{what} must be an integer in [1, {E - 1}] (the model has {E} experts per layer), got {n!r}")
