@@ -185,4 +185,6 @@ def test_autoattack_is_no_stronger_than_clean_and_stays_in_the_ball():
     with torch.no_grad():
         clean = float((model(x).argmax(1) == y).float().mean())
     aa = evaluate_autoattack(model, x, y, eps=0.05, attacks=("apgd-ce",), batch_size=16)
+    with pytest.raises(ConfigError, match="unknown AutoAttack"):
+        evaluate_autoattack(model, x, y, eps=0.05, attacks=("pgd",))
     assert 0.0 <= aa <= clean

@@ -266,3 +266,49 @@ def test_expert_pruning_refuses_task_routers():
     m = _vit(task_routing="multi_gate", num_tasks=2)
     with pytest.raises(ConfigError, match="task-dependent routers"):
         prune_experts(m, {"blocks.1.mlp": [0, 1]})
+
+
+# ---- Mod-Squad's mutual-information loss ---------------------------------------------------------------
+def test_mi_loss_is_minus_mutual_information_by_brute_force():
+    from moevision.techniques.multitask import mutual_information_from_usage, mutual_information_loss
+
+    torch.manual_seed(0)
+    A = torch.rand(3, 5, dtype=torch.float64) * 10
+    n = float(A.sum())
+    P = A / n
+    Pt, Pe = P.sum(1), P.sum(0)
+    mi = sum(float(P[t, e]) * math.log(float(P[t, e]) / (float(Pt[t]) * float(Pe[e])))
+             for t in range(3) for e in range(5))
+    assert abs(float(mutual_information_loss(A, n, eps=0.0)) + mi) < 1e-12
+    # one-to-one task -> expert attains -log T; identical usage attains ~0
+    one = torch.zeros(2, 4, dtype=torch.float64)
+    one[0, 1], one[1, 3] = 50.0, 50.0
+    assert abs(float(mutual_information_loss(one, 100.0, eps=0.0)) + math.log(2)) < 1e-12
+    same = torch.full((2, 4), 12.5, dtype=torch.float64)  # 100 tokens, spread alike
+    assert abs(float(mutual_information_loss(same, 100.0))) < 1e-3
+    # the hard-usage counterpart at evaluation
+    assert abs(mutual_information_from_usage([[0, 1, 0, 0], [0, 0, 0, 1]]) - math.log(2)) < 1e-12
+    assert abs(mutual_information_from_usage([[0.5, 0.5], [0.5, 0.5]])) < 1e-12
+
+
+def test_modsquad_rows_zero_init_uniform_probs_and_mi_reaches_the_routers():
+    S = MultiTaskSettings(embed_dim=16, depth=2, num_heads=2, num_experts=4, top_k=2)
+    m = build_model("modsquad", S, (1, 8, 8))
+    assert m.mi_weight == 0.005 and m.backbone.config.task_routing == "multi_gate"
+    moe = m.backbone.blocks[1].mlp
+    x = torch.randn(3, 1, 8, 8)
+    plan = moe.router(torch.randn(1, 5, 16), task=1)
+    torch.testing.assert_close(plan.probs_GSE, torch.full_like(plan.probs_GSE, 0.25))  # zero-init router
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    m.train()
+    _, aux_mi, _ = m(x)
+    m.mi_weight = 0.0
+    _, aux_plain, _ = m(x)
+    assert float(aux_mi.detach()) != float(aux_plain.detach())
+    m.mi_weight = 1.0
+    m.zero_grad()
+    m(x)[1].backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="mutual-information loss needs task-dependent routing"):
+        MultiTaskViT(build_model("moe", S, (1, 8, 8)).backbone, mi_weight=0.1)

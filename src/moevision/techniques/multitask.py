@@ -10,6 +10,12 @@ around them:
 - ``MultiTaskViT``: a backbone plus one head per task. With task routing the backbone runs **once per
   task** with that task's routing (M³ViT's training loop); without it, once for all heads (the usual
   shared-encoder multi-task baseline).
+- Mod-Squad's mutual-information loss between tasks and experts (§14; ``mutual_information_loss``,
+  ``MultiTaskViT(..., mi_weight=w)``): each step accumulates every task's router probabilities per MoE
+  layer into A[t, e] and adds w · (-I(T; E)); rows ``modsquad`` / ``modsquad_strong`` of the experiment
+  use it with zero-initialised per-task routers (Mod-Squad's router init). Deviation: Mod-Squad's mixture
+  of attention-head experts (MoA) on the even blocks is not built; its experts are the MLP ones only, and
+  its ``+1e-4`` on the combine weights is left out (the MI loss keeps its 1e-4 inside the log).
 - the CPU experiment of §10(e) on Fashion-MNIST: task ``classify`` (10 classes, the CLS head) and task
   ``patch_stats`` (per-patch regression of the mean and the standard deviation of the patch's pixels, a
   texture/edge proxy, with a linear per-token head). ``run_multitask`` trains the dense multi-task ViT, a
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.vit import ViTConfig, VisionTransformer
+from ..moe import MoE
 from ..moe.router import TASK_ROUTING
 
 TASKS = ("classify", "patch_stats")
@@ -76,6 +83,57 @@ def from_single_gate(model: VisionTransformer, num_tasks: int, task_routing: str
 
 
 # ---------------------------------------------------------------------------------------------------
+# Mod-Squad's mutual-information loss between tasks and experts (vision_moe.md §14, [V] Mod-Squad)
+def mutual_information_loss(A_TE: torch.Tensor, num_tokens: float, eps: float = 1e-4) -> torch.Tensor:
+    """``-I(T; E)`` from the accumulated router probabilities ``A[t, e] = sum over task t's tokens of
+    probs_e`` (one MoE layer, all tasks of the step): A <- A / num_tokens, P(t) = sum_e A, P(e) = sum_t A,
+    L = -sum A log(A / (P(t) P(e)) + eps) (Mod-Squad's form; eps = 0 gives exactly -I(T; E) in nats).
+    Minimising it makes each task lean on a few experts while the experts stay in use overall."""
+    A = A_TE / num_tokens
+    Pt, Pe = A.sum(1, keepdim=True), A.sum(0, keepdim=True)
+    ratio = A / (Pt * Pe).clamp_min(1e-30)
+    return -(A * torch.log(ratio.clamp_min(1e-30) + eps)).sum()  # 0 log 0 = 0 (an unused cell adds nothing)
+
+
+def mutual_information_from_usage(usage_TE: list[list[float]], task_weights: list[float] | None = None) -> float:
+    """I(T; E) in nats of a hard usage matrix (rows: a task's distribution over experts), tasks weighted
+    equally (or by ``task_weights``): the evaluation-time counterpart of the loss."""
+    U = torch.tensor(usage_TE, dtype=torch.float64)
+    w = torch.full((U.shape[0],), 1.0 / U.shape[0], dtype=torch.float64) if task_weights is None \
+        else torch.tensor(task_weights, dtype=torch.float64) / sum(task_weights)
+    A = U * w[:, None]
+    Pe = A.sum(0, keepdim=True)
+    nz = A > 0
+    return float((A[nz] * torch.log(A[nz] / (w[:, None] * Pe).expand_as(A)[nz])).sum())
+
+
+class _RouterProbs:
+    """Collects the (differentiable) clean router probabilities of every token-choice router in a model
+    during a forward pass, summed over tokens: one (E,) tensor per router per call."""
+
+    def __init__(self, model: nn.Module):
+        from ..moe.router import TopKRouter
+
+        self.sums: list[torch.Tensor] = []
+        self.tokens: list[int] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, TopKRouter)]
+
+    def _hook(self, mod, inp, plan):
+        p = plan.probs_GSE
+        self.sums.append(p.sum(dim=(0, 1)))
+        self.tokens.append(p.shape[0] * p.shape[1])
+
+    def take(self) -> tuple[list[torch.Tensor], list[int]]:
+        out = (self.sums, self.tokens)
+        self.sums, self.tokens = [], []
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
 # tasks, the multi-task model
 def patch_stats(images01: torch.Tensor, patch: int) -> torch.Tensor:
     """Per-patch (mean, std) of the pixels of [0, 1] images (B, C, H, W) -> (B, N_patches, 2), row-major
@@ -90,7 +148,7 @@ class MultiTaskViT(nn.Module):
     """A ViT backbone with a head per task: ``classify`` uses the backbone's own head (CLS token);
     ``patch_stats`` is a linear head on every patch token. ``task_names[t]`` is task id t."""
 
-    def __init__(self, backbone: VisionTransformer, task_names: tuple[str, ...] = TASKS):
+    def __init__(self, backbone: VisionTransformer, task_names: tuple[str, ...] = TASKS, *, mi_weight: float = 0.0):
         super().__init__()
         unknown = [t for t in task_names if t not in TASKS]
         if unknown or not task_names:
@@ -101,8 +159,12 @@ class MultiTaskViT(nn.Module):
                               f"given ({task_names})")
         if "patch_stats" in task_names and cfg.stem != "patch":
             raise ConfigError("task patch_stats needs a patch-stem ViT (one token per patch)")
+        if mi_weight < 0 or (mi_weight > 0 and cfg.task_routing == "none"):
+            raise ConfigError(f"mi_weight={mi_weight!r}: the mutual-information loss needs task-dependent routing "
+                              f"and a weight >= 0")
         self.backbone, self.task_names = backbone, tuple(task_names)
         self.patch_head = nn.Linear(cfg.embed_dim, 2) if "patch_stats" in task_names else None
+        self.mi_weight = mi_weight
 
     @property
     def task_routed(self) -> bool:
@@ -124,9 +186,22 @@ class MultiTaskViT(nn.Module):
         backbone runs once per task (M³ViT); without, once for all heads."""
         if self.task_routed:
             preds, stats, aux = {}, {}, x.new_zeros(())
-            for t, name in enumerate(self.task_names):
-                preds[name], a, stats[name] = self.forward_task(x, t)
-                aux = aux + a
+            probs = _RouterProbs(self) if (self.mi_weight > 0 and self.training) else None
+            per_task = []
+            try:
+                for t, name in enumerate(self.task_names):
+                    preds[name], a, stats[name] = self.forward_task(x, t)
+                    aux = aux + a
+                    if probs is not None:
+                        per_task.append(probs.take())
+            finally:
+                if probs is not None:
+                    probs.close()
+            if per_task:  # Mod-Squad: one (T, E) accumulation per MoE layer over all the step's tasks
+                for li in range(len(per_task[0][0])):
+                    A = torch.stack([pt[0][li] for pt in per_task])
+                    n_tok = float(sum(pt[1][li] for pt in per_task))
+                    aux = aux + self.mi_weight * mutual_information_loss(A, n_tok)
             return preds, aux, stats
         feats, aux, s = self.backbone._features(x, None)
         return {n: self.head(n, feats) for n in self.task_names}, aux, {n: s for n in self.task_names}
@@ -188,7 +263,7 @@ class MultiTaskSettings:
     noise_std: float = 0.0  # M³ViT's README command: vmoe_noisy_std 0
     patch_size: int | None = None  # None: 4, or 2 for images under 16 pixels (digits)
     seeds: int = 3
-    rows: tuple[str, ...] = ("dense", "moe", "multi_gate", "task_conditioned")
+    rows: tuple[str, ...] = ("dense", "moe", "multi_gate", "task_conditioned", "modsquad", "modsquad_strong")
 
     def validate(self) -> None:
         for k in ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "num_experts", "top_k"):
@@ -207,7 +282,10 @@ ROWS = {
     "moe": "MoE, task-agnostic router (one pass, both heads)",
     "multi_gate": "M³ViT multi-gate (a router per task, a pass per task)",
     "task_conditioned": "M³ViT task-conditioned router (one router on [x; task one-hot])",
+    "modsquad": "Mod-Squad: per-task zero-init routers + mutual-information loss (w=0.005)",
+    "modsquad_strong": "Mod-Squad routers + mutual-information loss (w=0.05)",
 }
+MI_WEIGHTS = {"modsquad": 0.005, "modsquad_strong": 0.05}
 
 
 def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -226,7 +304,15 @@ def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int
                     expert_hidden_ratio=S.expert_hidden_ratio, capacity_factor=None, eval_capacity_factor=None)
     if row in ("multi_gate", "task_conditioned"):
         base.update(task_routing=row, num_tasks=len(TASKS))
-    return MultiTaskViT(VisionTransformer(ViTConfig.from_dict(base)), TASKS)
+    mi = MI_WEIGHTS.get(row, 0.0)
+    if mi:  # Mod-Squad: a zero-initialised router per task (uniform probabilities at the start)
+        base.update(task_routing="multi_gate", num_tasks=len(TASKS))
+    backbone = VisionTransformer(ViTConfig.from_dict(base))
+    if mi:
+        for m in backbone.modules():
+            if isinstance(m, MoE):
+                nn.init.zeros_(m.router.weight)
+    return MultiTaskViT(backbone, TASKS, mi_weight=mi)
 
 
 def _standardiser(train_images01: torch.Tensor, patch: int):
@@ -272,6 +358,7 @@ def evaluate_multitask(model: MultiTaskViT, images01: torch.Tensor, labels: torc
         mats = [(u / u.sum(-1, keepdim=True).clamp_min(1)).tolist() for u in usage]
         out["usage"] = mats
         out["specialisation"] = specialisation(mats)
+        out["mutual_information"] = sum(mutual_information_from_usage(m) for m in mats) / len(mats)
     return out
 
 
@@ -404,22 +491,27 @@ def markdown(report: dict) -> str:
         "active FFN FLOPs per token match). Each task is evaluated alone, as at inference. "
         f"Mean ± std over {n} seed(s). Made by `moevision multitask`.", "",
         "| configuration | accuracy (%) | patch R² | single-task GFLOPs/img (classify / patch) | train ms/step | "
-        "task-expert specialisation |",
-        "|---|---|---|---|---|---|",
+        "task-expert specialisation | I(T;E) (nats) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row, runs in res.items():
         if not runs:
             continue
         fl = runs[0]["flops"]
         spec = _ms([r["specialisation"] for r in runs], digits=3) if "specialisation" in runs[0] else "-"
+        mis = [r.get("mutual_information", None if "usage" not in r else
+                     sum(mutual_information_from_usage(m) for m in r["usage"]) / len(r["usage"])) for r in runs]
+        mi = _ms(mis, digits=3) if all(v is not None for v in mis) else "-"
         lines.append(f"| {ROWS[row]} | {_ms([r['accuracy'] for r in runs], 100)} | "
                      f"{_ms([r['patch_r2'] for r in runs], digits=4)} | "
                      f"{fl['classify'] / 1e9:.4f} / {fl['patch_stats'] / 1e9:.4f} | "
-                     f"{_ms([r['step_ms'] for r in runs], digits=0)} | {spec} |")
+                     f"{_ms([r['step_ms'] for r in runs], digits=0)} | {spec} | {mi} |")
     lines += ["", "Specialisation: the total-variation distance between the two tasks' expert-usage "
               "distributions, averaged over the MoE layers (0: both tasks use the experts alike; 1: disjoint "
               "experts). A task-agnostic router routes a token the same way whatever the task, so its value "
-              "is 0 by construction.", ""]
+              "is 0 by construction. I(T;E): the mutual information between task and chosen expert (hard "
+              "routing, tasks weighted equally), averaged over the MoE layers; at most log 2 = 0.693 nats for "
+              "two tasks.", ""]
     for row, runs in res.items():
         if runs and "usage" in runs[0]:
             lines += [f"Usage matrix, {ROWS[row]}, seed 0 (rows: tasks, columns: experts; % of the task's "
