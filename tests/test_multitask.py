@@ -312,3 +312,36 @@ def test_modsquad_rows_zero_init_uniform_probs_and_mi_reaches_the_routers():
     assert moe.router.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="mutual-information loss needs task-dependent routing"):
         MultiTaskViT(build_model("moe", S, (1, 8, 8)).backbone, mi_weight=0.1)
+
+
+def test_cli_row_names_match_the_experiment():
+    from moevision.cli.multitask import ROW_NAMES
+    from moevision.techniques.multitask import ROWS
+
+    assert set(ROW_NAMES) == set(ROWS) and tuple(MultiTaskSettings().rows) == ROW_NAMES
+
+
+def test_task_pruning_rule_and_pruned_layer_equals_masked_full_layer():
+    from moevision.techniques.multitask import prune_for_task, task_expert_keep
+
+    assert task_expert_keep([0.5, 0.3, 0.16, 0.04], 0.3, 2) == [0, 1, 2]  # usage > 0.3 / 2
+    assert task_expert_keep([0.9, 0.1, 0.0, 0.0], 0.5, 2) == [0, 1]  # at least k
+    S = MultiTaskSettings(embed_dim=16, depth=2, num_heads=2, num_experts=4, top_k=2)
+    torch.manual_seed(3)
+    m = build_model("multi_gate", S, (1, 8, 8)).eval()
+    usage = [[0.4, 0.05, 0.3, 0.25]]  # one MoE layer (block 1); task 0 = classify
+    pruned, keeps = prune_for_task(m, 0, usage, 0.3)
+    assert keeps == [[0, 2, 3]] and pruned.backbone.config.num_experts == 3
+    assert pruned.backbone.config.task_routing == "none" and pruned.task_names == ("classify",)
+    # the pruned MoE layer == the full layer for task 0 with the removed experts' logits at -inf
+    full, small = m.backbone.blocks[1].mlp, pruned.backbone.blocks[1].mlp
+    x = torch.randn(2, 17, 16)
+    allowed = torch.zeros(2, 17, 4, dtype=torch.bool)
+    allowed[..., [0, 2, 3]] = True
+    torch.testing.assert_close(small(x).out, full(x, expert_mask=allowed, task=0).out)
+    # keeping every expert gives back task 0's function exactly
+    whole, _ = prune_for_task(m, 0, [[0.25] * 4], 0.0)
+    xi = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(whole.forward_task(xi, 0)[0], m.forward_task(xi, 0)[0])
+    with pytest.raises(ConfigError, match="multi_gate"):
+        prune_for_task(build_model("task_conditioned", S, (1, 8, 8)), 0, usage, 0.3)

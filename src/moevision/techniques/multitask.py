@@ -13,7 +13,8 @@ around them:
 - Mod-Squad's mutual-information loss between tasks and experts (§14; ``mutual_information_loss``,
   ``MultiTaskViT(..., mi_weight=w)``): each step accumulates every task's router probabilities per MoE
   layer into A[t, e] and adds w · (-I(T; E)); rows ``modsquad`` / ``modsquad_strong`` of the experiment
-  use it with zero-initialised per-task routers (Mod-Squad's router init). Deviation: Mod-Squad's mixture
+  use it with zero-initialised per-task routers (Mod-Squad's router init); ``modsquad_nomi`` is the same
+  without the loss. ``prune_for_task`` is Mod-Squad's task-specific expert pruning. Deviation: Mod-Squad's mixture
   of attention-head experts (MoA) on the even blocks is not built; its experts are the MLP ones only, and
   its ``+1e-4`` on the combine weights is left out (the MI loss keeps its 1e-4 inside the log).
 - the CPU experiment of §10(e) on Fashion-MNIST: task ``classify`` (10 classes, the CLS head) and task
@@ -133,6 +134,16 @@ class _RouterProbs:
             h.remove()
 
 
+def task_expert_keep(usage_E: list[float], thresh: float, k: int) -> list[int]:
+    """Mod-Squad's rule for one layer: keep the experts whose usage by the task exceeds ``thresh / k``; if
+    fewer than k survive, the top-k by usage. Sorted expert ids."""
+    u = torch.tensor(usage_E, dtype=torch.float64)
+    keep = (u > thresh / k).nonzero().flatten().tolist()
+    if len(keep) < k:
+        keep = torch.argsort(u, descending=True, stable=True)[:k].tolist()
+    return sorted(keep)
+
+
 # ---------------------------------------------------------------------------------------------------
 # tasks, the multi-task model
 def patch_stats(images01: torch.Tensor, patch: int) -> torch.Tensor:
@@ -207,6 +218,50 @@ class MultiTaskViT(nn.Module):
         return {n: self.head(n, feats) for n in self.task_names}, aux, {n: s for n in self.task_names}
 
 
+@torch.no_grad()
+def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], thresh: float
+                   ) -> tuple["MultiTaskViT", list[list[int]]]:
+    """A single-task model for task ``task`` (Mod-Squad's expert pruning, §14 items 8-9) from a multi-gate
+    model: per MoE layer keep the experts ``task_expert_keep(usage[layer], thresh, k)`` and task t's router
+    rows for them (the softmax then runs over the kept experts only); heads of the other tasks are dropped.
+    ``usage[layer]`` is task t's (E,) usage. Deviation: a ViT config has one expert count, so every layer
+    keeps the largest count any layer needs, topped up by usage order; the kept lists are returned."""
+    cfg = model.backbone.config
+    if cfg.task_routing != "multi_gate":
+        raise ConfigError(f"prune_for_task needs per-task routers (task_routing='multi_gate'), got "
+                          f"{cfg.task_routing!r}")
+    if not 0 <= task < cfg.num_tasks:
+        raise ConfigError(f"task must be in [0, {cfg.num_tasks}), got {task}")
+    layers = list(cfg.moe_block_indices)
+    if len(usage) != len(layers):
+        raise ConfigError(f"usage has {len(usage)} layers, the model has {len(layers)} MoE layers")
+    k = cfg.top_k
+    keeps = [task_expert_keep(u, thresh, k) for u in usage]
+    n = max(len(kp) for kp in keeps)
+    for li, kp in enumerate(keeps):  # top up to the common count, most used first
+        extra = [e for e in torch.argsort(torch.tensor(usage[li]), descending=True, stable=True).tolist()
+                 if e not in kp]
+        keeps[li] = sorted(kp + extra[:n - len(kp)])
+    new_cfg = dataclasses.replace(cfg, task_routing="none", num_tasks=0, num_experts=n, top_k=min(k, n))
+    backbone = VisionTransformer(new_cfg).to(next(model.parameters()).device)
+    state = model.backbone.state_dict()
+    new_state = {}
+    for key, v in state.items():
+        new_state[key] = v
+        for li, bi in enumerate(layers):
+            pre = f"blocks.{bi}.mlp."
+            if key == pre + "router.weight":
+                new_state[key] = v[task][keeps[li]].clone()
+            elif key.startswith(pre + "experts."):
+                new_state[key] = v[keeps[li]].clone()
+    backbone.load_state_dict(new_state, strict=True)
+    name = model.task_names[task]
+    pruned = MultiTaskViT(backbone, (name,)).to(next(model.parameters()).device)
+    if name == "patch_stats":
+        pruned.patch_head.load_state_dict(model.patch_head.state_dict())
+    return pruned, keeps
+
+
 def task_losses(preds: dict, labels: torch.Tensor, patch_target: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Cross-entropy for ``classify``; MSE on the standardised (mean, std) targets for ``patch_stats``."""
     out = {}
@@ -262,8 +317,10 @@ class MultiTaskSettings:
     expert_hidden_ratio: float | None = 1.0
     noise_std: float = 0.0  # M³ViT's README command: vmoe_noisy_std 0
     patch_size: int | None = None  # None: 4, or 2 for images under 16 pixels (digits)
+    prune_thresholds: tuple = (0.1, 0.3, 0.5)  # Mod-Squad pruning for classify (multi-gate rows)
     seeds: int = 3
-    rows: tuple[str, ...] = ("dense", "moe", "multi_gate", "task_conditioned", "modsquad", "modsquad_strong")
+    rows: tuple[str, ...] = ("dense", "moe", "multi_gate", "task_conditioned", "modsquad_nomi", "modsquad",
+                             "modsquad_strong")
 
     def validate(self) -> None:
         for k in ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "num_experts", "top_k"):
@@ -282,10 +339,11 @@ ROWS = {
     "moe": "MoE, task-agnostic router (one pass, both heads)",
     "multi_gate": "M³ViT multi-gate (a router per task, a pass per task)",
     "task_conditioned": "M³ViT task-conditioned router (one router on [x; task one-hot])",
-    "modsquad": "Mod-Squad: per-task zero-init routers + mutual-information loss (w=0.005)",
+    "modsquad_nomi": "Mod-Squad routers (per-task, zero-init), no mutual-information loss",
+    "modsquad": "Mod-Squad routers + mutual-information loss (w=0.005)",
     "modsquad_strong": "Mod-Squad routers + mutual-information loss (w=0.05)",
 }
-MI_WEIGHTS = {"modsquad": 0.005, "modsquad_strong": 0.05}
+MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05}
 
 
 def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -305,10 +363,10 @@ def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int
     if row in ("multi_gate", "task_conditioned"):
         base.update(task_routing=row, num_tasks=len(TASKS))
     mi = MI_WEIGHTS.get(row, 0.0)
-    if mi:  # Mod-Squad: a zero-initialised router per task (uniform probabilities at the start)
+    if row in MI_WEIGHTS:  # Mod-Squad: a zero-initialised router per task (uniform probabilities at the start)
         base.update(task_routing="multi_gate", num_tasks=len(TASKS))
     backbone = VisionTransformer(ViTConfig.from_dict(base))
-    if mi:
+    if row in MI_WEIGHTS:
         for m in backbone.modules():
             if isinstance(m, MoE):
                 nn.init.zeros_(m.router.weight)
@@ -419,6 +477,14 @@ def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool
     bar.close()
     train_s = time.perf_counter() - t0
     res = evaluate_multitask(model, test.float_images(), test.labels, target_fn, norm)
+    if model.backbone.config.task_routing == "multi_gate" and "classify" in model.task_names:
+        t = model.task_names.index("classify")
+        res["pruning"] = {}
+        for thresh in S.prune_thresholds:  # Mod-Squad: a classify-only model with the experts it uses
+            pruned, keeps = prune_for_task(model, t, [u[t] for u in res["usage"]], thresh)
+            r = evaluate_multitask(pruned, test.float_images(), test.labels, target_fn, norm)
+            res["pruning"][str(thresh)] = {"accuracy": r["accuracy"], "experts_kept": len(keeps[0]),
+                                           "kept": keeps}
     res.update(row=row, seed=seed, steps=step, train_seconds=train_s, step_ms=1000 * train_s / max(step, 1),
                flops={t: task_flops(model, t) for t in model.task_names},
                params=sum(p.numel() for p in model.parameters()))
@@ -512,6 +578,22 @@ def markdown(report: dict) -> str:
               "is 0 by construction. I(T;E): the mutual information between task and chosen expert (hard "
               "routing, tasks weighted equally), averaged over the MoE layers; at most log 2 = 0.693 nats for "
               "two tasks.", ""]
+    pruned_rows = [(row, runs) for row, runs in res.items() if runs and "pruning" in runs[0]]
+    if pruned_rows:
+        ths = list(pruned_rows[0][1][0]["pruning"])
+        E = S["num_experts"]
+        lines += ["Mod-Squad expert pruning for the classify task (multi-gate rows): per MoE layer keep the "
+                  "experts whose classify usage is above θ/k (at least k), then evaluate the classify-only model; "
+                  f"cells: experts kept of {E} / accuracy (%), mean over seeds. Unpruned accuracy is in the table "
+                  "above.", "",
+                  "| configuration | " + " | ".join(f"θ = {t}" for t in ths) + " |", "|---|" + "---|" * len(ths)]
+        for row, runs in pruned_rows:
+            cells = []
+            for t in ths:
+                kept = statistics.fmean(r["pruning"][t]["experts_kept"] for r in runs)
+                cells.append(f"{kept:.1f} / {_ms([r['pruning'][t]['accuracy'] for r in runs], 100)}")
+            lines.append(f"| {ROWS[row]} | " + " | ".join(cells) + " |")
+        lines.append("")
     for row, runs in res.items():
         if runs and "usage" in runs[0]:
             lines += [f"Usage matrix, {ROWS[row]}, seed 0 (rows: tasks, columns: experts; % of the task's "
