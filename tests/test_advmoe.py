@@ -149,7 +149,8 @@ def test_router_through_moe_loss_and_joint_step_and_evaluation():
     info = joint_trades_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.01), cfg)
     assert set(info) == {"loss"}
     res = evaluate_robust(model, x, y, eps=0.05, step=0.02, steps=2, batch_size=4)
-    assert set(res) == {"sa", "ra", "router_acc", "router_ra"} and 0 <= res["ra"] <= 1
+    assert set(res) == {"sa", "ra", "ra_ste", "ra_fixed", "router_acc", "router_ra", "eval_version"}
+    assert 0 <= res["ra"] <= min(res["ra_ste"], res["ra_fixed"])  # robust = survives both attacks
     with pytest.raises(ConfigError, match="router_loss"):
         AdvConfig(router_loss="x").validate()
 
@@ -188,3 +189,24 @@ def test_autoattack_is_no_stronger_than_clean_and_stays_in_the_ball():
     with pytest.raises(ConfigError, match="unknown AutoAttack"):
         evaluate_autoattack(model, x, y, eps=0.05, attacks=("pgd",))
     assert 0.0 <= aa <= clean
+
+
+def test_fixed_routing_gradient_is_the_gradient_with_the_routing_frozen():
+    from moevision.models.cnn import FixedRouting
+
+    model = _moe(num_experts=2).eval()
+    x = torch.rand(4, 1, 12, 12, requires_grad=True)
+    with torch.no_grad():
+        scores = model.router_scores(x)
+    g_fixed, = torch.autograd.grad(FixedRouting(model)(x).square().sum(), x)
+    g_ste, = torch.autograd.grad(model(x).square().sum(), x)
+
+    class Const(torch.nn.Module):  # the same routing, but no path from the input to the scores
+        def forward(self, z):
+            return scores
+
+    router, model.router = model.router, Const()
+    g_frozen, = torch.autograd.grad(model(x).square().sum(), x)
+    model.router = router
+    torch.testing.assert_close(g_fixed, g_frozen)
+    assert not torch.allclose(g_ste, g_frozen)  # the straight-through surrogate adds the router's path

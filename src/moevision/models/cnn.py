@@ -174,7 +174,8 @@ class _ConvBN(nn.Module):
         if self.router is not None:
             s = self.router(F.adaptive_avg_pool2d(x, 1).flatten(1))
             ctx.setdefault("scores", []).append(s)
-            mask = straight_through_top1(s)
+            mask = (straight_through_top1(s) if ctx.get("straight_through", True)
+                    else F.one_hot(s.argmax(-1), s.shape[-1]).to(s.dtype))
         else:
             mask = ctx["mask"]
         return self.bn(self.conv(x, mask))
@@ -251,15 +252,20 @@ class MoECNN(nn.Module):
     def _norm(self, x):
         return (x - self.mean) / self.std
 
-    def forward_with_router(self, images01: torch.Tensor):
+    def forward_with_router(self, images01: torch.Tensor, *, straight_through: bool = True):
+        """``straight_through=False`` holds each image's routing fixed: the selection carries no gradient,
+        so the gradient w.r.t. the input is the deployed (piecewise) model's own, almost everywhere. With
+        the straight-through surrogate (default, as in training) an attack also follows dL/ds through the
+        router, which can point away from any real change of the output (see ``evaluate_robust``)."""
         if images01.dim() != 4 or images01.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images (B, {self.config.in_chans}, H, W), got {tuple(images01.shape)}")
         x = self._norm(images01)
-        ctx: dict = {}
+        ctx: dict = {"straight_through": straight_through}
         scores = None
         if self.router is not None:
             scores = self.router(x)
-            ctx["mask"] = straight_through_top1(scores)
+            ctx["mask"] = (straight_through_top1(scores) if straight_through
+                           else F.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype))
         h = self.stem(x)
         for layer in self.body:
             h = F.relu(layer(h, ctx)) if isinstance(layer, _ConvBN) else layer(h, ctx)
@@ -297,6 +303,18 @@ class MoECNN(nn.Module):
             for h in handles:
                 h.remove()
         return int(sum(counts))
+
+
+class FixedRouting(nn.Module):
+    """``model`` with its routing held fixed for gradients (``straight_through=False``): what an attack on
+    the deployed model differentiates (``moevision.techniques.advmoe.evaluate_robust``, AutoAttack)."""
+
+    def __init__(self, model: MoECNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_with_router(images01, straight_through=False)[0]
 
 
 def build_cnn(**kw) -> MoECNN:

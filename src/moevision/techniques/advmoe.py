@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..models.cnn import CNNConfig, MoECNN
+from ..models.cnn import CNNConfig, FixedRouting, MoECNN
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,13 +180,27 @@ def _requires_grad(params, flag: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # evaluation
+EVAL_VERSION = 2  # cached results from an older evaluation are re-evaluated from the saved weights
+
+
 def evaluate_robust(model: MoECNN, images01: torch.Tensor, labels: torch.Tensor, *, eps: float, step: float,
                     steps: int, batch_size: int = 500, seed: int = 0) -> dict[str, float]:
-    """SA, RA under PGD-``steps`` (white-box, CE, random start), and for MoE models the routing accuracy
-    against ``y mod E`` clean and under a PGD attack on the router alone (router robustness)."""
+    """SA and RA under PGD-``steps`` (white-box, CE, random start); for MoE models also the routing accuracy
+    against ``y mod E``, clean and under a PGD attack on the router alone (router robustness).
+
+    An MoE-CNN's routing is discrete, so "the" gradient w.r.t. the input has two versions, and an MoE model
+    is attacked with both:
+    - ``ra_ste``: through the straight-through surrogate (the reference code's attack, as in training);
+    - ``ra_fixed``: with each image's routing held fixed (the deployed model's own gradient almost
+      everywhere; ``FixedRouting``).
+    ``ra`` counts an image as robust only if it survives both (per-image worst case). Measured here: the
+    straight-through gradient alone can leave a jointly trained MoE-CNN with RA close to its SA, a
+    gradient-masking artefact that the fixed-routing attack removes."""
     model.eval()
     gen = torch.Generator(device=images01.device).manual_seed(seed)
-    sa = ra = r_clean = r_adv = 0
+    moe = model.router is not None
+    fixed = FixedRouting(model) if moe else model
+    sa = ra = ra_ste = ra_fixed = r_clean = r_adv = 0
     n = len(labels)
     E = model.config.num_experts
     for s in range(0, n, batch_size):
@@ -196,8 +210,15 @@ def evaluate_robust(model: MoECNN, images01: torch.Tensor, labels: torch.Tensor,
         x_adv = pgd_attack(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x, eps=eps, step=step,
                            steps=steps, generator=gen)
         with torch.no_grad():
-            ra += int((model(x_adv).argmax(1) == y).sum())
-        if model.router is not None:
+            ok = model(x_adv).argmax(1) == y
+        ra_ste += int(ok.sum())
+        if moe:
+            x_fix = pgd_attack(lambda z: F.cross_entropy(fixed(z), y, reduction="sum"), x, eps=eps, step=step,
+                               steps=steps, generator=gen)
+            with torch.no_grad():
+                ok_fix = model(x_fix).argmax(1) == y
+            ra_fixed += int(ok_fix.sum())
+            ok = ok & ok_fix
             yr = y % E
             with torch.no_grad():
                 r_clean += int((model.router_scores(x).argmax(1) == yr).sum())
@@ -205,9 +226,10 @@ def evaluate_robust(model: MoECNN, images01: torch.Tensor, labels: torch.Tensor,
                             step=step, steps=steps, generator=gen)
             with torch.no_grad():
                 r_adv += int((model.router_scores(xr).argmax(1) == yr).sum())
-    out = {"sa": sa / n, "ra": ra / n}
-    if model.router is not None:
-        out.update(router_acc=r_clean / n, router_ra=r_adv / n)
+        ra += int(ok.sum())
+    out = {"sa": sa / n, "ra": ra / n, "eval_version": EVAL_VERSION}
+    if moe:
+        out.update(ra_ste=ra_ste / n, ra_fixed=ra_fixed / n, router_acc=r_clean / n, router_ra=r_adv / n)
     return out
 
 
@@ -220,7 +242,9 @@ def evaluate_autoattack(model: MoECNN, images01: torch.Tensor, labels: torch.Ten
     on PyPI as ``pyautoattack``) with the standard version's settings (100 iterations, 1 restart), run in
     turn on the points still robust. Default: APGD-CE and APGD-DLR (the step-size-free PGD with the
     cross-entropy and with the scale-invariant DLR loss). The full standard set (``apgd-ce``, ``apgd-t``,
-    ``fab-t``, ``square``) can be asked for; on 2 CPU cores APGD-T (9 targets) takes ~5 min and Square
+    ``fab-t``, ``square``) can be asked for. MoE models are attacked with their routing held fixed for the
+    gradient (``FixedRouting``; the straight-through surrogate masks gradients, see ``evaluate_robust``);
+    on 2 CPU cores APGD-T (9 targets) takes ~5 min and Square
     (5000 queries, gradient-free) ~10 min per small model on 500 images, so the default leaves them out."""
     try:
         from pyautoattack import AutoAttack
@@ -231,7 +255,8 @@ def evaluate_autoattack(model: MoECNN, images01: torch.Tensor, labels: torch.Ten
 
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
     model.eval()
-    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=images01.device)
+    target = FixedRouting(model) if model.router is not None else model  # the deployed model's gradient
+    aa = AutoAttack(target, norm="Linf", eps=eps, version="standard", seed=seed, device=images01.device)
     aa.verbose = False
     unknown = sorted(set(attacks) - {"apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"})
     if unknown or not attacks:
@@ -353,15 +378,7 @@ def train_row(row: str, seed: int, S: AdvMoESettings, data, *, progress: bool = 
                 bar.set_postfix({k: f"{v:.3f}" for k, v in info.items()})
     bar.close()
     train_s = time.perf_counter() - t0
-    res = evaluate_robust(model, test.float_images(), test.labels, eps=S.eps, step=S.test_step,
-                          steps=S.test_steps, seed=seed)
-    if S.autoattack:
-        n = min(S.autoattack, len(test))
-        t1 = time.perf_counter()
-        res["aa"] = evaluate_autoattack(model, test.float_images()[:n], test.labels[:n], eps=S.eps, seed=seed,
-                                        attacks=tuple(S.autoattack_attacks))
-        res["aa_images"], res["aa_seconds"] = n, time.perf_counter() - t1
-    if model_path is not None:
+    if model_path is not None:  # the weights first: an evaluation can be redone from them
         from safetensors.torch import save_file
 
         from ..utils import atomic_write
@@ -370,9 +387,23 @@ def train_row(row: str, seed: int, S: AdvMoESettings, data, *, progress: bool = 
         Path(model_path).parent.mkdir(parents=True, exist_ok=True)
         meta = {"config": json.dumps(model.config.to_dict())}
         atomic_write(Path(model_path), lambda p: save_file(state, p, metadata=meta))
+    res = evaluate_row(model, S, test, seed)
     res.update(row=row, seed=seed, steps=step, train_seconds=train_s,
                mflops=model.inference_flops(test.image_shape[-1]) / 1e6,
                params=sum(p.numel() for p in model.parameters()))
+    return res
+
+
+def evaluate_row(model: MoECNN, S: AdvMoESettings, test, seed: int) -> dict[str, Any]:
+    """``evaluate_robust`` on the test set, then AutoAttack on its first ``S.autoattack`` images."""
+    res = evaluate_robust(model, test.float_images(), test.labels, eps=S.eps, step=S.test_step,
+                          steps=S.test_steps, seed=seed)
+    if S.autoattack:
+        n = min(S.autoattack, len(test))
+        t1 = time.perf_counter()
+        res["aa"] = evaluate_autoattack(model, test.float_images()[:n], test.labels[:n], eps=S.eps, seed=seed,
+                                        attacks=tuple(S.autoattack_attacks))
+        res["aa_images"], res["aa_seconds"] = n, time.perf_counter() - t1
     return res
 
 
@@ -391,6 +422,13 @@ def run_advmoe(S: AdvMoESettings, *, out: Path | None = None, work: Path | None 
             cache = None if work is None else Path(work) / f"{row}_seed{seed}.json"
             if cache is not None and cache.is_file():
                 res = json.loads(cache.read_text())
+                weights = cache.with_suffix(".safetensors")
+                # version 2 changed only how MoE models are attacked: re-evaluate those from their weights
+                if res.get("eval_version", 1) < EVAL_VERSION and "router_acc" in res and weights.is_file():
+                    res.update(evaluate_row(load_row_model(weights), S, data[1], seed))
+                    tmp = cache.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(res))
+                    tmp.replace(cache)
             else:
                 res = train_row(row, seed, S, data, progress=progress,
                                 model_path=None if cache is None else cache.with_suffix(".safetensors"))
@@ -448,12 +486,15 @@ def markdown(report: dict) -> str:
         f"router CNN (widths {list(S['router_widths'])}, {S['router_blocks']} block per stage). Router accuracy: "
         f"the routing decision against the code's proxy target y mod E, clean / under PGD on the router "
         f"alone. FLOPs: one image at inference (only the selected pathway; router included). "
+        "MoE models are attacked twice, through the straight-through surrogate (the reference code's attack) "
+        "and with each image's routing held fixed (the deployed model's own gradient); RA, PGD counts an image "
+        "as robust only if it survives both, and AutoAttack uses the fixed-routing gradient. "
         f"Mean ± std over {S['seeds']} seed(s). Made by `moevision advmoe`." + (
             f" AutoAttack: {', '.join(S.get('autoattack_attacks', AA_ATTACKS))} (the reference implementation, "
             f"standard settings) on the first {S['autoattack']} test images." if S.get("autoattack") else ""), "",
-        "| configuration | SA (%) | RA, PGD (%) | RA, AutoAttack (%) | router acc. clean / attacked (%) | "
-        "MFLOPs / image | params | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | SA (%) | RA, PGD (%) | RA, PGD straight-through / fixed routing (%) | "
+        "RA, AutoAttack (%) | router acc. clean / attacked (%) | MFLOPs / image | params | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row, runs in res.items():
         if not runs:
@@ -461,7 +502,10 @@ def markdown(report: dict) -> str:
         router = (f"{_ms([r['router_acc'] for r in runs], digits=1)} / {_ms([r['router_ra'] for r in runs], digits=1)}"
                   if "router_acc" in runs[0] else "-")
         aa = _ms([r["aa"] for r in runs]) if all("aa" in r for r in runs) else "-"
-        lines.append(f"| {ROWS[row]} | {_ms([r['sa'] for r in runs])} | {_ms([r['ra'] for r in runs])} | {aa} | "
+        both = (f"{_ms([r['ra_ste'] for r in runs])} / {_ms([r['ra_fixed'] for r in runs])}"
+                if all("ra_fixed" in r for r in runs) else "-")
+        lines.append(f"| {ROWS[row]} | {_ms([r['sa'] for r in runs])} | {_ms([r['ra'] for r in runs])} | {both} | "
+                     f"{aa} | "
                      f"{router} | "
                      f"{runs[0]['mflops']:.2f} | {runs[0]['params']:,} | "
                      f"{_ms([r['train_seconds'] for r in runs], scale=1.0, digits=0)} |")
