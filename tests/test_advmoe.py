@@ -210,3 +210,18 @@ def test_fixed_routing_gradient_is_the_gradient_with_the_routing_frozen():
     model.router = router
     torch.testing.assert_close(g_fixed, g_frozen)
     assert not torch.allclose(g_ste, g_frozen)  # the straight-through surrogate adds the router's path
+
+
+def test_training_attack_with_fixed_routing():
+    model = _moe(num_experts=2)
+    x = torch.rand(4, 1, 12, 12)
+    torch.manual_seed(0)
+    a = trades_attack(model, x, eps=0.05, step=0.03, steps=2, straight_through=False)
+    torch.manual_seed(0)
+    b = trades_attack(model, x, eps=0.05, step=0.03, steps=2)
+    assert (a - x).abs().max() <= 0.05 + 1e-6 and not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="attack_routing"):
+        AdvConfig(attack_routing="ste").validate()
+    cfg = AdvConfig(eps=0.05, step=0.03, steps=1, attack_routing="fixed")
+    y = torch.randint(0, 10, (4,))
+    assert "loss" in joint_trades_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.01), cfg)

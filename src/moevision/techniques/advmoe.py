@@ -70,9 +70,12 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def trades_attack(model: MoECNN, x: torch.Tensor, *, eps: float, step: float, steps: int,
-                  router_term: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                  router_term: bool = True, generator: torch.Generator | None = None,
+                  straight_through: bool = True) -> torch.Tensor:
     """AdvMoE's training attack: maximise KL(p(x) ‖ p(x_adv)) (+ KL(r(x) ‖ r(x_adv)) for the router, when the
-    model has a global router and ``router_term``) by K signed-gradient steps inside the ε-ball and [0, 1]."""
+    model has a global router and ``router_term``) by K signed-gradient steps inside the ε-ball and [0, 1].
+    ``straight_through=False`` differentiates the classifier with the routing held fixed (the router term,
+    if any, still moves the router's scores)."""
     with _eval_mode(model):
         with torch.no_grad():
             clean_logits, clean_scores = model.forward_with_router(x)
@@ -82,7 +85,7 @@ def trades_attack(model: MoECNN, x: torch.Tensor, *, eps: float, step: float, st
         x_adv = (x + 0.001 * noise).detach()
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            logits, scores = model.forward_with_router(x_adv)
+            logits, scores = model.forward_with_router(x_adv, straight_through=straight_through)
             loss = trades_kl(clean_logits, logits)
             if use_router:
                 loss = loss + trades_kl(clean_scores, scores)
@@ -117,11 +120,15 @@ class AdvConfig:
     beta: float = 6.0  # TRADES 1/λ
     alpha: float = 6.0  # weight of the router's proxy-label CE
     router_loss: str = "proxy_label"  # "proxy_label" (code) | "trades_through_moe" (paper, [R])
+    # training attacks through the straight-through surrogate (the code) or with routing held fixed (ours)
+    attack_routing: str = "straight_through"
 
     def validate(self) -> None:
         if not (self.eps >= 0 and self.step >= 0 and isinstance(self.steps, int) and self.steps >= 0):
             raise ConfigError(f"eps, step must be >= 0 and steps a non-negative integer, got {self.eps}, "
                               f"{self.step}, {self.steps}")
+        if self.attack_routing not in ("straight_through", "fixed"):
+            raise ConfigError(f"attack_routing must be 'straight_through' or 'fixed', got {self.attack_routing!r}")
         if self.router_loss not in ("proxy_label", "trades_through_moe"):
             raise ConfigError(f"router_loss must be 'proxy_label' or 'trades_through_moe', got {self.router_loss!r}")
 
@@ -139,7 +146,8 @@ def advmoe_step(model: MoECNN, x: torch.Tensor, y: torch.Tensor, opt_theta: torc
         raise ConfigError("AdvMoE needs an MoE-CNN with a global router (num_experts > 0, router_scope='global')")
     theta, phi = model.expert_parameters(), model.router_parameters()
     # step 1: experts
-    x_adv = trades_attack(model, x, eps=cfg.eps, step=cfg.step, steps=cfg.steps)
+    x_adv = trades_attack(model, x, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
+                          straight_through=cfg.attack_routing == "straight_through")
     _requires_grad(phi, False)
     loss_t = trades_loss(model, x, x_adv, y, cfg.beta)
     opt_theta.zero_grad(set_to_none=True)
@@ -147,7 +155,8 @@ def advmoe_step(model: MoECNN, x: torch.Tensor, y: torch.Tensor, opt_theta: torc
     opt_theta.step()
     _requires_grad(phi, True)
     # step 2: router, against the updated experts
-    x_adv = trades_attack(model, x, eps=cfg.eps, step=cfg.step, steps=cfg.steps)
+    x_adv = trades_attack(model, x, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
+                          straight_through=cfg.attack_routing == "straight_through")
     _requires_grad(theta, False)
     if cfg.router_loss == "proxy_label":
         E = model.config.num_experts
@@ -165,7 +174,8 @@ def advmoe_step(model: MoECNN, x: torch.Tensor, y: torch.Tensor, opt_theta: torc
 def joint_trades_step(model: MoECNN, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
                       cfg: AdvConfig) -> dict[str, float]:
     """Conventional TRADES on every parameter at once (dense CNNs, and the joint-AT MoE baseline)."""
-    x_adv = trades_attack(model, x, eps=cfg.eps, step=cfg.step, steps=cfg.steps, router_term=False)
+    x_adv = trades_attack(model, x, eps=cfg.eps, step=cfg.step, steps=cfg.steps, router_term=False,
+                          straight_through=cfg.attack_routing == "straight_through")
     loss = trades_loss(model, x, x_adv, y, cfg.beta)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -278,6 +288,8 @@ ROWS = {
     "moe_joint": "MoE-CNN (E=2, r=0.5), joint TRADES (router + experts together)",
     "advmoe": "MoE-CNN (E=2, r=0.5), AdvMoE (alternating θ / φ TRADES)",
     "advmoe_through": "MoE-CNN, AdvMoE with the router trained through the MoE's TRADES loss [R]",
+    "moe_joint_fixed": "MoE-CNN, joint TRADES, training attacks with routing held fixed (ours)",
+    "advmoe_fixed": "MoE-CNN, AdvMoE, training attacks with routing held fixed (ours)",
 }
 
 
@@ -343,7 +355,8 @@ def train_row(row: str, seed: int, S: AdvMoESettings, data, *, progress: bool = 
     torch.manual_seed(seed)
     model = build_row_model(row, S, train.image_shape[0], train.num_classes, train.mean, train.std)
     cfg = AdvConfig(eps=S.eps, step=S.train_step, steps=S.train_steps, beta=S.beta, alpha=S.alpha,
-                    router_loss="trades_through_moe" if row == "advmoe_through" else "proxy_label")
+                    router_loss="trades_through_moe" if row == "advmoe_through" else "proxy_label",
+                    attack_routing="fixed" if row.endswith("_fixed") else "straight_through")
     cfg.validate()
 
     def sgd(params):
