@@ -115,26 +115,47 @@ def test_trades_kl_is_summed_over_the_batch():
 
 
 def test_each_optimiser_touches_only_its_parameters():
+    """Step 1 updates θ with φ frozen (no φ gradient, φ unchanged); step 2 updates φ, not θ, against the
+    updated θ. Both optimisers are real (nonzero lr), so a joint step would fail these checks."""
     model = _moe(num_experts=2)
     theta, phi = model.expert_parameters(), model.router_parameters()
     assert {id(p) for p in theta}.isdisjoint({id(p) for p in phi}) and phi
-    opt_t = torch.optim.SGD(theta, lr=0.1)
-    opt_p = torch.optim.SGD(phi, lr=0.1)
     x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
     cfg = AdvConfig(eps=0.05, step=0.03, steps=1)
-    # the θ step moves θ and not φ (the φ optimiser is made a no-op); then the reverse
-    snap_phi = [p.detach().clone() for p in phi]
-    snap_theta = [p.detach().clone() for p in theta]
-    noop = torch.optim.SGD(phi, lr=0.0)
-    advmoe_step(model, x, y, opt_t, noop, cfg)
-    assert all(torch.equal(a, b) for a, b in zip(snap_phi, phi))
-    assert any(not torch.equal(a, b) for a, b in zip(snap_theta, theta))
-    snap_theta = [p.detach().clone() for p in theta]
-    advmoe_step(model, x, y, torch.optim.SGD(theta, lr=0.0), opt_p, cfg)
-    assert all(torch.equal(a, b) for a, b in zip(snap_theta, theta))  # θ untouched by the router step
-    assert any(not torch.equal(a, b) for a, b in zip(snap_phi, phi))
+    seen = {}
+
+    class Spy(torch.optim.SGD):
+        def step(self, *a, **k):  # record what each optimiser sees when it steps
+            seen.setdefault(self.tag, []).append(
+                ([p.grad is not None and bool(p.grad.abs().sum() > 0) for p in phi],
+                 [p.detach().clone() for p in theta], [p.detach().clone() for p in phi]))
+            return super().step(*a, **k)
+
+    opt_t, opt_p = Spy(theta, lr=0.1), Spy(phi, lr=0.1)
+    opt_t.tag, opt_p.tag = "theta", "phi"
+    snap_t0 = [p.detach().clone() for p in theta]
+    snap_p0 = [p.detach().clone() for p in phi]
+    advmoe_step(model, x, y, opt_t, opt_p, cfg)
+    phi_has_grad, theta_at_t, phi_at_t = seen["theta"][0]
+    assert not any(phi_has_grad)  # step 1: no gradient reaches the router
+    assert all(torch.equal(a, b) for a, b in zip(phi_at_t, snap_p0))
+    _, theta_at_p, phi_at_p = seen["phi"][0]
+    assert any(not torch.equal(a, b) for a, b in zip(theta_at_p, snap_t0))  # step 2 sees the updated θ
+    assert all(torch.equal(a, b) for a, b in zip(theta_at_p, theta))  # ... and does not move it
+    assert any(not torch.equal(a, b) for a, b in zip(phi_at_p, phi))  # φ moved in step 2
     with pytest.raises(ConfigError, match="global router"):
         advmoe_step(build_cnn(width=8), x, y, opt_t, opt_p, cfg)
+
+
+def test_per_layer_router_models_are_attacked_with_fixed_routing_too():
+    model = _moe(num_experts=2, router_scope="per_layer")
+    x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 10, (6,))
+    res = evaluate_robust(model, x, y, eps=0.05, step=0.02, steps=2)
+    assert "ra_fixed" in res and "ra_ste" in res and "router_acc" not in res
+    assert res["ra"] <= min(res["ra_ste"], res["ra_fixed"])
+    conv = next(m for m in model.modules() if isinstance(m, MoEConv2d))
+    empty = torch.rand(0, conv.weight.shape[1], 6, 6)
+    assert conv.forward_selected(empty, torch.zeros(0, dtype=torch.long)).shape[0] == 0
 
 
 def test_router_through_moe_loss_and_joint_step_and_evaluation():

@@ -306,10 +306,15 @@ def test_modsquad_rows_zero_init_uniform_probs_and_mi_reaches_the_routers():
     m.mi_weight = 0.0
     _, aux_plain, _ = m(x)
     assert float(aux_mi.detach()) != float(aux_plain.detach())
+    for layer in m.modules():  # only the MI term may reach the routers through aux
+        if isinstance(layer, MoE):
+            layer.router.weights = {k: 0.0 for k in layer.router.weights}
+    m.mi_weight = 0.0
+    assert not m(x)[1].requires_grad  # without the MI term the aux loss has no path to any parameter
     m.mi_weight = 1.0
     m.zero_grad()
     m(x)[1].backward()
-    assert moe.router.weight.grad.abs().sum() > 0
+    assert moe.router.weight.grad.abs().sum() > 0  # the MI loss alone moves the routers
     with pytest.raises(ConfigError, match="mutual-information loss needs task-dependent routing"):
         MultiTaskViT(build_model("moe", S, (1, 8, 8)).backbone, mi_weight=0.1)
 
@@ -324,12 +329,13 @@ def test_cli_row_names_match_the_experiment():
 def test_task_pruning_rule_and_pruned_layer_equals_masked_full_layer():
     from moevision.techniques.multitask import prune_for_task, task_expert_keep
 
-    assert task_expert_keep([0.5, 0.3, 0.16, 0.04], 0.3, 2) == [0, 1, 2]  # usage > 0.3 / 2
-    assert task_expert_keep([0.9, 0.1, 0.0, 0.0], 0.5, 2) == [0, 1]  # at least k
+    # usage = fraction of the task's tokens per expert (top-2: sums to 2); keep usage > θ / k
+    assert task_expert_keep([1.0, 0.6, 0.32, 0.08], 0.3, 2) == [0, 1, 2]
+    assert task_expert_keep([1.8, 0.2, 0.0, 0.0], 0.5, 2) == [0, 1]  # at least k
     S = MultiTaskSettings(embed_dim=16, depth=2, num_heads=2, num_experts=4, top_k=2)
     torch.manual_seed(3)
     m = build_model("multi_gate", S, (1, 8, 8)).eval()
-    usage = [[0.4, 0.05, 0.3, 0.25]]  # one MoE layer (block 1); task 0 = classify
+    usage = [[0.8, 0.1, 0.6, 0.5]]  # one MoE layer (block 1); task 0 = classify; sums to k = 2
     pruned, keeps = prune_for_task(m, 0, usage, 0.3)
     assert keeps == [[0, 2, 3]] and pruned.backbone.config.num_experts == 3
     assert pruned.backbone.config.task_routing == "none" and pruned.task_names == ("classify",)
@@ -340,8 +346,39 @@ def test_task_pruning_rule_and_pruned_layer_equals_masked_full_layer():
     allowed[..., [0, 2, 3]] = True
     torch.testing.assert_close(small(x).out, full(x, expert_mask=allowed, task=0).out)
     # keeping every expert gives back task 0's function exactly
-    whole, _ = prune_for_task(m, 0, [[0.25] * 4], 0.0)
+    whole, _ = prune_for_task(m, 0, [[0.5] * 4], 0.0)
     xi = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(whole.forward_task(xi, 0)[0], m.forward_task(xi, 0)[0])
     with pytest.raises(ConfigError, match="multi_gate"):
         prune_for_task(build_model("task_conditioned", S, (1, 8, 8)), 0, usage, 0.3)
+
+
+def test_from_single_gate_and_pruning_keep_dtype_and_mode():
+    from moevision.techniques.multitask import prune_for_task
+
+    single = _vit().double().eval()
+    multi = from_single_gate(single, 2, "multi_gate")
+    assert next(multi.parameters()).dtype == torch.float64 and not multi.training
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(multi(x, task=0).logits, single(x).logits)
+    mt = MultiTaskViT(multi).eval()
+    pruned, _ = prune_for_task(mt, 0, [[0.5] * 4], 0.0)
+    assert next(pruned.parameters()).dtype == torch.float64 and not pruned.training
+
+
+def test_router_level_task_validation():
+    moe = MoE(8, 16, 4, 2, num_tasks=2, task_routing="multi_gate")
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="task must be an integer"):
+        moe.router(x, task=-1)
+    with pytest.raises(ValueError, match="bool"):
+        moe(x, task=True)
+    with pytest.raises(ValueError, match="does not route by task"):
+        MoE(8, 16, 4, 2).router(x, task=0)
+    with pytest.raises(ConfigError, match="task_init_std"):
+        MoE(8, 16, 4, 2, num_tasks=2, task_routing="task_conditioned", task_init_std=-1.0)
+
+
+def test_gelu_lut_keeps_nan():
+    out = gelu_lut(torch.tensor([float("nan"), 1.0, -9.0]))
+    assert torch.isnan(out[0]) and not torch.isnan(out[1:]).any()

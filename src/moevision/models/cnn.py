@@ -75,6 +75,9 @@ class MoEConv2d(nn.Module):
     def forward_selected(self, x: torch.Tensor, expert_B: torch.Tensor) -> torch.Tensor:
         """Only each image's selected channel group: one conv per expert on its images."""
         c = self.out_per_expert
+        if x.shape[0] == 0:
+            return F.conv2d(x, self.weight[:c], None if self.bias is None else self.bias[:c], self.stride,
+                            self.padding)
         out = None
         for e in torch.unique(expert_B).tolist():
             idx = (expert_B == e).nonzero().squeeze(1)

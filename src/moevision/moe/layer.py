@@ -198,6 +198,8 @@ class MoE(nn.Module):
         if task is None:
             raise ValueError(f"this layer routes by task (task_routing={self.task_routing!r}); pass task=<id>")
         n = self.num_tasks
+        if isinstance(task, bool) or (isinstance(task, torch.Tensor) and task.dtype == torch.bool):
+            raise ValueError("task must be an integer task id (or an integer tensor), got a bool")
         if isinstance(task, torch.Tensor) and task.dim() == 0:
             task = int(task)
         if isinstance(task, int):
@@ -214,7 +216,8 @@ class MoE(nn.Module):
         if task.device.type == "cpu" and task.numel() and not (0 <= int(task.min()) and int(task.max()) < n):
             raise ValueError(f"task ids must be in [0, num_tasks={n}), got ids in "
                              f"[{int(task.min())}, {int(task.max())}]")
-        t = task.to(torch.long).reshape(task.shape + (1,) * (len(lead) - task.dim())).expand(lead)
+        t = task.to(device=self.router.weight.device, dtype=torch.long)
+        t = t.reshape(task.shape + (1,) * (len(lead) - task.dim())).expand(lead)
         return t.reshape(G, S)
 
     def _groups(self, x: torch.Tensor, T: int) -> tuple[int, int]:

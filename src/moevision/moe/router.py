@@ -162,6 +162,8 @@ class TopKRouter(_LinearRouter):
             raise ConfigError(f"task_routing={task_routing!r} needs num_tasks >= 1, got {num_tasks!r}")
         if task_routing == "none" and num_tasks:
             raise ConfigError(f"num_tasks={num_tasks!r} needs task_routing 'multi_gate' or 'task_conditioned'")
+        if task_init_std is not None and task_init_std < 0:
+            raise ConfigError(f"task_init_std must be >= 0 or None, got {task_init_std!r}")
         if task_embed_dim is not None and (task_routing != "task_conditioned" or task_embed_dim < 1):
             raise ConfigError(f"task_embed_dim={task_embed_dim!r} needs task_routing='task_conditioned' and "
                               f"a positive size")
@@ -208,9 +210,13 @@ class TopKRouter(_LinearRouter):
 
     def _logits(self, x_GSD: torch.Tensor, task) -> torch.Tensor:
         if self.task_routing == "none":
+            if task is not None:
+                raise ValueError("task= was given but this router does not route by task (task_routing='none')")
             return x_GSD @ _fp32(self.weight).t()
         if task is None:
             raise ValueError(f"this router routes by task (task_routing={self.task_routing!r}); pass task=<id>")
+        if isinstance(task, bool) or (isinstance(task, int) and not 0 <= task < self.num_tasks):
+            raise ValueError(f"task must be an integer in [0, num_tasks={self.num_tasks}), got {task!r}")
         w = _fp32(self.weight)
         if self.task_routing == "multi_gate":
             if isinstance(task, int):

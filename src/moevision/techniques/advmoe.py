@@ -16,8 +16,10 @@ robustness and trains them by alternating TRADES steps (the official code, OPTML
                       ``router_loss="trades_through_moe"`` (the paper's bi-level form, [R]): the TRADES loss of
                       the whole MoE, its gradient reaching φ through the straight-through selection
 
-with separate SGD optimisers for θ and φ (same hyper-parameters). ``joint_trades`` is the baseline: one
-TRADES step on all parameters (router and experts together), as "conventional AT applied to MoE-CNN".
+with separate SGD optimisers for θ and φ (same hyper-parameters). The other half's *parameters* are frozen
+during each step, but the model is in train mode for both (as in the code), so BatchNorm running statistics
+move in both. ``joint_trades_step`` is the baseline: one TRADES step on all parameters (router and experts
+together), as "conventional AT applied to MoE-CNN"; its attack has no router KL term (conventional TRADES).
 Evaluation: SA (clean accuracy), RA (PGD white-box, ``pgd_attack``), router accuracy (the routing decision
 against ``y mod E``) clean and under an attack on the router alone.
 
@@ -82,7 +84,7 @@ def trades_attack(model: MoECNN, x: torch.Tensor, *, eps: float, step: float, st
             use_router = router_term and model.router is not None
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
             else torch.randn_like(x)
-        x_adv = (x + 0.001 * noise).detach()
+        x_adv = _project(x + 0.001 * noise, x, eps).detach()
         for _ in range(steps):
             x_adv.requires_grad_(True)
             logits, scores = model.forward_with_router(x_adv, straight_through=straight_through)
@@ -208,7 +210,8 @@ def evaluate_robust(model: MoECNN, images01: torch.Tensor, labels: torch.Tensor,
     gradient-masking artefact that the fixed-routing attack removes."""
     model.eval()
     gen = torch.Generator(device=images01.device).manual_seed(seed)
-    moe = model.router is not None
+    moe = model.is_moe  # global or per-layer routers: both are attacked with the routing held fixed too
+    has_router = model.router is not None  # router metrics need the global router
     fixed = FixedRouting(model) if moe else model
     sa = ra = ra_ste = ra_fixed = r_clean = r_adv = 0
     n = len(labels)
@@ -229,6 +232,7 @@ def evaluate_robust(model: MoECNN, images01: torch.Tensor, labels: torch.Tensor,
                 ok_fix = model(x_fix).argmax(1) == y
             ra_fixed += int(ok_fix.sum())
             ok = ok & ok_fix
+        if has_router:
             yr = y % E
             with torch.no_grad():
                 r_clean += int((model.router_scores(x).argmax(1) == yr).sum())
@@ -239,7 +243,9 @@ def evaluate_robust(model: MoECNN, images01: torch.Tensor, labels: torch.Tensor,
         ra += int(ok.sum())
     out = {"sa": sa / n, "ra": ra / n, "eval_version": EVAL_VERSION}
     if moe:
-        out.update(ra_ste=ra_ste / n, ra_fixed=ra_fixed / n, router_acc=r_clean / n, router_ra=r_adv / n)
+        out.update(ra_ste=ra_ste / n, ra_fixed=ra_fixed / n)
+    if has_router:
+        out.update(router_acc=r_clean / n, router_ra=r_adv / n)
     return out
 
 
@@ -265,7 +271,7 @@ def evaluate_autoattack(model: MoECNN, images01: torch.Tensor, labels: torch.Ten
 
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
     model.eval()
-    target = FixedRouting(model) if model.router is not None else model  # the deployed model's gradient
+    target = FixedRouting(model) if model.is_moe else model  # the deployed model's gradient
     aa = AutoAttack(target, norm="Linf", eps=eps, version="standard", seed=seed, device=images01.device)
     aa.verbose = False
     unknown = sorted(set(attacks) - {"apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"})

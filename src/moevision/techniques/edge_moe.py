@@ -76,13 +76,13 @@ def gelu_lut(x: torch.Tensor) -> torch.Tensor:
     """GELU by Edge-MoE's residual lookup table: ReLU(x) - δ(|x|), δ linearly interpolated in the table
     (|x| < 5.5) and 0 beyond. Max error against exact GELU ~1e-4 on [-8, 8]; differentiable piecewise."""
     table = gelu_lut_table(x.dtype if x.is_floating_point() else torch.float32, x.device)
-    u = x.abs()
+    u = torch.nan_to_num(x.abs(), nan=0.0)  # NaN is put back at the end
     pos = (u * (1.0 / LUT_STEP)).clamp(max=LUT_SIZE - 1)
     i = pos.floor().long().clamp(max=LUT_SIZE - 2)
     t = pos - i.to(pos.dtype)
     d = table[i] + t * (table[i + 1] - table[i])
     d = torch.where(u >= LUT_MAX, torch.zeros_like(d), d)
-    return torch.relu(x) - d
+    return torch.where(torch.isnan(x), x, torch.relu(x) - d)
 
 
 def streaming_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

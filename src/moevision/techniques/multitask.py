@@ -68,7 +68,8 @@ def from_single_gate(model: VisionTransformer, num_tasks: int, task_routing: str
     if not isinstance(num_tasks, int) or num_tasks < 1:
         raise ConfigError(f"num_tasks must be a positive integer, got {num_tasks!r}")
     new_cfg = dataclasses.replace(cfg, task_routing=task_routing, num_tasks=num_tasks, task_embed_dim=None)
-    new = VisionTransformer(new_cfg).to(next(model.parameters()).device)
+    p0 = next(model.parameters())
+    new = VisionTransformer(new_cfg).to(device=p0.device, dtype=p0.dtype)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for i in cfg.moe_block_indices:
         key = f"blocks.{i}.mlp.router.weight"
@@ -78,6 +79,7 @@ def from_single_gate(model: VisionTransformer, num_tasks: int, task_routing: str
         else:
             state[f"blocks.{i}.mlp.router.task_weight"] = w.new_zeros(w.shape[0], num_tasks)
     new.load_state_dict(state, strict=True)
+    new.train(model.training)
     if hasattr(model, "model_name"):
         new.model_name = model.model_name
     return new
@@ -135,8 +137,9 @@ class _RouterProbs:
 
 
 def task_expert_keep(usage_E: list[float], thresh: float, k: int) -> list[int]:
-    """Mod-Squad's rule for one layer: keep the experts whose usage by the task exceeds ``thresh / k``; if
-    fewer than k survive, the top-k by usage. Sorted expert ids."""
+    """Mod-Squad's rule for one layer: keep the experts whose usage by the task (the fraction of the task's
+    tokens routed to the expert; with top-k routing these sum to k) exceeds ``thresh / k``; if fewer than k
+    survive, the top-k by usage. Sorted expert ids."""
     u = torch.tensor(usage_E, dtype=torch.float64)
     keep = (u > thresh / k).nonzero().flatten().tolist()
     if len(keep) < k:
@@ -224,7 +227,8 @@ def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], t
     """A single-task model for task ``task`` (Mod-Squad's expert pruning, §14 items 8-9) from a multi-gate
     model: per MoE layer keep the experts ``task_expert_keep(usage[layer], thresh, k)`` and task t's router
     rows for them (the softmax then runs over the kept experts only); heads of the other tasks are dropped.
-    ``usage[layer]`` is task t's (E,) usage. Deviation: a ViT config has one expert count, so every layer
+    ``usage[layer]`` is task t's (E,) usage, the fraction of its tokens routed to each expert (sums to k;
+    measure it on training data). Deviation: a ViT config has one expert count, so every layer
     keeps the largest count any layer needs, topped up by usage order; the kept lists are returned."""
     cfg = model.backbone.config
     if cfg.task_routing != "multi_gate":
@@ -243,7 +247,8 @@ def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], t
                  if e not in kp]
         keeps[li] = sorted(kp + extra[:n - len(kp)])
     new_cfg = dataclasses.replace(cfg, task_routing="none", num_tasks=0, num_experts=n, top_k=min(k, n))
-    backbone = VisionTransformer(new_cfg).to(next(model.parameters()).device)
+    p0 = next(model.parameters())
+    backbone = VisionTransformer(new_cfg).to(device=p0.device, dtype=p0.dtype)
     state = model.backbone.state_dict()
     new_state = {}
     for key, v in state.items():
@@ -256,9 +261,10 @@ def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], t
                 new_state[key] = v[keeps[li]].clone()
     backbone.load_state_dict(new_state, strict=True)
     name = model.task_names[task]
-    pruned = MultiTaskViT(backbone, (name,)).to(next(model.parameters()).device)
+    pruned = MultiTaskViT(backbone, (name,)).to(device=p0.device, dtype=p0.dtype)
     if name == "patch_stats":
         pruned.patch_head.load_state_dict(model.patch_head.state_dict())
+    pruned.train(model.training)
     return pruned, keeps
 
 
@@ -344,6 +350,8 @@ ROWS = {
     "modsquad_strong": "Mod-Squad routers + mutual-information loss (w=0.05)",
 }
 MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05}
+PRUNED_ROWS = ("multi_gate", *MI_WEIGHTS)  # the rows with per-task routers, pruned for classify
+RESULT_VERSION = 2
 
 
 def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -480,12 +488,18 @@ def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool
     if model.backbone.config.task_routing == "multi_gate" and "classify" in model.task_names:
         t = model.task_names.index("classify")
         res["pruning"] = {}
+        n_use = min(2000, len(train))  # usage measured on training images, not on the test set
+        k = model.backbone.config.top_k
+        train_usage = evaluate_multitask(model, train.float_images()[:n_use], train.labels[:n_use], target_fn,
+                                         norm)["usage"]
+        usage_t = [[k * v for v in u[t]] for u in train_usage]  # share of choices -> fraction of tokens
         for thresh in S.prune_thresholds:  # Mod-Squad: a classify-only model with the experts it uses
-            pruned, keeps = prune_for_task(model, t, [u[t] for u in res["usage"]], thresh)
+            pruned, keeps = prune_for_task(model, t, usage_t, thresh)
             r = evaluate_multitask(pruned, test.float_images(), test.labels, target_fn, norm)
             res["pruning"][str(thresh)] = {"accuracy": r["accuracy"], "experts_kept": len(keeps[0]),
                                            "kept": keeps}
     res.update(row=row, seed=seed, steps=step, train_seconds=train_s, step_ms=1000 * train_s / max(step, 1),
+               result_version=RESULT_VERSION,
                flops={t: task_flops(model, t) for t in model.task_names},
                params=sum(p.numel() for p in model.parameters()))
     return res
@@ -510,9 +524,9 @@ def run_multitask(S: MultiTaskSettings, *, out: Path | None = None, work: Path |
     for row in S.rows:
         for seed in range(S.seeds):
             cache = None if work is None else Path(work) / f"{row}_seed{seed}.json"
-            if cache is not None and cache.is_file():
-                res = json.loads(cache.read_text())
-            else:
+            res = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
+            # version 2 added the pruning results (multi-gate rows only): those rows are retrained
+            if res is None or (res.get("result_version", 1) < RESULT_VERSION and row in PRUNED_ROWS):
                 res = train_one(row, seed, S, data, progress=progress)
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
