@@ -13,7 +13,11 @@ full width and at half width, an MoE-CNN (E=2 channel-group experts of half widt
 CNN, one expert per image) trained with joint TRADES, and the same MoE-CNN trained with AdvMoE's
 alternating expert / router TRADES steps. Reports clean accuracy (SA), robust accuracy under PGD (RA),
 the router's accuracy clean and under a router-only attack, and inference FLOPs per image; mean ± std
-over seeds. Finished runs are kept in --work-dir and skipped when the command is run again."""
+over seeds. MoE models are attacked both through the straight-through surrogate and with each image's
+routing held fixed (the surrogate alone masks gradients); RA counts an image only if it survives both.
+More rows: moe_joint_fixed / advmoe_fixed (training attacks with routing held fixed) and advmoe_through
+(the router trained through the MoE's TRADES loss). Trained weights (safetensors) and results are kept
+in --work-dir; finished runs are skipped when the command is run again."""
 
 EXAMPLES = """examples:
   moevision advmoe                                          # 4 configurations x 3 seeds
