@@ -382,3 +382,21 @@ def test_router_level_task_validation():
 def test_gelu_lut_keeps_nan():
     out = gelu_lut(torch.tensor([float("nan"), 1.0, -9.0]))
     assert torch.isnan(out[0]) and not torch.isnan(out[1:]).any()
+
+
+def test_importance_on_gates_is_cv2_of_the_summed_sparse_gates():
+    """M³ViT / Shazeer importance: CV²(sum over tokens of the top-k gates scattered to their experts)."""
+    torch.manual_seed(0)
+    moe = MoE(6, 8, 4, 2, noise_std=0.0, importance_on="gates", load_loss_weight=0.0).eval()
+    x = torch.randn(1, 10, 6)
+    plan = moe.router(x)
+    imp = torch.zeros(4)
+    for a in range(20):  # by hand: add each assignment's gate to its expert
+        imp[plan.expert_idx[a]] += plan.gates[a]
+    want = imp.var(unbiased=False) / (imp.mean() ** 2 + 1e-10)
+    torch.testing.assert_close(plan.aux_losses["importance"], want)
+    default = MoE(6, 8, 4, 2, noise_std=0.0, load_loss_weight=0.0).eval()
+    default.load_state_dict(moe.state_dict())
+    assert not torch.allclose(default.router(x).aux_losses["importance"], want)  # probs-based differs
+    with pytest.raises(ConfigError, match="importance_on"):
+        MoE(6, 8, 4, 2, importance_on="logits")

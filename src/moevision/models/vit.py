@@ -79,6 +79,7 @@ class ViTConfig:
     expert_hidden_ratio: float | None = None  # expert hidden width / D; None = mlp_ratio
     expert_init: str = "independent"
     importance_loss_weight: float = 0.005
+    importance_on: str = "probs"  # "probs" (V-MoE) | "gates" (Shazeer / M³ViT): see moevision.MoE
     load_loss_weight: float = 0.005
     switch_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
@@ -128,6 +129,10 @@ class ViTConfig:
             C.check(v is None or v > 0, f"model.{k}", v, "must be > 0, or none for dropless")
         moe_layer_indices(self.moe_layers, self.depth)  # raises on a bad spec
         moe_layer_indices(self.attention_layers, self.depth)
+        C.check(self.importance_on in ("probs", "gates"), "model.importance_on", self.importance_on,
+                "must be 'probs' or 'gates'")
+        C.check(self.importance_on == "probs" or self.router == "topk", "model.importance_on",
+                self.importance_on, "'gates' needs model.router='topk'")
         C.check(self.task_routing in TASK_ROUTING, "model.task_routing", self.task_routing,
                 f"must be one of {TASK_ROUTING}")
         if self.task_routing != "none":
@@ -159,7 +164,7 @@ class ViTConfig:
             importance_loss_weight=self.importance_loss_weight, load_loss_weight=self.load_loss_weight,
             switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl,
             activation=self.mlp_act, task_routing=self.task_routing, num_tasks=self.num_tasks,
-            task_embed_dim=self.task_embed_dim)
+            task_embed_dim=self.task_embed_dim, importance_on=self.importance_on)
 
 
 # MLP activations by name; each is also an expert activation of ``moevision.MoE`` (same function)

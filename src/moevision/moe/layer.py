@@ -63,6 +63,8 @@ class MoE(nn.Module):
             image (the second-to-last input axis).
         slots_per_expert: Soft MoE slots per expert (default 1, the JFT configs).
         importance_loss_weight, load_loss_weight: V-MoE aux losses (0.005 each; load needs noise > 0).
+        importance_on: ``probs`` (V-MoE: CV² of the summed clean softmax, default) or ``gates`` (Shazeer
+            et al. 2017 / M³ViT: CV² of the summed sparse top-k gates; ``topk`` router only).
         switch_loss_weight: Switch/GShard balance loss weight (0). z_loss_weight: router z-loss (0).
         switch_use_all_k: count all top-k choices in the Switch loss's f_e (default: top-1 only).
         random_eval_mode: ``random`` router in eval: ``hash`` (deterministic, default) or ``random``.
@@ -117,6 +119,7 @@ class MoE(nn.Module):
         task_routing: str = "none",
         task_embed_dim: int | None = None,
         task_init_std: float | None = None,
+        importance_on: str = "probs",
     ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
@@ -143,6 +146,8 @@ class MoE(nn.Module):
         if impl != "auto":
             get_dispatch(impl)  # validates the name
         noise = _DEFAULT_NOISE.get(router, 0.0) if noise_std is None else noise_std
+        if importance_on != "probs" and router != "topk":
+            raise ConfigError(f"importance_on={importance_on!r} needs router='topk', got router={router!r}")
         if (task_routing != "none" or num_tasks) and router != "topk":
             raise ConfigError(f"task_routing={task_routing!r} needs router='topk', got router={router!r}")
 
@@ -159,7 +164,7 @@ class MoE(nn.Module):
                 load_loss_weight=load_loss_weight, switch_loss_weight=switch_loss_weight,
                 switch_use_all_k=switch_use_all_k, z_loss_weight=z_loss_weight, init_std=router_init_std,
                 num_tasks=num_tasks, task_routing=task_routing, task_embed_dim=task_embed_dim,
-                task_init_std=task_init_std)
+                task_init_std=task_init_std, importance_on=importance_on)
         elif router == "expert_choice":
             self.router = ExpertChoiceRouter(
                 dim, num_experts, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,

@@ -108,6 +108,8 @@ class TopKRouter(_LinearRouter):
     Defaults follow V-MoE: softmax over all experts *before* top-k, selected gates NOT renormalised,
     Gaussian logit noise with std ``noise_std / E`` in training only (noise_std=1.0), capacity rounded up
     to a multiple of 4, priority by token position, importance + load losses (0.005 each).
+    ``importance_on="gates"`` computes the importance loss on the summed sparse top-k gates (Shazeer et
+    al. 2017, M³ViT) instead of the clean softmax (V-MoE, the default).
     ``normalize_topk=True`` renormalises the selected gates (Mixtral, MoE-LLaVA, CLIP-MoE);
     ``normalize_after_drop`` decides whether dropped assignments are zeroed before that normalisation
     (DeepSpeed / MoE-LLaVA: True) or after it (Tutel: False, the default).
@@ -155,7 +157,11 @@ class TopKRouter(_LinearRouter):
         task_routing: str = "none",
         task_embed_dim: int | None = None,
         task_init_std: float | None = None,
+        importance_on: str = "probs",
     ):
+        if importance_on not in ("probs", "gates"):
+            raise ConfigError(f"importance_on must be 'probs' or 'gates', got {importance_on!r}")
+        self.importance_on = importance_on
         if task_routing not in TASK_ROUTING:
             raise ConfigError(f"task_routing must be one of {TASK_ROUTING}, got {task_routing!r}")
         if task_routing != "none" and (not isinstance(num_tasks, int) or num_tasks < 1):
@@ -275,7 +281,11 @@ class TopKRouter(_LinearRouter):
         clean_probs = probs if sigma == 0 else _softmax(logits)
         aux_losses: dict[str, torch.Tensor] = {}
         if self.weights["importance"]:
-            aux_losses["importance"] = L.importance_cv2(clean_probs)
+            if self.importance_on == "gates":  # Shazeer / M³ViT: CV² of the summed sparse gates
+                imp_src = torch.zeros_like(probs).scatter(-1, top_i, gates.to(probs.dtype))
+            else:  # V-MoE: CV² of the summed clean softmax
+                imp_src = clean_probs
+            aux_losses["importance"] = L.importance_cv2(imp_src)
         if self.weights["load"] and sigma > 0:
             aux_losses["load"] = L.load_cv2(logits, noisy, sigma, K)
         if self.weights["switch"]:
