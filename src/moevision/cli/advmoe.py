@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import MoEVisionError
+from ._experiment import add_grid_args, grid_rows
 
 DESCRIPTION = """Train small CNNs on Fashion-MNIST with TRADES adversarial training and compare: a dense CNN at
 full width and at half width, an MoE-CNN (E=2 channel-group experts of half width, one global router
@@ -32,10 +33,10 @@ def register(subparsers) -> dict:
     p = subparsers.add_parser("advmoe", help="AdvMoE robust MoE-CNN vs adversarially trained dense CNNs over "
                               "seeds -> docs/results/advmoe.md", description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
-    p.add_argument("--train-subset", type=int, default=10000, help="training images (default 10000)")
-    p.add_argument("--test-subset", type=int, default=1000, help="test images attacked (default 1000)")
+    add_grid_args(p, name="advmoe", epochs=5, test_subset=1000, test_help="test images attacked",
+                  rows_default="dense_full,dense_half,moe_joint,advmoe",
+                  rows_help=f"comma-separated subset of {', '.join(ROWS)} (default: the first four)",
+                  dataset_help="image set (default fashion_mnist)")
     p.add_argument("--eps", type=float, default=0.1, help="L-inf attack radius on [0, 1] pixels (default 0.1)")
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
                    help="also attack the first N test images with AutoAttack's attacks (needs pyautoattack, the "
@@ -43,28 +44,13 @@ def register(subparsers) -> dict:
     p.add_argument("--autoattack-attacks", default="apgd-ce,apgd-dlr",
                    help="which (default apgd-ce,apgd-dlr; the standard set is apgd-ce,apgd-t,fab-t,square, "
                         "~15 min per model on 2 cores)")
-    p.add_argument("--rows", default="dense_full,dense_half,moe_joint,advmoe",
-                   help=f"comma-separated subset of {', '.join(ROWS)} (default: the first four)")
-    p.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "digits"),
-                   help="image set (default fashion_mnist)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the usual places)")
-    p.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is not found")
-    p.add_argument("--work-dir", default="runs/advmoe", help="per-run results (resumable)")
-    p.add_argument("--out", default="docs/results/advmoe.md", help="the Markdown file to write (and .json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return {"advmoe": _cmd}
 
 
 def _cmd(args) -> int:
     from ..techniques.advmoe import ROWS, AdvMoESettings, run_advmoe
 
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    bad = sorted(set(rows) - set(ROWS))
-    if bad or not rows:
-        raise MoEVisionError(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
-    for name in ("seeds", "epochs", "train_subset", "test_subset"):
-        if getattr(args, name) < 1:
-            raise MoEVisionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    rows = grid_rows(args, ROWS)
     if args.autoattack < 0:
         raise MoEVisionError(f"--autoattack must be >= 0, got {args.autoattack}")
     if not 0 < args.eps <= 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import MoEVisionError
+from ._experiment import add_grid_args, grid_rows
 
 DESCRIPTION = """Train a two-task ViT on Fashion-MNIST (classify the image; regress each 4x4 patch's pixel
 mean and standard deviation) seven ways: a dense multi-task ViT, an MoE with a task-agnostic router, and
@@ -29,34 +29,19 @@ def register(subparsers) -> dict:
     p = subparsers.add_parser("multitask", help="M³ViT task-dependent routing vs dense / task-agnostic MoE over "
                               "seeds -> docs/results/multitask.md", description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
-    p.add_argument("--train-subset", type=int, default=10000, help="training images (default 10000)")
-    p.add_argument("--test-subset", type=int, default=2000, help="test images (default 2000)")
-    p.add_argument("--rows", default=",".join(ROW_NAMES),
-                   help="comma-separated subset of dense, moe, multi_gate, task_conditioned, modsquad_nomi "
-                        "(Mod-Squad's zero-init per-task routers), modsquad (+ mutual-information loss, w=0.005), "
-                        "modsquad_strong (w=0.05) (default: all)")
-    p.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "digits"),
-                   help="image set (default fashion_mnist; digits: sklearn's 8x8 digits, patch 2)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the usual places)")
-    p.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is not found")
-    p.add_argument("--work-dir", default="runs/multitask", help="per-run results (resumable)")
-    p.add_argument("--out", default="docs/results/multitask.md", help="the Markdown file to write (and .json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_grid_args(p, name="multitask", epochs=3, test_subset=2000, test_help="test images",
+                  rows_default=",".join(ROW_NAMES),
+                  rows_help="comma-separated subset of dense, moe, multi_gate, task_conditioned, modsquad_nomi "
+                            "(Mod-Squad's zero-init per-task routers), modsquad (+ mutual-information loss, "
+                            "w=0.005), modsquad_strong (w=0.05) (default: all)",
+                  dataset_help="image set (default fashion_mnist; digits: sklearn's 8x8 digits, patch 2)")
     return {"multitask": _cmd}
 
 
 def _cmd(args) -> int:
     from ..techniques.multitask import ROWS, MultiTaskSettings, run_multitask
 
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    bad = sorted(set(rows) - set(ROWS))
-    if bad or not rows:
-        raise MoEVisionError(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
-    for name in ("seeds", "epochs", "train_subset", "test_subset"):
-        if getattr(args, name) < 1:
-            raise MoEVisionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    rows = grid_rows(args, ROWS)
     S = MultiTaskSettings(dataset=args.dataset, seeds=args.seeds, epochs=args.epochs, train_subset=args.train_subset,
                           test_subset=args.test_subset, rows=rows)
     run_multitask(S, out=Path(args.out), work=Path(args.work_dir) / _key(S), data_dir=args.data_dir,

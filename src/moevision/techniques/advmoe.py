@@ -31,10 +31,8 @@ Shape legend: B batch, E experts.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.cnn import CNNConfig, FixedRouting, MoECNN
+from ._experiment import load_subsets, mean_std, run_grid, write_report
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,48 +427,30 @@ def evaluate_row(model: MoECNN, S: AdvMoESettings, test, seed: int) -> dict[str,
 
 def run_advmoe(S: AdvMoESettings, *, out: Path | None = None, work: Path | None = None,
                data_dir: str | None = None, download: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Every row x seed (finished runs cached in ``work``); writes ``out`` (Markdown) and its .json."""
-    from ..data import get_dataset
-
+    """Every row x seed (finished runs cached in ``work``, with their weights); writes ``out`` (Markdown)
+    and its .json."""
     S.validate()
-    kw = {"data_dir": data_dir, "download": download} if S.dataset == "fashion_mnist" else {}
-    data = (get_dataset(S.dataset, "train", **kw).subset(S.train_subset, seed=0),
-            get_dataset(S.dataset, "test", **kw).subset(S.test_subset, seed=0))
-    results: dict[str, list] = {r: [] for r in S.rows}
-    for row in S.rows:
-        for seed in range(S.seeds):
-            cache = None if work is None else Path(work) / f"{row}_seed{seed}.json"
-            if cache is not None and cache.is_file():
-                res = json.loads(cache.read_text())
-                weights = cache.with_suffix(".safetensors")
-                # version 2 changed only how MoE models are attacked: re-evaluate those from their weights
-                if res.get("eval_version", 1) < EVAL_VERSION and "router_acc" in res and weights.is_file():
-                    res.update(evaluate_row(load_row_model(weights), S, data[1], seed))
-                    tmp = cache.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(res))
-                    tmp.replace(cache)
-            else:
-                res = train_row(row, seed, S, data, progress=progress,
-                                model_path=None if cache is None else cache.with_suffix(".safetensors"))
-                if cache is not None:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(res))
-                    tmp.replace(cache)
-            results[row].append(res)
-            extra = (f", router {100 * res['router_acc']:.1f}% / attacked {100 * res['router_ra']:.1f}%"
-                     if "router_acc" in res else "")
-            if "aa" in res:
-                extra += f", AA {100 * res['aa']:.2f}% ({res['aa_images']} images)"
-            print(f"  {row:15s} seed {seed}: SA {100 * res['sa']:.2f}%, RA {100 * res['ra']:.2f}%{extra}, "
-                  f"{res['mflops']:.2f} MFLOPs, {res['train_seconds']:.0f} s", flush=True)
-    report = {"settings": dataclasses.asdict(S), "results": results}
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        out.write_text(markdown(report))
-    return report
+    data = load_subsets(S.dataset, S.train_subset, S.test_subset, data_dir, download)
+
+    def compute(row, seed, cache):
+        return train_row(row, seed, S, data, progress=progress,
+                         model_path=None if cache is None else cache.with_suffix(".safetensors"))
+
+    def refresh(row, seed, res, cache):  # version 2 changed only how MoE models are attacked
+        weights = cache.with_suffix(".safetensors")
+        if res.get("eval_version", 1) < EVAL_VERSION and "router_acc" in res and weights.is_file():
+            return {**res, **evaluate_row(load_row_model(weights), S, data[1], seed)}
+        return None
+
+    def describe(row, seed, res):
+        extra = (f", router {100 * res['router_acc']:.1f}% / attacked {100 * res['router_ra']:.1f}%"
+                 if "router_acc" in res else "")
+        if "aa" in res:
+            extra += f", AA {100 * res['aa']:.2f}% ({res['aa_images']} images)"
+        return (f"SA {100 * res['sa']:.2f}%, RA {100 * res['ra']:.2f}%{extra}, {res['mflops']:.2f} MFLOPs, "
+                f"{res['train_seconds']:.0f} s")
+
+    return write_report(S, run_grid(S, work, compute, describe, refresh), out, markdown)
 
 
 def load_row_model(path: str | Path) -> MoECNN:
@@ -487,9 +468,7 @@ def load_row_model(path: str | Path) -> MoECNN:
 
 
 def _ms(vals, scale=100.0, digits=2) -> str:
-    m = statistics.fmean(vals) * scale
-    s = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return mean_std(vals, scale, digits)
 
 
 def markdown(report: dict) -> str:

@@ -33,7 +33,6 @@ Shape legend: B batch, N tokens (incl. class token), D width, E experts, T tasks
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from ..errors import ConfigError
 from ..models.vit import ViTConfig, VisionTransformer
 from ..moe import MoE
 from ..moe.router import TASK_ROUTING
+from ._experiment import load_subsets, mean_std, run_grid, write_report
 
 TASKS = ("classify", "patch_stats")
 
@@ -506,12 +506,7 @@ def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool
 
 
 def load_data(S: MultiTaskSettings, data_dir: str | None = None, download: bool = False):
-    from ..data import get_dataset
-
-    kw = {"data_dir": data_dir, "download": download} if S.dataset == "fashion_mnist" else {}
-    train = get_dataset(S.dataset, "train", **kw).subset(S.train_subset, seed=0)
-    test = get_dataset(S.dataset, "test", **kw).subset(S.test_subset, seed=0)
-    return train, test
+    return load_subsets(S.dataset, S.train_subset, S.test_subset, data_dir, download)
 
 
 def run_multitask(S: MultiTaskSettings, *, out: Path | None = None, work: Path | None = None,
@@ -520,28 +515,17 @@ def run_multitask(S: MultiTaskSettings, *, out: Path | None = None, work: Path |
     (Markdown) and ``out`` with .json when given; returns the aggregated results."""
     S.validate()
     data = load_data(S, data_dir, download)
-    results: dict[str, list[dict]] = {r: [] for r in S.rows}
-    for row in S.rows:
-        for seed in range(S.seeds):
-            cache = None if work is None else Path(work) / f"{row}_seed{seed}.json"
-            res = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
-            # version 2 added the pruning results (multi-gate rows only): those rows are retrained
-            if res is None or (res.get("result_version", 1) < RESULT_VERSION and row in PRUNED_ROWS):
-                res = train_one(row, seed, S, data, progress=progress)
-                if cache is not None:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(res))
-                    tmp.replace(cache)
-            results[row].append(res)
-            print(f"  {row:17s} seed {seed}: " + _one_line(res), flush=True)
-    report = {"settings": dataclasses.asdict(S), "results": results}
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        out.write_text(markdown(report))
-    return report
+
+    def compute(row, seed, cache):
+        return train_one(row, seed, S, data, progress=progress)
+
+    def refresh(row, seed, res, cache):  # version 2 added the pruning results: those rows are retrained
+        if res.get("result_version", 1) < RESULT_VERSION and row in PRUNED_ROWS:
+            return compute(row, seed, cache)
+        return None
+
+    results = run_grid(S, work, compute, lambda row, seed, res: _one_line(res), refresh)
+    return write_report(S, results, out, markdown)
 
 
 def _one_line(r: dict) -> str:
@@ -551,10 +535,7 @@ def _one_line(r: dict) -> str:
     return ", ".join(parts)
 
 
-def _ms(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    m = statistics.fmean(vals) * scale
-    s = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+_ms = mean_std
 
 
 def markdown(report: dict) -> str:

@@ -1,0 +1,72 @@
+"""What the seeded comparison commands (``moevision multitask``, ``moevision advmoe``) share: the train/test
+subsets, the row x seed loop with one cached JSON result per run (written atomically, recomputed or
+refreshed when stale), the mean ± std cells, and the Markdown + JSON report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from ..utils import atomic_write
+
+
+def load_subsets(dataset: str, train_subset: int, test_subset: int, data_dir: str | None = None,
+                 download: bool = False):
+    """(train, test) deterministic subsets of ``dataset`` (seed 0, the same for every row and seed)."""
+    from ..data import get_dataset
+
+    kw = {"data_dir": data_dir, "download": download} if dataset == "fashion_mnist" else {}
+    return (get_dataset(dataset, "train", **kw).subset(train_subset, seed=0),
+            get_dataset(dataset, "test", **kw).subset(test_subset, seed=0))
+
+
+def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=indent)
+    atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def run_grid(settings, work: Path | None, compute: Callable[[str, int, Path | None], dict],
+             describe: Callable[[str, int, dict], str],
+             refresh: Callable[[str, int, dict, Path], dict | None] | None = None) -> dict[str, list[dict]]:
+    """``compute(row, seed, cache)`` for every row x seed of ``settings`` (``rows``, ``seeds``), unless
+    ``work/{row}_seed{seed}.json`` holds the result; ``refresh(row, seed, cached, cache)`` may return an
+    updated result for a stale cached one (None keeps it). Prints ``describe`` per run."""
+    results: dict[str, list[dict]] = {r: [] for r in settings.rows}
+    for row in settings.rows:
+        for seed in range(settings.seeds):
+            cache = None if work is None else Path(work) / f"{row}_seed{seed}.json"
+            res = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
+            if res is not None and refresh is not None:
+                new = refresh(row, seed, res, cache)
+                if new is not None:
+                    res = new
+                    write_json(cache, res)
+            if res is None:
+                res = compute(row, seed, cache)
+                if cache is not None:
+                    write_json(cache, res)
+            results[row].append(res)
+            print(f"  {row:17s} seed {seed}: {describe(row, seed, res)}", flush=True)
+    return results
+
+
+def write_report(settings, results: dict, out: Path | None, markdown: Callable[[dict], str]) -> dict:
+    """{"settings", "results"}; written to ``out`` (Markdown) and ``out`` with .json when given."""
+    report = {"settings": dataclasses.asdict(settings), "results": results}
+    if out is not None:
+        out = Path(out)
+        write_json(out.with_suffix(".json"), report, indent=1)
+        text = markdown(report)
+        atomic_write(out, lambda p: Path(p).write_text(text))
+    return report
+
+
+def mean_std(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """"mean ± std" (sample std; 0 for one value) of ``vals`` times ``scale``."""
+    m = statistics.fmean(vals) * scale
+    s = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
