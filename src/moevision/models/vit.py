@@ -179,6 +179,14 @@ def call_mlp(mlp: nn.Module, x: torch.Tensor, state: dict | None):
     return mlp(x)
 
 
+def call_attn(attn: nn.Module, x: torch.Tensor, state: dict | None):
+    """The block's attention on ``x``; an attention layer that routes by task (``task_aware``, e.g.
+    Mod-Squad's MoA) gets the forward pass's ``state["task"]``."""
+    if getattr(attn, "task_aware", False):
+        return attn(x, task=None if state is None else state.get("task"))
+    return attn(x)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; ``mlp`` is an ``Mlp`` or a ``MoE`` (which also returns aux/stats)."""
 
@@ -202,7 +210,7 @@ class Block(nn.Module):
         ``state`` is a dict threaded through the blocks of one forward pass (used by block variants
         such as MomentumSMoE's; the standard block ignores it)."""
         aux = None
-        a = self.attn(self.norm1(x))
+        a = call_attn(self.attn, self.norm1(x), state)
         if isinstance(a, MoEOutput):
             a, aux = a.out, a.aux_loss
         x = x + self.drop_path(self.ls1(a))
@@ -242,6 +250,9 @@ class VisionTransformer(nn.Module):
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         attn_cls, block_cls = get_attention(cfg.attention), get_block(cfg.block)
         attn_blocks = moe_layer_indices(cfg.attention_layers, cfg.depth) if cfg.attention != "mha" else ()
+        attn_options = dict(cfg.attention_options)
+        if cfg.task_routing != "none" and getattr(attn_cls, "accepts_tasks", False):
+            attn_options.setdefault("num_tasks", cfg.num_tasks)  # a router per task there too (Mod-Squad)
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         block_kw: dict[str, Any] = {"norm_layer": norm_layer}
         if cfg.layer_scale_init is not None:
@@ -256,7 +267,7 @@ class VisionTransformer(nn.Module):
             if i in attn_blocks:
                 try:
                     attn = attn_cls(D, cfg.num_heads, qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate,
-                                    proj_drop=cfg.drop_rate, **cfg.attention_options)
+                                    proj_drop=cfg.drop_rate, **attn_options)
                 except TypeError as e:
                     raise ConfigError(f"model.attention_options={cfg.attention_options!r} not accepted by "
                                       f"attention {cfg.attention!r}: {e}") from None

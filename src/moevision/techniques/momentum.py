@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..models.vit import Block, call_mlp, register_block
+from ..models.vit import Block, call_attn, call_mlp, register_block
 from ..moe import MoE
 from ..moe.types import MoEOutput
 
@@ -64,7 +64,7 @@ class MomentumBlock(Block):
     def forward(self, x: torch.Tensor, state: dict | None = None):
         state = {} if state is None else state
         aux = None
-        a = self.attn(self.norm1(x))
+        a = call_attn(self.attn, self.norm1(x), state)
         if isinstance(a, MoEOutput):
             a, aux = a.out, a.aux_loss
         x = x + self.drop_path(a)

@@ -14,9 +14,12 @@ around them:
   ``MultiTaskViT(..., mi_weight=w)``): each step accumulates every task's router probabilities per MoE
   layer into A[t, e] and adds w · (-I(T; E)); rows ``modsquad`` / ``modsquad_strong`` of the experiment
   use it with zero-initialised per-task routers (Mod-Squad's router init); ``modsquad_nomi`` is the same
-  without the loss. ``prune_for_task`` is Mod-Squad's task-specific expert pruning. Deviation: Mod-Squad's mixture
-  of attention-head experts (MoA) on the even blocks is not built; its experts are the MLP ones only, and
-  its ``+1e-4`` on the combine weights is left out (the MI loss keeps its 1e-4 inside the log).
+  without the loss. ``prune_for_task`` is Mod-Squad's task-specific expert pruning. Row
+  ``modsquad_moa`` adds Mod-Squad's mixture of attention-head experts (``techniques.moa.MoAAttention``,
+  per-task zero-init routers, probs + 1e-4 not renormalised) on the even blocks; the MI loss accumulates
+  its router probabilities too. Deviations: in the MoE-MLP layers Mod-Squad's ``+1e-4`` on the combine
+  weights is left out (the MI loss keeps its 1e-4 inside the log); ``prune_for_task`` prunes MLP experts
+  only (MoA layers keep all their experts, with the task's router).
 - the CPU experiment of §10(e) on Fashion-MNIST: task ``classify`` (10 classes, the CLS head) and task
   ``patch_stats`` (per-patch regression of the mean and the standard deviation of the patch's pixels, a
   texture/edge proxy, with a linear per-token head). ``run_multitask`` trains the dense multi-task ViT, a
@@ -48,6 +51,7 @@ from ..models.vit import ViTConfig, VisionTransformer
 from ..moe import MoE
 from ..moe.router import TASK_ROUTING
 from ._experiment import load_subsets, mean_std, run_grid, write_report
+from .moa import MoAAttention
 
 TASKS = ("classify", "patch_stats")
 
@@ -116,13 +120,15 @@ class _RouterProbs:
 
     def __init__(self, model: nn.Module):
         from ..moe.router import TopKRouter
+        from .moa import MoARouter
 
         self.sums: list[torch.Tensor] = []
         self.tokens: list[int] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, TopKRouter)]
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
+                        if isinstance(m, (TopKRouter, MoARouter))]
 
-    def _hook(self, mod, inp, plan):
-        p = plan.probs_GSE
+    def _hook(self, mod, inp, out):
+        p = out if isinstance(out, torch.Tensor) else out.probs_GSE  # MoA: (B, N, E); MoE: a routing plan
         self.sums.append(p.sum(dim=(0, 1)))
         self.tokens.append(p.shape[0] * p.shape[1])
 
@@ -259,6 +265,8 @@ def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], t
                 new_state[key] = v[task][keeps[li]].clone()
             elif key.startswith(pre + "experts."):
                 new_state[key] = v[keeps[li]].clone()
+        if key.endswith(".attn.router.weight"):  # MoA attention experts are kept; task t's router only
+            new_state[key] = v[task:task + 1].clone()
     backbone.load_state_dict(new_state, strict=True)
     name = model.task_names[task]
     pruned = MultiTaskViT(backbone, (name,)).to(device=p0.device, dtype=p0.dtype)
@@ -288,7 +296,11 @@ def task_flops(model: MultiTaskViT, task: str) -> int:
     hidden = int(D * cfg.mlp_ratio)
     expert_hidden = int(D * (cfg.expert_hidden_ratio or cfg.mlp_ratio))
     for i in range(depth):
-        macs += N * 4 * D * D + 2 * N * N * D  # qkv + proj, scores + weighted sum
+        attn = model.backbone.blocks[i].attn
+        if isinstance(attn, MoAAttention):
+            macs += attn.active_flops(N) // 2
+        else:
+            macs += N * 4 * D * D + 2 * N * N * D  # qkv + proj, scores + weighted sum
         if i in cfg.moe_block_indices:
             macs += N * (D * cfg.num_experts + cfg.top_k * 2 * D * expert_hidden)
         else:
@@ -326,7 +338,7 @@ class MultiTaskSettings:
     prune_thresholds: tuple = (0.1, 0.3, 0.5)  # Mod-Squad pruning for classify (multi-gate rows)
     seeds: int = 3
     rows: tuple[str, ...] = ("dense", "moe", "multi_gate", "task_conditioned", "modsquad_nomi", "modsquad",
-                             "modsquad_strong")
+                             "modsquad_strong", "modsquad_moa")
 
     def validate(self) -> None:
         for k in ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "num_experts", "top_k"):
@@ -348,8 +360,9 @@ ROWS = {
     "modsquad_nomi": "Mod-Squad routers (per-task, zero-init), no mutual-information loss",
     "modsquad": "Mod-Squad routers + mutual-information loss (w=0.005)",
     "modsquad_strong": "Mod-Squad routers + mutual-information loss (w=0.05)",
+    "modsquad_moa": "Mod-Squad with MoA attention experts on the even blocks + MI loss (w=0.005)",
 }
-MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05}
+MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05, "modsquad_moa": 0.005}
 PRUNED_ROWS = ("multi_gate", *MI_WEIGHTS)  # the rows with per-task routers, pruned for classify
 RESULT_VERSION = 2
 
@@ -373,6 +386,8 @@ def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int
     mi = MI_WEIGHTS.get(row, 0.0)
     if row in MI_WEIGHTS:  # Mod-Squad: a zero-initialised router per task (uniform probabilities at the start)
         base.update(task_routing="multi_gate", num_tasks=len(TASKS))
+    if row == "modsquad_moa":  # Mod-Squad's "twice" layout: MoA on the even blocks, MoE-MLP on the odd ones
+        base.update(attention="moa", attention_layers=list(range(0, S.depth, 2)))
     backbone = VisionTransformer(ViTConfig.from_dict(base))
     if row in MI_WEIGHTS:
         for m in backbone.modules():
