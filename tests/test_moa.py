@@ -1,5 +1,7 @@
 """Mod-Squad's mixture of attention-head experts (MoA), vision_moe.md §14."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -129,3 +131,36 @@ def test_pruning_keeps_moa_with_the_task_router_and_is_exact_when_nothing_is_pru
         assert pruned.backbone.blocks[0].attn.router.weight.shape == (1, 8, 16)
     flops = task_flops(model, "classify")
     assert flops > 0 and name == "patch_stats"
+
+
+def test_from_single_gate_copies_the_moa_router_to_every_task():
+    from moevision.techniques.multitask import from_single_gate
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=3,
+                    moe_layers=[1], num_experts=4, top_k=2, attention="moa", attention_layers=[0])
+    single = VisionTransformer(cfg).eval()
+    with torch.no_grad():
+        single.blocks[0].attn.router.weight.normal_()
+    multi = from_single_gate(single, 2)
+    x = torch.randn(3, 1, 8, 8)
+    for t in (0, 1):
+        torch.testing.assert_close(multi(x, task=t).logits, single(x).logits)
+    assert multi.blocks[0].attn.router.weight.shape == (2, 8, 16)
+
+
+def test_num_tasks_in_attention_options_needs_task_routing():
+    with pytest.raises(ConfigError, match="task_routing"):
+        ViTConfig(attention="moa", attention_options={"num_tasks": 2}).validate()
+
+
+def test_task_flops_counts_moa_blocks_by_hand():
+    vit = _modsquad_vit()
+    model = MultiTaskViT(vit, ("classify", "patch_stats"))
+    moa = vit.blocks[0].attn
+    N, D = 5, 16
+    dense_attn = 2 * (N * 4 * D * D + 2 * N * N * D)
+    # the same model with plain attention in block 0 differs by exactly MoA's active FLOPs minus MHA's
+    plain = VisionTransformer(dataclasses.replace(vit.config, attention="mha"))
+    diff = task_flops(model, "classify") - task_flops(MultiTaskViT(plain, ("classify", "patch_stats")), "classify")
+    assert diff == moa.active_flops(N) - dense_attn

@@ -154,6 +154,7 @@ def _forced(layer: MoELinear, expert: int) -> MoELinear:
     return layer
 
 
+@pytest.mark.filterwarnings("ignore:MoELinear")
 def test_moe_linear_routes_to_one_expert_exactly():
     torch.manual_seed(0)
     lin = nn.Linear(12, 7).double()
@@ -207,6 +208,7 @@ def test_ll_loss_reaches_the_noisy_router_through_the_smooth_load():
     assert m.aux_loss is None
 
 
+@pytest.mark.filterwarnings("ignore:MoELinear")
 def test_reparameterised_vit_equals_dense_when_routed_to_the_mult_expert():
     torch.manual_seed(0)
     dense = create_model("vit_tiny_test").double().eval()
@@ -282,3 +284,28 @@ def test_shiftadd_cli_end_to_end_and_resume(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["results"] == rep["results"]
     assert main(argv[:4] + ["bogus"] + argv[5:]) == 2  # an unknown row: one clear line, status 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_shift_linear_under_fp16_and_called_twice_before_backward():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    m = ShiftLinear.from_linear(lin)
+    x = torch.randn(5, 8) * 3  # |x| > 1: x / 2^-16 overflows fp16
+    ref = m(x)
+    half = m.half()(x.half()).float()
+    torch.testing.assert_close(half, ref, rtol=2e-2, atol=2e-2)
+    m.float().train()
+    (m(x) + m(x)).sum().backward()  # a second forward before backward (two views, checkpointing)
+    assert m.shift.grad is not None
+
+
+def test_naive_top1_router_warns_that_it_cannot_learn():
+    with pytest.warns(UserWarning, match="no gradient"):
+        MoELinear([nn.Linear(2, 2), nn.Linear(2, 2)], 2, 2, router="naive")
+
+
+def test_noisy_gate_init_follows_the_code():
+    torch.manual_seed(0)
+    code, fan_in = NoisyGate(64, 2), NoisyGate(64, 2, init="fan_in")
+    assert float(code.w_gate.detach().abs().max()) > 0.5  # bound 1/sqrt(E) = 0.71
+    assert float(fan_in.w_gate.detach().abs().max()) <= 1 / 8 + 1e-6  # bound 1/sqrt(D)

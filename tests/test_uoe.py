@@ -355,3 +355,19 @@ def test_cli_smoke(tmp_path, capsys):
     assert "--rows: unknown ['bogus']" in capsys.readouterr().err
     assert main(["uoe", "--patch-capacity", "9", "--rows", "uome", "--out", str(tmp_path / "x.md")]) != 0
     assert "patch_capacity=9 must be <= n_patches=7" in capsys.readouterr().err
+
+
+def test_smha_refuses_a_zero_switch_capacity_with_weight_by_prob():
+    import pytest as _pytest
+    import torch as _torch
+
+    from moevision.errors import ConfigError as _ConfigError
+    from moevision.layers import Attention
+    from moevision.techniques.uoe import SMHA, DecomposedMHA
+
+    _torch.manual_seed(0)
+    smha = SMHA(DecomposedMHA.from_attention(Attention(16, 4), 4), top_k=2, weight_by_prob=True,
+                capacity_factor=0.5)
+    with _pytest.raises(_ConfigError, match="capacity"):
+        smha(_torch.randn(1, 5, 16))
+    assert smha(_torch.randn(2, 5, 16)).out.shape == (2, 5, 16)

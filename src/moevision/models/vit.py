@@ -147,6 +147,10 @@ class ViTConfig:
                     "needs model.task_routing 'multi_gate' or 'task_conditioned'")
         C.check(self.task_embed_dim is None or self.task_routing == "task_conditioned", "model.task_embed_dim",
                 self.task_embed_dim, "needs model.task_routing='task_conditioned'")
+        C.check(not self.attention_options.get("num_tasks") or self.task_routing != "none",
+                "model.attention_options", self.attention_options,
+                "sets num_tasks but model.task_routing is 'none': set model.task_routing='multi_gate' and "
+                "model.num_tasks instead (the attention layer then gets a router per task)")
         get_attention(self.attention)
         get_block(self.block)
 

@@ -16,7 +16,10 @@ What is here ([V] = read in GATECH-EIC/ShiftAddViT, pvt/):
   (shift = round(log2 |W|), sign = sign(W)).
 - ``NoisyGate`` [V]: Shazeer's noisy top-k with a learned noise std ``softplus(x W_noise) + 0.01`` (training
   only), gates = softmax over the top-k noisy logits, and the smooth load ``P(x -> e)`` (Shazeer's
-  in/out thresholds); ``NaiveGate`` [V]: ``Linear(d, E)`` with bias, no noise.
+  in/out thresholds). Its init is FastMoE's: ``kaiming_uniform_(a=√5)`` on the (D, E) weight, whose
+  PyTorch fan-in is E (bound 1/√E); ``init="fan_in"`` uses fan-in D instead. ``NaiveGate`` [V]:
+  ``Linear(d, E)`` with bias, no noise; with top-1 and the code's gate weight it gets no gradient at all
+  (a warning says so).
 - ``MoELinear``: a drop-in for ``nn.Linear`` whose experts are any modules of the same in/out width
   (heterogeneous: widths, quantisation levels, primitives), with ``latency_aware_loss`` as its aux loss.
 - ``shiftadd_reparameterize``: a trained ``VisionTransformer``'s MLP linears (fc1, fc2; ``attention=True``
@@ -70,8 +73,9 @@ def round_fixed_ste(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) ->
     (DeepShift's ``round_to_fixed``), identity gradient."""
     delta = 2.0 ** -frac_bits
     bound = 2.0 ** (int_bits - 1)
-    q = torch.clamp(torch.floor(x / delta) * delta, -bound, bound - delta)
-    return x + (q - x).detach()
+    xf = x.float()  # in fp32: x / 2^-16 overflows fp16 from |x| >= 1
+    q = torch.clamp(torch.floor(xf / delta) * delta, -bound, bound - delta)
+    return x + (q.to(x.dtype) - x).detach()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,9 +121,8 @@ class ShiftLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The effective weight (Dout, Din), differentiable through the straight-through estimators."""
         lo, hi = self.shift_range
-        if self.training:  # DeepShift keeps the parameter itself in range (so it cannot drift away)
-            with torch.no_grad():
-                self.shift.clamp_(lo, hi)
+        if self.training:  # DeepShift keeps the parameter itself in range (so it cannot drift away); on
+            self.shift.data.clamp_(lo, hi)  # .data, so a second forward before backward stays valid
         p = round_ste(self.shift.clamp(lo, hi))
         return torch.pow(2.0, p) * sign_ste(round_ste(self.sign))
 
@@ -156,13 +159,17 @@ class NoisyGate(nn.Module):
     """Shazeer et al. (2017) noisy top-k gating with a learned per-token noise std,
     ``softplus(x W_noise) + noise_epsilon`` (training only); ``W_gate``, ``W_noise`` Kaiming-uniform."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int = 1, noise_epsilon: float = 1e-2):
+    def __init__(self, dim: int, num_experts: int, top_k: int = 1, noise_epsilon: float = 1e-2, init: str = "code"):
         super().__init__()
+        if init not in ("code", "fan_in"):
+            raise ConfigError(f"init must be 'code' or 'fan_in', got {init!r}")
         self.num_experts, self.top_k, self.noise_epsilon = num_experts, top_k, noise_epsilon
         self.w_gate = nn.Parameter(torch.empty(dim, num_experts))
         self.w_noise = nn.Parameter(torch.empty(dim, num_experts))
-        nn.init.kaiming_uniform_(self.w_gate.T, a=math.sqrt(5))  # (E, D) view: fan-in D, like nn.Linear
-        nn.init.kaiming_uniform_(self.w_noise.T, a=math.sqrt(5))
+        # "code": FastMoE's kaiming_uniform_(a=√5) on the (D, E) tensor, whose PyTorch fan-in is E: bound
+        # 1/√E = 0.71 for E = 2 [V]; "fan_in": the same on the (E, D) view, fan-in D (bound 1/√D) like nn.Linear
+        for w in (self.w_gate, self.w_noise):
+            nn.init.kaiming_uniform_(w if init == "code" else w.T, a=math.sqrt(5))
 
     def forward(self, x_TD: torch.Tensor):
         """(clean logits, noisy logits, noise std or None), all (T, E) fp32."""
@@ -229,7 +236,7 @@ class MoELinear(nn.Module):
 
     def __init__(self, experts: Sequence[nn.Module], in_features: int, out_features: int, *, top_k: int = 1,
                  router: str = "noisy", alpha: Sequence[float] | None = None, loss_weight: float = 0.01,
-                 gate_weight: str = "topk_softmax"):
+                 gate_weight: str = "topk_softmax", router_init: str = "code"):
         super().__init__()
         E = len(experts)
         if E < 2:
@@ -249,7 +256,15 @@ class MoELinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.top_k, self.alpha, self.loss_weight = E, top_k, alpha, loss_weight
         self.gate_weight = gate_weight
-        self.router = NoisyGate(in_features, E, top_k) if router == "noisy" else NaiveGate(in_features, E, top_k)
+        if router == "naive" and top_k == 1 and gate_weight == "topk_softmax":
+            import warnings
+
+            warnings.warn("MoELinear(router='naive', top_k=1, gate_weight='topk_softmax'): the gate weight is always 1 "
+                          "and the load is a hard count, so the router gets no gradient and keeps its initial "
+                          "routing (as FastMoE's NaiveGate); use router='noisy' or gate_weight='straight_through' "
+                          "to train it", stacklevel=2)
+        self.router = NoisyGate(in_features, E, top_k, init=router_init) if router == "noisy" \
+            else NaiveGate(in_features, E, top_k)
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
 

@@ -441,7 +441,12 @@ class SMHA(nn.Module):
         mask = torch.zeros_like(p_BNE, dtype=torch.bool).scatter(-1, p_BNE.topk(self.top_k, -1).indices, True)
         g = p_BNE * mask
         if self.normalize == "switch":  # SwitchGate: over the batch dimension, times the capacity
-            g = g / (g.sum(0, keepdim=True) + self.eps) * int(self.capacity_factor * x_BND.shape[0])
+            cap = int(self.capacity_factor * x_BND.shape[0])
+            if cap == 0 and self.weight_by_prob:
+                raise ConfigError(f"SMHA: capacity int(capacity_factor={self.capacity_factor} x batch "
+                                  f"{x_BND.shape[0]}) is 0, so every gate value and the attention output would be "
+                                  f"0; use a larger batch or capacity_factor, or normalize='none'")
+            g = g / (g.sum(0, keepdim=True) + self.eps) * cap
         return p_BNE, mask, g
 
     def forward(self, x_BND: torch.Tensor) -> MoEOutput:
