@@ -400,3 +400,16 @@ def test_importance_on_gates_is_cv2_of_the_summed_sparse_gates():
     assert not torch.allclose(default.router(x).aux_losses["importance"], want)  # probs-based differs
     with pytest.raises(ConfigError, match="importance_on"):
         MoE(6, 8, 4, 2, importance_on="logits")
+
+
+def test_pruned_rows_are_fine_tuned_after_pruning(tmp_path):
+    from moevision.techniques.multitask import MultiTaskSettings, run_multitask
+
+    S = MultiTaskSettings(dataset="digits", train_subset=128, test_subset=64, epochs=1, seeds=1,
+                          rows=("modsquad_moa",), prune_thresholds=(0.3,))
+    rep = run_multitask(S, out=tmp_path / "mt.md", progress=False)
+    entry = rep["results"]["modsquad_moa"][0]["pruning"]["0.3"]
+    assert 0.0 <= entry["accuracy"] <= 1.0 and 0.0 <= entry["accuracy_finetuned"] <= 1.0
+    assert "classify-only fine-tuning" in (tmp_path / "mt.md").read_text()
+    with pytest.raises(ConfigError, match="prune_finetune_epochs"):
+        MultiTaskSettings(prune_finetune_epochs=-1).validate()

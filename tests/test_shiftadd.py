@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from moevision.errors import ConfigError
 from moevision.models import create_model
-from moevision.techniques.shiftadd import (MoELinear, NaiveGate, NoisyGate, ShiftLinear, latency_aware_loss,
+from moevision.techniques.shiftadd import (MoELinear, NoisyGate, ShiftLinear, latency_aware_loss,
                                            modelled_latency, moe_linears, prob_in_top_k, shift_parameters,
                                            shiftadd_reparameterize)
 

@@ -22,13 +22,14 @@ def add_grid_args(p, *, name: str, epochs: int, test_subset: int, test_help: str
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def grid_rows(args, known) -> tuple[str, ...]:
-    """The --rows list, checked against ``known``; also checks the counts are >= 1."""
+def grid_rows(args, known, counts: tuple[str, ...] = ("seeds", "epochs", "train_subset", "test_subset")
+              ) -> tuple[str, ...]:
+    """The --rows list, checked against ``known``; also checks the ``counts`` arguments are >= 1."""
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     bad = sorted(set(rows) - set(known))
     if bad or not rows:
         raise MoEVisionError(f"--rows: unknown {bad}; choose from {', '.join(known)}")
-    for name in ("seeds", "epochs", "train_subset", "test_subset"):
+    for name in counts:
         if getattr(args, name) < 1:
             raise MoEVisionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return rows

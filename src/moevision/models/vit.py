@@ -11,7 +11,6 @@ Shape legend: B batch, N tokens (incl. class token), D width.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from dataclasses import asdict, dataclass, field
 from typing import Any

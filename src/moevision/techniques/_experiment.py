@@ -10,7 +10,20 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import ConfigError
 from ..utils import atomic_write
+
+
+def check_grid_settings(settings, positive_ints: tuple[str, ...], known_rows) -> None:
+    """The checks every seeded comparison's settings share: ``positive_ints`` name positive integer
+    fields, and ``settings.rows`` is a non-empty subset of ``known_rows``."""
+    for k in positive_ints:
+        v = getattr(settings, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{k} must be a positive integer, got {v!r}")
+    bad = [r for r in settings.rows if r not in known_rows]
+    if bad or not settings.rows:
+        raise ConfigError(f"rows: unknown {bad}; choose from {list(known_rows)}")
 
 
 def load_subsets(dataset: str, train_subset: int, test_subset: int, data_dir: str | None = None,

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.cnn import CNNConfig, FixedRouting, MoECNN
-from ._experiment import load_subsets, mean_std, run_grid, write_report
+from ._experiment import check_grid_settings, load_subsets, mean_std, run_grid, write_report
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,13 +326,8 @@ class AdvMoESettings:
     autoattack_attacks: tuple = AA_ATTACKS
 
     def validate(self) -> None:
-        for k in ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "test_steps"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{k} must be a positive integer, got {v!r}")
-        bad = [r for r in self.rows if r not in ROWS]
-        if bad or not self.rows:
-            raise ConfigError(f"rows: unknown {bad}; choose from {list(ROWS)}")
+        check_grid_settings(self, ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "test_steps"),
+                            ROWS)
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps must be in (0, 1] (pixels in [0, 1]), got {self.eps}")
 

@@ -50,7 +50,7 @@ from ..errors import ConfigError
 from ..models.vit import ViTConfig, VisionTransformer
 from ..moe import MoE
 from ..moe.router import TASK_ROUTING
-from ._experiment import load_subsets, mean_std, run_grid, write_report
+from ._experiment import check_grid_settings, load_subsets, mean_std, run_grid, write_report
 from .moa import MoAAttention
 
 TASKS = ("classify", "patch_stats")
@@ -82,6 +82,8 @@ def from_single_gate(model: VisionTransformer, num_tasks: int, task_routing: str
             state[key] = w.unsqueeze(0).repeat(num_tasks, 1, 1)
         else:
             state[f"blocks.{i}.mlp.router.task_weight"] = w.new_zeros(w.shape[0], num_tasks)
+    for key in [k for k in state if k.endswith(".attn.router.weight")]:  # MoA: its single router to every task
+        state[key] = state[key][:1].repeat(num_tasks, 1, 1)
     new.load_state_dict(state, strict=True)
     new.train(model.training)
     if hasattr(model, "model_name"):
@@ -336,18 +338,19 @@ class MultiTaskSettings:
     noise_std: float = 0.0  # M³ViT's README command: vmoe_noisy_std 0
     patch_size: int | None = None  # None: 4, or 2 for images under 16 pixels (digits)
     prune_thresholds: tuple = (0.1, 0.3, 0.5)  # Mod-Squad pruning for classify (multi-gate rows)
+    prune_finetune_epochs: int = 1  # classify-only fine-tuning of each pruned model (0: none)
+    prune_finetune_lr: float = 0.1  # its learning rate over lr
     seeds: int = 3
     rows: tuple[str, ...] = ("dense", "moe", "multi_gate", "task_conditioned", "modsquad_nomi", "modsquad",
                              "modsquad_strong", "modsquad_moa")
 
     def validate(self) -> None:
-        for k in ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "num_experts", "top_k"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{k} must be a positive integer, got {v!r}")
-        bad = [r for r in self.rows if r not in ROWS]
-        if bad or not self.rows:
-            raise ConfigError(f"rows: unknown {bad}; choose from {list(ROWS)}")
+        check_grid_settings(self, ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "num_experts",
+                                   "top_k"), ROWS)
+        if not isinstance(self.prune_finetune_epochs, int) or self.prune_finetune_epochs < 0:
+            raise ConfigError(f"prune_finetune_epochs must be an integer >= 0, got {self.prune_finetune_epochs!r}")
+        if not self.prune_finetune_lr > 0:
+            raise ConfigError(f"prune_finetune_lr must be > 0, got {self.prune_finetune_lr!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
 
@@ -364,7 +367,7 @@ ROWS = {
 }
 MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05, "modsquad_moa": 0.005}
 PRUNED_ROWS = ("multi_gate", *MI_WEIGHTS)  # the rows with per-task routers, pruned for classify
-RESULT_VERSION = 2
+RESULT_VERSION = 3  # 2: pruning results; 3: fine-tuning after pruning
 
 
 def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -454,41 +457,35 @@ def specialisation(usage_per_layer: list[list[list[float]]]) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
-def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool = True) -> dict[str, Any]:
-    """Train configuration ``row`` with ``seed``; returns metrics, FLOPs and timing."""
+def _fit(model: MultiTaskViT, train, S: MultiTaskSettings, *, seed: int, epochs: int, lr: float, warmup: int,
+         target_fn: Callable, norm: Callable, desc: str, progress: bool) -> int:
+    """AdamW with warmup + cosine on the sum of the model's task losses (+ aux); returns the steps taken."""
     from tqdm.auto import tqdm
 
-    from ..data import iterate_batches, normalize
+    from ..data import iterate_batches
     from ..train.optim import set_lr, warmup_cosine
 
-    train, test = data
-    torch.manual_seed(seed)
-    model = build_model(row, S, train.image_shape, train.num_classes)
-    patch = model.backbone.config.patch_size
-    target_fn = _standardiser(train.float_images(), patch)
-    norm = lambda imgs: normalize(imgs, train.mean, train.std)  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": S.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=S.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = len(train) // S.batch_size
-    total = steps_per_epoch * S.epochs
-    bar = tqdm(total=total, desc=f"{row} seed {seed}", unit="step", disable=not progress, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
-    step, t0 = 0, time.perf_counter()
+    total = steps_per_epoch * epochs
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True,
+               mininterval=1.0)
+    step = 0
     model.train()
-    for epoch in range(S.epochs):
+    for epoch in range(epochs):
         for images, labels in iterate_batches(train, S.batch_size, shuffle=True, seed=seed, epoch=epoch,
                                               drop_last=True):
-            set_lr(opt, warmup_cosine(step, total_steps=total, warmup_steps=S.warmup_steps, lr=S.lr,
-                                      min_lr=S.lr * 0.01))
+            set_lr(opt, warmup_cosine(step, total_steps=total, warmup_steps=warmup, lr=lr, min_lr=lr * 0.01))
             x01 = images  # float32 in [0, 1]
             preds, aux, _ = model(norm(x01))
             losses = task_losses(preds, labels, target_fn(x01) if "patch_stats" in preds else None)
             loss = sum(S.task_weights.get(k, 1.0) * v for k, v in losses.items()) + aux
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{row} seed {seed}: loss is {float(loss)} at step {step}; lower lr")
+                raise FloatingPointError(f"{desc}: loss is {float(loss)} at step {step}; lower lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -498,6 +495,24 @@ def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool
             if step % 20 == 0:
                 bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in losses.items()})
     bar.close()
+    return step
+
+
+def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool = True) -> dict[str, Any]:
+    """Train configuration ``row`` with ``seed``; returns metrics, FLOPs and timing. Rows with per-task
+    routers are then pruned for classify at each threshold, evaluated, fine-tuned on classify for
+    ``S.prune_finetune_epochs`` (Mod-Squad fine-tunes its pruned sub-networks) and evaluated again."""
+    from ..data import normalize
+
+    train, test = data
+    torch.manual_seed(seed)
+    model = build_model(row, S, train.image_shape, train.num_classes)
+    patch = model.backbone.config.patch_size
+    target_fn = _standardiser(train.float_images(), patch)
+    norm = lambda imgs: normalize(imgs, train.mean, train.std)  # noqa: E731
+    t0 = time.perf_counter()
+    step = _fit(model, train, S, seed=seed, epochs=S.epochs, lr=S.lr, warmup=S.warmup_steps, target_fn=target_fn,
+                norm=norm, desc=f"{row} seed {seed}", progress=progress)
     train_s = time.perf_counter() - t0
     res = evaluate_multitask(model, test.float_images(), test.labels, target_fn, norm)
     if model.backbone.config.task_routing == "multi_gate" and "classify" in model.task_names:
@@ -511,8 +526,14 @@ def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool
         for thresh in S.prune_thresholds:  # Mod-Squad: a classify-only model with the experts it uses
             pruned, keeps = prune_for_task(model, t, usage_t, thresh)
             r = evaluate_multitask(pruned, test.float_images(), test.labels, target_fn, norm)
-            res["pruning"][str(thresh)] = {"accuracy": r["accuracy"], "experts_kept": len(keeps[0]),
-                                           "kept": keeps}
+            entry = {"accuracy": r["accuracy"], "experts_kept": len(keeps[0]), "kept": keeps}
+            if S.prune_finetune_epochs:
+                _fit(pruned, train, S, seed=seed + 7919, epochs=S.prune_finetune_epochs, lr=S.lr * S.prune_finetune_lr,
+                     warmup=0, target_fn=target_fn, norm=norm, desc=f"{row} seed {seed} pruned θ={thresh}",
+                     progress=progress)
+                entry["accuracy_finetuned"] = evaluate_multitask(pruned, test.float_images(), test.labels,
+                                                                 target_fn, norm)["accuracy"]
+            res["pruning"][str(thresh)] = entry
     res.update(row=row, seed=seed, steps=step, train_seconds=train_s, step_ms=1000 * train_s / max(step, 1),
                result_version=RESULT_VERSION,
                flops={t: task_flops(model, t) for t in model.task_names},
@@ -534,7 +555,7 @@ def run_multitask(S: MultiTaskSettings, *, out: Path | None = None, work: Path |
     def compute(row, seed, cache):
         return train_one(row, seed, S, data, progress=progress)
 
-    def refresh(row, seed, res, cache):  # version 2 added the pruning results: those rows are retrained
+    def refresh(row, seed, res, cache):  # versions 2 and 3 added pruning and fine-tuning: those rows are retrained
         if res.get("result_version", 1) < RESULT_VERSION and row in PRUNED_ROWS:
             return compute(row, seed, cache)
         return None
@@ -597,13 +618,24 @@ def markdown(report: dict) -> str:
                   f"cells: experts kept of {E} / accuracy (%), mean over seeds. Unpruned accuracy is in the table "
                   "above.", "",
                   "| configuration | " + " | ".join(f"θ = {t}" for t in ths) + " |", "|---|" + "---|" * len(ths)]
-        for row, runs in pruned_rows:
-            cells = []
-            for t in ths:
-                kept = statistics.fmean(r["pruning"][t]["experts_kept"] for r in runs)
-                cells.append(f"{kept:.1f} / {_ms([r['pruning'][t]['accuracy'] for r in runs], 100)}")
-            lines.append(f"| {ROWS[row]} | " + " | ".join(cells) + " |")
-        lines.append("")
+        def prune_rows(rows, key):
+            for row, runs in rows:
+                cells = []
+                for t in ths:
+                    kept = statistics.fmean(r["pruning"][t]["experts_kept"] for r in runs)
+                    cells.append(f"{kept:.1f} / {_ms([r['pruning'][t][key] for r in runs], 100)}")
+                lines.append(f"| {ROWS[row]} | " + " | ".join(cells) + " |")
+            lines.append("")
+
+        prune_rows(pruned_rows, "accuracy")
+        tuned = [(row, runs) for row, runs in pruned_rows if all("accuracy_finetuned" in r["pruning"][ths[0]]
+                                                                 for r in runs)]
+        if tuned:
+            lines += [f"The same pruned models after {S.get('prune_finetune_epochs', 1)} epoch(s) of classify-only "
+                      f"fine-tuning (lr {S['lr'] * S.get('prune_finetune_lr', 0.1):g}, every remaining parameter): "
+                      "experts kept / accuracy (%).", "",
+                      "| configuration | " + " | ".join(f"θ = {t}" for t in ths) + " |", "|---|" + "---|" * len(ths)]
+            prune_rows(tuned, "accuracy_finetuned")
     for row, runs in res.items():
         if runs and "usage" in runs[0]:
             lines += [f"Usage matrix, {ROWS[row]}, seed 0 (rows: tasks, columns: experts; % of the task's "

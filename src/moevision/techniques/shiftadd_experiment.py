@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.vit import ViTConfig, VisionTransformer
-from ._experiment import load_subsets, mean_std, run_grid, write_report
+from ._experiment import check_grid_settings, load_subsets, mean_std, run_grid, write_report
 from .shiftadd import moe_linears, modelled_latency, shift_parameters, shiftadd_reparameterize
 
 ROWS = {
@@ -66,13 +66,8 @@ class ShiftAddSettings:
     rows: tuple[str, ...] = tuple(ROWS)
 
     def validate(self) -> None:
-        for k in ("train_subset", "test_subset", "pretrain_epochs", "epochs", "batch_size", "seeds"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{k} must be a positive integer, got {v!r}")
-        bad = [r for r in self.rows if r not in ROWS]
-        if bad or not self.rows:
-            raise ConfigError(f"rows: unknown {bad}; choose from {list(ROWS)}")
+        check_grid_settings(self, ("train_subset", "test_subset", "pretrain_epochs", "epochs", "batch_size", "seeds"),
+                            ROWS)
         for k in ("lr", "pretrain_lr", "shift_lr_scale"):
             if not getattr(self, k) > 0:
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..models.vit import ViTConfig, VisionTransformer
 from ..moe import MoE
-from ._experiment import load_subsets, mean_std, run_grid, write_report
+from ._experiment import check_grid_settings, load_subsets, mean_std, run_grid, write_report
 from .uoe import SMHA, UoME, uoe_vit
 
 ROWS = {
@@ -71,18 +71,12 @@ class UoESettings:
     rows: tuple[str, ...] = tuple(ROWS)
 
     def validate(self) -> None:
-        for k in ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "mlp_experts", "top_k",
-                  "n_patches", "patch_capacity", "attn_top_k"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{k} must be a positive integer, got {v!r}")
+        check_grid_settings(self, ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "mlp_experts",
+                                   "top_k", "n_patches", "patch_capacity", "attn_top_k"), ROWS)
         if self.patch_capacity > self.n_patches:
             raise ConfigError(f"patch_capacity={self.patch_capacity} must be <= n_patches={self.n_patches}")
         if self.top_k > self.mlp_experts:
             raise ConfigError(f"top_k={self.top_k} must be <= mlp_experts={self.mlp_experts}")
-        bad = [r for r in self.rows if r not in ROWS]
-        if bad or not self.rows:
-            raise ConfigError(f"rows: unknown {bad}; choose from {list(ROWS)}")
 
 
 def build_model(row: str, S: UoESettings, image_shape=(1, 28, 28), num_classes: int = 10) -> VisionTransformer:
