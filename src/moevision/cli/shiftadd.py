@@ -8,16 +8,16 @@ from pathlib import Path
 from ._experiment import add_grid_args, grid_rows
 
 DESCRIPTION = """ShiftAddViT's mixture of multiplication primitives on Fashion-MNIST. Per seed a dense ViT is
-trained, then its MLP linears are reparameterised and fine-tuned five ways: all multiplication (the dense
+trained, then its MLP linears are reparameterised and fine-tuned six ways: all multiplication (the dense
 model), all shift (power-of-two weights, ShiftLinear), and a 2-expert MoE{multiplication, shift} per linear
 with the standard balance loss (alpha = 1, 1) or ShiftAddViT's latency-aware loss (alpha = 6, 4: the faster
 shift expert should get 60% of the tokens), the last also with a straight-through gate so the router learns
-from the task. Writes a Markdown table (mean ± std over seeds): accuracy after the conversion and after
+from the task, and with a smaller (fan-in D) router init than the code's. Writes a Markdown table (mean ± std over seeds): accuracy after the conversion and after
 fine-tuning, the shift expert's token share, and the modelled latency per token. Finished runs (and the
 dense models) are kept in --work-dir and reused when the command is run again."""
 
 EXAMPLES = """examples:
-  moevision shiftadd                                      # 5 configurations x 3 seeds, ~15 min on 2 cores
+  moevision shiftadd                                      # 6 configurations x 3 seeds, ~20 min on 2 cores
   moevision shiftadd --rows mult,moe_ll --seeds 1 --epochs 2 --out runs/sa/quick.md
   moevision shiftadd --attention                          # also qkv and proj (the code's --moe_attn)
 """

@@ -322,7 +322,8 @@ MODES = ("moe", "shift", "mult")
 def shiftadd_reparameterize(model: nn.Module, mode: str = "moe", *, attention: bool = False,
                             blocks: Sequence[int] | None = None, alpha: Sequence[float] = (6.0, 4.0),
                             loss_weight: float = 0.01, router: str = "noisy", gate_weight: str = "topk_softmax",
-                            weight_bits: int = 5, act_bits: tuple[int, int] | None = (16, 16)) -> nn.Module:
+                            router_init: str = "code", weight_bits: int = 5,
+                            act_bits: tuple[int, int] | None = (16, 16)) -> nn.Module:
     """Replace, in place, the MLP linears (fc1, fc2) of a dense ``VisionTransformer``'s ``blocks`` (default
     all) with ``MoELinear{mult = the original Linear, shift = ShiftLinear.from_linear}`` (``mode="moe"``)
     or with ``ShiftLinear`` alone (``mode="shift"``; ``"mult"`` leaves them). ``attention=True`` also does
@@ -353,7 +354,7 @@ def shiftadd_reparameterize(model: nn.Module, mode: str = "moe", *, attention: b
                     new = shift
                 else:
                     new = MoELinear([lin, shift], lin.in_features, lin.out_features, router=router, alpha=alpha,
-                                    loss_weight=loss_weight, gate_weight=gate_weight)
+                                    loss_weight=loss_weight, gate_weight=gate_weight, router_init=router_init)
                     new.router.to(device=lin.weight.device)
                 setattr(parent, name, new)
         if mode == "moe":

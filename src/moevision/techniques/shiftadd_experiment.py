@@ -30,6 +30,7 @@ ROWS = {
     "moe_balanced": "MoE{mult, shift}, balance loss α = (1, 1)",
     "moe_ll": "MoE{mult, shift}, LL-loss α = (6, 4)",
     "moe_ll_st": "MoE{mult, shift}, LL-loss α = (6, 4), straight-through gate (ours)",
+    "moe_ll_fanin": "MoE{mult, shift}, LL-loss α = (6, 4), noisy gate with fan-in-D init (not the code's)",
 }
 ROW_OPTIONS: dict[str, dict[str, Any]] = {
     "mult": {"mode": "mult"},
@@ -37,6 +38,7 @@ ROW_OPTIONS: dict[str, dict[str, Any]] = {
     "moe_balanced": {"mode": "moe", "alpha": (1.0, 1.0)},
     "moe_ll": {"mode": "moe", "alpha": (6.0, 4.0)},
     "moe_ll_st": {"mode": "moe", "alpha": (6.0, 4.0), "gate_weight": "straight_through"},
+    "moe_ll_fanin": {"mode": "moe", "alpha": (6.0, 4.0), "router_init": "fan_in"},
 }
 PAPER_ALPHA = (6.0, 4.0)  # the code's per-token costs (mult, shift): the latency model of every row
 
