@@ -164,3 +164,46 @@ def test_task_flops_counts_moa_blocks_by_hand():
     plain = VisionTransformer(dataclasses.replace(vit.config, attention="mha"))
     diff = task_flops(model, "classify") - task_flops(MultiTaskViT(plain, ("classify", "patch_stats")), "classify")
     assert diff == moa.active_flops(N) - dense_attn
+
+
+def test_pruning_moa_experts_equals_the_full_layer_with_removed_experts_masked():
+    vit = _modsquad_vit()
+    with torch.no_grad():
+        for blk in vit.blocks:
+            for n, p in blk.named_parameters():
+                if "router" in n:
+                    p.normal_(std=0.5)
+    model = MultiTaskViT(vit, ("classify", "patch_stats")).eval()
+    moa_usage = [[1.0, 0.9, 0.05, 0.6, 0.02, 0.8, 0.5, 0.07]]  # task 0's usage of the 8 MoA experts (sums to 4)
+    pruned, keeps = prune_for_task(model, 0, [[0.5, 0.5, 0.5, 0.5]], 0.3, moa_usage=moa_usage)
+    assert keeps[0] == [0, 1, 2, 3] and keeps[1] == [0, 1, 3, 5, 6]  # usage > 0.3 / 4 = 0.075
+    small = pruned.backbone.blocks[0].attn
+    assert small.num_experts == 5 and small.top_k == 4 and small.router.weight.shape == (1, 5, 16)
+    # oracle: the full MoA with the removed experts' router rows pushed to -inf (softmax over the kept only)
+    full = vit.blocks[0].attn
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        logits = x @ full.router.weight[0].T
+        logits[..., [2, 4, 7]] = float("-inf")
+        probs = logits.softmax(-1) + full.router.eps
+        top_p, top_i = probs.topk(4, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)
+        q = torch.einsum("bnd,edh->bneh", x, full.q_weight) + full.q_bias
+        k, v = full.kv(x).chunk(2, dim=-1)
+        a = (torch.einsum("bneh,bmh->benm", q, k) / full.head_dim ** 0.5).softmax(-1)
+        o = torch.einsum("benm,bmh->bneh", a, v) * gates.unsqueeze(-1)
+        ref = torch.einsum("bneh,ehd->bnd", o, full.o_weight) + full.o_bias
+    torch.testing.assert_close(small(x).out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_multitask_reports_moa_usage():
+    from moevision.techniques.multitask import evaluate_multitask, patch_stats
+
+    model = MultiTaskViT(_modsquad_vit(), ("classify", "patch_stats"))
+    imgs = torch.rand(6, 1, 8, 8)
+    res = evaluate_multitask(model, imgs, torch.zeros(6, dtype=torch.long), lambda x: patch_stats(x, 4),
+                             lambda x: x)
+    assert len(res["moa_usage"]) == 1 and len(res["moa_usage"][0]) == 2
+    for row in res["moa_usage"][0]:
+        assert abs(sum(row) - 1.0) < 1e-6 and len(row) == 8
+    assert res["moa_mutual_information"] >= 0.0

@@ -230,14 +230,17 @@ class MultiTaskViT(nn.Module):
 
 
 @torch.no_grad()
-def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], thresh: float
-                   ) -> tuple["MultiTaskViT", list[list[int]]]:
+def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], thresh: float,
+                   moa_usage: list[list[float]] | None = None) -> tuple["MultiTaskViT", list[list[int]]]:
     """A single-task model for task ``task`` (Mod-Squad's expert pruning, §14 items 8-9) from a multi-gate
     model: per MoE layer keep the experts ``task_expert_keep(usage[layer], thresh, k)`` and task t's router
     rows for them (the softmax then runs over the kept experts only); heads of the other tasks are dropped.
     ``usage[layer]`` is task t's (E,) usage, the fraction of its tokens routed to each expert (sums to k;
     measure it on training data). Deviation: a ViT config has one expert count, so every layer
-    keeps the largest count any layer needs, topped up by usage order; the kept lists are returned."""
+    keeps the largest count any layer needs, topped up by usage order; the kept lists are returned.
+    MoA attention layers (Mod-Squad's attention experts) keep all their experts unless ``moa_usage`` (task t's
+    usage per MoA layer, summing to the layer's top-k) is given; then they are pruned by the same rule
+    with k = the MoA top-k, and their kept lists follow the MoE layers' in the returned list."""
     cfg = model.backbone.config
     if cfg.task_routing != "multi_gate":
         raise ConfigError(f"prune_for_task needs per-task routers (task_routing='multi_gate'), got "
@@ -248,13 +251,17 @@ def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], t
     if len(usage) != len(layers):
         raise ConfigError(f"usage has {len(usage)} layers, the model has {len(layers)} MoE layers")
     k = cfg.top_k
-    keeps = [task_expert_keep(u, thresh, k) for u in usage]
-    n = max(len(kp) for kp in keeps)
-    for li, kp in enumerate(keeps):  # top up to the common count, most used first
-        extra = [e for e in torch.argsort(torch.tensor(usage[li]), descending=True, stable=True).tolist()
-                 if e not in kp]
-        keeps[li] = sorted(kp + extra[:n - len(kp)])
+    keeps, n = _common_keeps(usage, thresh, k)
+    moa_blocks = [i for i, b in enumerate(model.backbone.blocks) if isinstance(b.attn, MoAAttention)]
     new_cfg = dataclasses.replace(cfg, task_routing="none", num_tasks=0, num_experts=n, top_k=min(k, n))
+    moa_keeps: list[list[int]] = []
+    if moa_usage is not None:
+        if len(moa_usage) != len(moa_blocks):
+            raise ConfigError(f"moa_usage has {len(moa_usage)} layers, the model has {len(moa_blocks)} MoA layers")
+        ka = model.backbone.blocks[moa_blocks[0]].attn.top_k
+        moa_keeps, na = _common_keeps(moa_usage, thresh, ka)
+        new_cfg = dataclasses.replace(new_cfg, attention_options={**cfg.attention_options, "num_experts": na,
+                                                                  "top_k": min(ka, na)})
     p0 = next(model.parameters())
     backbone = VisionTransformer(new_cfg).to(device=p0.device, dtype=p0.dtype)
     state = model.backbone.state_dict()
@@ -267,15 +274,32 @@ def prune_for_task(model: "MultiTaskViT", task: int, usage: list[list[float]], t
                 new_state[key] = v[task][keeps[li]].clone()
             elif key.startswith(pre + "experts."):
                 new_state[key] = v[keeps[li]].clone()
-        if key.endswith(".attn.router.weight"):  # MoA attention experts are kept; task t's router only
+        if key.endswith(".attn.router.weight"):  # MoA: task t's router (rows of the kept experts)
             new_state[key] = v[task:task + 1].clone()
+        for li, bi in enumerate(moa_blocks if moa_keeps else ()):
+            pre = f"blocks.{bi}.attn."
+            if key == pre + "router.weight":
+                new_state[key] = v[task:task + 1, moa_keeps[li]].clone()
+            elif key in (pre + "q_weight", pre + "q_bias", pre + "o_weight"):
+                new_state[key] = v[moa_keeps[li]].clone()
     backbone.load_state_dict(new_state, strict=True)
     name = model.task_names[task]
     pruned = MultiTaskViT(backbone, (name,)).to(device=p0.device, dtype=p0.dtype)
     if name == "patch_stats":
         pruned.patch_head.load_state_dict(model.patch_head.state_dict())
     pruned.train(model.training)
-    return pruned, keeps
+    return pruned, keeps + moa_keeps
+
+
+def _common_keeps(usage: list[list[float]], thresh: float, k: int) -> tuple[list[list[int]], int]:
+    """``task_expert_keep`` per layer, each topped up (most used first) to the largest count."""
+    keeps = [task_expert_keep(u, thresh, k) for u in usage]
+    n = max(len(kp) for kp in keeps)
+    for li, kp in enumerate(keeps):
+        extra = [e for e in torch.argsort(torch.tensor(usage[li]), descending=True, stable=True).tolist()
+                 if e not in kp]
+        keeps[li] = sorted(kp + extra[:n - len(kp)])
+    return keeps, n
 
 
 def task_losses(preds: dict, labels: torch.Tensor, patch_target: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -367,7 +391,8 @@ ROWS = {
 }
 MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05, "modsquad_moa": 0.005}
 PRUNED_ROWS = ("multi_gate", *MI_WEIGHTS)  # the rows with per-task routers, pruned for classify
-RESULT_VERSION = 3  # 2: pruning results; 3: fine-tuning after pruning
+RESULT_VERSION = 4  # 2: pruning results; 3: fine-tuning after pruning; 4: MoA experts pruned too
+ROW_VERSION = {"modsquad_moa": 4}  # the version a cached run of the row needs (others: 3)
 
 
 def build_model(row: str, S: MultiTaskSettings, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -415,10 +440,21 @@ def evaluate_multitask(model: MultiTaskViT, images01: torch.Tensor, labels: torc
     T, names = len(model.task_names), model.task_names
     correct, sq, tot_var, n = 0, 0.0, 0.0, 0
     usage: list[torch.Tensor] | None = None
+    moa = [m for m in model.modules() if isinstance(m, MoAAttention)]
+    moa_usage = [torch.zeros(T, m.num_experts) for m in moa]
+    current = {"t": 0}
+
+    def moa_hook(li):
+        def hook(mod, inp, out):  # returns None: a forward hook's return value would replace the output
+            moa_usage[li][current["t"]] += out.stats.tokens_per_expert.float().cpu()
+        return hook
+
+    handles = [m.register_forward_hook(moa_hook(li)) for li, m in enumerate(moa)]
     for s in range(0, len(labels), batch_size):
         x01, y = images01[s:s + batch_size], labels[s:s + batch_size]
         x = norm(x01)
         for t, name in enumerate(names):
+            current["t"] = t
             pred, _, stats = model.forward_task(x, t)
             if stats:
                 if usage is None:
@@ -432,6 +468,8 @@ def evaluate_multitask(model: MultiTaskViT, images01: torch.Tensor, labels: torc
                 sq += float(((pred - tgt) ** 2).sum())
                 tot_var += float(((tgt - 0.0) ** 2).sum())  # standardised targets: mean 0 on the train set
         n += len(y)
+    for h in handles:
+        h.remove()
     out: dict[str, Any] = {}
     if "classify" in names:
         out["accuracy"] = correct / n
@@ -443,6 +481,9 @@ def evaluate_multitask(model: MultiTaskViT, images01: torch.Tensor, labels: torc
         out["usage"] = mats
         out["specialisation"] = specialisation(mats)
         out["mutual_information"] = sum(mutual_information_from_usage(m) for m in mats) / len(mats)
+    if moa:  # MoA attention experts: the same matrices (share of each task's head choices)
+        out["moa_usage"] = [(u / u.sum(-1, keepdim=True).clamp_min(1)).tolist() for u in moa_usage]
+        out["moa_mutual_information"] = sum(mutual_information_from_usage(m) for m in out["moa_usage"]) / len(moa)
     return out
 
 
@@ -520,13 +561,18 @@ def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool
         res["pruning"] = {}
         n_use = min(2000, len(train))  # usage measured on training images, not on the test set
         k = model.backbone.config.top_k
-        train_usage = evaluate_multitask(model, train.float_images()[:n_use], train.labels[:n_use], target_fn,
-                                         norm)["usage"]
-        usage_t = [[k * v for v in u[t]] for u in train_usage]  # share of choices -> fraction of tokens
+        tr = evaluate_multitask(model, train.float_images()[:n_use], train.labels[:n_use], target_fn, norm)
+        usage_t = [[k * v for v in u[t]] for u in tr["usage"]]  # share of choices -> fraction of tokens
+        moa_t = None
+        if "moa_usage" in tr:  # Mod-Squad prunes the attention experts too, with k = the heads per token
+            ka = next(m for m in model.modules() if isinstance(m, MoAAttention)).top_k
+            moa_t = [[ka * v for v in u[t]] for u in tr["moa_usage"]]
         for thresh in S.prune_thresholds:  # Mod-Squad: a classify-only model with the experts it uses
-            pruned, keeps = prune_for_task(model, t, usage_t, thresh)
+            pruned, keeps = prune_for_task(model, t, usage_t, thresh, moa_usage=moa_t)
             r = evaluate_multitask(pruned, test.float_images(), test.labels, target_fn, norm)
             entry = {"accuracy": r["accuracy"], "experts_kept": len(keeps[0]), "kept": keeps}
+            if moa_t is not None:
+                entry["moa_experts_kept"] = len(keeps[len(usage_t)])
             if S.prune_finetune_epochs:
                 _fit(pruned, train, S, seed=seed + 7919, epochs=S.prune_finetune_epochs, lr=S.lr * S.prune_finetune_lr,
                      warmup=0, target_fn=target_fn, norm=norm, desc=f"{row} seed {seed} pruned θ={thresh}",
@@ -556,7 +602,7 @@ def run_multitask(S: MultiTaskSettings, *, out: Path | None = None, work: Path |
         return train_one(row, seed, S, data, progress=progress)
 
     def refresh(row, seed, res, cache):  # versions 2 and 3 added pruning and fine-tuning: those rows are retrained
-        if res.get("result_version", 1) < RESULT_VERSION and row in PRUNED_ROWS:
+        if res.get("result_version", 1) < ROW_VERSION.get(row, 3) and row in PRUNED_ROWS:
             return compute(row, seed, cache)
         return None
 
@@ -615,15 +661,18 @@ def markdown(report: dict) -> str:
         E = S["num_experts"]
         lines += ["Mod-Squad expert pruning for the classify task (multi-gate rows): per MoE layer keep the "
                   "experts whose classify usage is above θ/k (at least k), then evaluate the classify-only model; "
-                  f"cells: experts kept of {E} / accuracy (%), mean over seeds. Unpruned accuracy is in the table "
-                  "above.", "",
+                  f"cells: experts kept of {E} / accuracy (%), mean over seeds; with MoA, the attention experts "
+                  f"kept per MoA layer (of {2 * S['num_heads']}, k = {S['num_heads']}) in brackets. Unpruned "
+                  "accuracy is in the table above.", "",
                   "| configuration | " + " | ".join(f"θ = {t}" for t in ths) + " |", "|---|" + "---|" * len(ths)]
         def prune_rows(rows, key):
             for row, runs in rows:
                 cells = []
                 for t in ths:
                     kept = statistics.fmean(r["pruning"][t]["experts_kept"] for r in runs)
-                    cells.append(f"{kept:.1f} / {_ms([r['pruning'][t][key] for r in runs], 100)}")
+                    moa = "" if "moa_experts_kept" not in runs[0]["pruning"][t] else \
+                        f" (MoA {statistics.fmean(r['pruning'][t]['moa_experts_kept'] for r in runs):.1f})"
+                    cells.append(f"{kept:.1f}{moa} / {_ms([r['pruning'][t][key] for r in runs], 100)}")
                 lines.append(f"| {ROWS[row]} | " + " | ".join(cells) + " |")
             lines.append("")
 
