@@ -92,6 +92,16 @@ def _modsquad_vit(**kw):
     return VisionTransformer(cfg)
 
 
+def _random_routers(vit):
+    """Non-zero routers (the zero init would tie every token's choice)."""
+    with torch.no_grad():
+        for blk in vit.blocks:
+            for n, p in blk.named_parameters():
+                if "router" in n:
+                    p.normal_(std=0.5)
+    return vit
+
+
 def test_vit_hands_tasks_to_moa_and_mi_loss_collects_its_probs():
     vit = _modsquad_vit()
     moa = vit.blocks[0].attn
@@ -114,12 +124,7 @@ def test_vit_hands_tasks_to_moa_and_mi_loss_collects_its_probs():
 
 
 def test_pruning_keeps_moa_with_the_task_router_and_is_exact_when_nothing_is_pruned():
-    vit = _modsquad_vit()
-    with torch.no_grad():
-        for blk in vit.blocks:
-            for n, p in blk.named_parameters():
-                if "router" in n:
-                    p.normal_(std=0.5)
+    vit = _random_routers(_modsquad_vit())
     model = MultiTaskViT(vit, ("classify", "patch_stats")).eval()
     x = torch.randn(4, 1, 8, 8)
     usage = [[0.5, 0.5, 0.5, 0.5]]  # every expert used: theta 0.1 keeps all four
@@ -167,12 +172,7 @@ def test_task_flops_counts_moa_blocks_by_hand():
 
 
 def test_pruning_moa_experts_equals_the_full_layer_with_removed_experts_masked():
-    vit = _modsquad_vit()
-    with torch.no_grad():
-        for blk in vit.blocks:
-            for n, p in blk.named_parameters():
-                if "router" in n:
-                    p.normal_(std=0.5)
+    vit = _random_routers(_modsquad_vit())
     model = MultiTaskViT(vit, ("classify", "patch_stats")).eval()
     moa_usage = [[1.0, 0.9, 0.05, 0.6, 0.02, 0.8, 0.5, 0.07]]  # task 0's usage of the 8 MoA experts (sums to 4)
     pruned, keeps = prune_for_task(model, 0, [[0.5, 0.5, 0.5, 0.5]], 0.3, moa_usage=moa_usage)
