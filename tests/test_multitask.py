@@ -410,6 +410,7 @@ def test_pruned_rows_are_fine_tuned_after_pruning(tmp_path):
     rep = run_multitask(S, out=tmp_path / "mt.md", progress=False)
     entry = rep["results"]["modsquad_moa"][0]["pruning"]["0.3"]
     assert 0.0 <= entry["accuracy"] <= 1.0 and 0.0 <= entry["accuracy_finetuned"] <= 1.0
-    assert "classify-only fine-tuning" in (tmp_path / "mt.md").read_text()
+    text = (tmp_path / "mt.md").read_text()
+    assert "classify-only fine-tuning" in text and "MoA attention experts of" in text
     with pytest.raises(ConfigError, match="prune_finetune_epochs"):
         MultiTaskSettings(prune_finetune_epochs=-1).validate()

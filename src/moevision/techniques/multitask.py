@@ -655,6 +655,12 @@ def markdown(report: dict) -> str:
               "is 0 by construction. I(T;E): the mutual information between task and chosen expert (hard "
               "routing, tasks weighted equally), averaged over the MoE layers; at most log 2 = 0.693 nats for "
               "two tasks.", ""]
+    for row, runs in res.items():  # the table covers the MLP experts; MoA attention experts separately
+        if runs and all("moa_usage" in r for r in runs):
+            lines += [f"MoA attention experts of {ROWS[row]}: specialisation "
+                      f"{_ms([specialisation(r['moa_usage']) for r in runs], digits=3)}, I(T;E) "
+                      f"{_ms([r['moa_mutual_information'] for r in runs], digits=3)} nats (averaged over the MoA "
+                      "layers; usage = share of each task's head choices).", ""]
     pruned_rows = [(row, runs) for row, runs in res.items() if runs and "pruning" in runs[0]]
     if pruned_rows:
         ths = list(pruned_rows[0][1][0]["pruning"])
