@@ -12,19 +12,20 @@ mean and standard deviation) seven ways: a dense multi-task ViT, an MoE with a t
 the two M³ViT task-dependent routers (multi-gate: a router per task; task-conditioned: one router that
 also sees the task id), and per-task routers trained with Mod-Squad's task-expert mutual-information loss
 at weights 0, 0.005 and 0.05, and with Mod-Squad's mixture of attention-head experts (MoA) on the even
-blocks (then pruned to the experts the classify task uses, Mod-Squad style); each
+blocks, and heterogeneously (each task on its own half of the images, as Mod-Squad trains on
+different datasets per task) (then pruned to the experts the classify task uses, Mod-Squad style); each
 task evaluated alone as at inference. Writes a Markdown table (mean ± std
 over seeds: accuracy, patch R², single-task FLOPs, step time, task-expert specialisation) and the
 usage matrices. Finished runs are kept in --work-dir and skipped when the command is run again."""
 
 EXAMPLES = """examples:
-  moevision multitask                                   # 8 configurations x 3 seeds, ~26 min on 2 cores
+  moevision multitask                                   # 9 configurations x 3 seeds, ~30 min on 2 cores
   moevision multitask --rows dense,multi_gate --seeds 1 --epochs 1 --out runs/mt/quick.md
 """
 
 
 ROW_NAMES = ("dense", "moe", "multi_gate", "task_conditioned", "modsquad_nomi", "modsquad", "modsquad_strong",
-             "modsquad_moa")
+             "modsquad_moa", "modsquad_hetero")
 
 
 def register(subparsers) -> dict:
@@ -36,7 +37,8 @@ def register(subparsers) -> dict:
                   rows_help="comma-separated subset of dense, moe, multi_gate, task_conditioned, modsquad_nomi "
                             "(Mod-Squad's zero-init per-task routers), modsquad (+ mutual-information loss, "
                             "w=0.005), modsquad_strong (w=0.05), modsquad_moa (modsquad + MoA attention "
-                            "experts on the even blocks) (default: all)",
+                            "experts on the even blocks), modsquad_hetero (modsquad trained heterogeneously: "
+                            "each task on its own half of the images) (default: all)",
                   dataset_help="image set (default fashion_mnist; digits: sklearn's 8x8 digits, patch 2)")
     return {"multitask": _cmd}
 

@@ -203,16 +203,29 @@ class MultiTaskViT(nn.Module):
         feats, aux, stats = self.backbone._features(x, t if self.task_routed else None)
         return self.head(self.task_names[t], feats), aux, stats
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x):
         """Every task: ({name: prediction}, summed aux loss, {name: routing stats}). With task routing the
-        backbone runs once per task (M³ViT); without, once for all heads."""
+        backbone runs once per task (M³ViT); without, once for all heads. ``x`` is one image batch for
+        every task, or (heterogeneous training, Mod-Squad §14) a dict {task name: that task's own images};
+        the mutual-information loss then still accumulates over all the step's tasks."""
+        if isinstance(x, dict):
+            missing = [n for n in self.task_names if n not in x]
+            if missing or len(x) != len(self.task_names):
+                raise ValueError(f"heterogeneous input needs one batch per task {self.task_names}, got {list(x)}")
+            if not self.task_routed:  # no shared pass is possible: the backbone runs on each task's batch
+                preds, stats, aux = {}, {}, 0.0
+                for n in self.task_names:
+                    feats, a, st = self.backbone._features(x[n], None)
+                    preds[n], stats[n], aux = self.head(n, feats), st, aux + a
+                return preds, aux, stats
         if self.task_routed:
-            preds, stats, aux = {}, {}, x.new_zeros(())
+            first = next(iter(x.values())) if isinstance(x, dict) else x
+            preds, stats, aux = {}, {}, first.new_zeros(())
             probs = _RouterProbs(self) if (self.mi_weight > 0 and self.training) else None
             per_task = []
             try:
                 for t, name in enumerate(self.task_names):
-                    preds[name], a, stats[name] = self.forward_task(x, t)
+                    preds[name], a, stats[name] = self.forward_task(x[name] if isinstance(x, dict) else x, t)
                     aux = aux + a
                     if probs is not None:
                         per_task.append(probs.take())
@@ -366,7 +379,7 @@ class MultiTaskSettings:
     prune_finetune_lr: float = 0.1  # its learning rate over lr
     seeds: int = 3
     rows: tuple[str, ...] = ("dense", "moe", "multi_gate", "task_conditioned", "modsquad_nomi", "modsquad",
-                             "modsquad_strong", "modsquad_moa")
+                             "modsquad_strong", "modsquad_moa", "modsquad_hetero")
 
     def validate(self) -> None:
         check_grid_settings(self, ("train_subset", "test_subset", "epochs", "batch_size", "seeds", "num_experts",
@@ -388,8 +401,11 @@ ROWS = {
     "modsquad": "Mod-Squad routers + mutual-information loss (w=0.005)",
     "modsquad_strong": "Mod-Squad routers + mutual-information loss (w=0.05)",
     "modsquad_moa": "Mod-Squad with MoA attention experts on the even blocks + MI loss (w=0.005)",
+    "modsquad_hetero": "Mod-Squad routers + MI loss (w=0.005), heterogeneous data: each task on its own half",
 }
-MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05, "modsquad_moa": 0.005}
+HETEROGENEOUS_ROWS = ("modsquad_hetero",)
+MI_WEIGHTS = {"modsquad_nomi": 0.0, "modsquad": 0.005, "modsquad_strong": 0.05, "modsquad_moa": 0.005,
+              "modsquad_hetero": 0.005}
 PRUNED_ROWS = ("multi_gate", *MI_WEIGHTS)  # the rows with per-task routers, pruned for classify
 RESULT_VERSION = 4  # 2: pruning results; 3: fine-tuning after pruning; 4: MoA experts pruned too
 ROW_VERSION = {"modsquad_moa": 4}  # the version a cached run of the row needs (others: 3)
@@ -499,8 +515,10 @@ def specialisation(usage_per_layer: list[list[list[float]]]) -> float:
 
 
 def _fit(model: MultiTaskViT, train, S: MultiTaskSettings, *, seed: int, epochs: int, lr: float, warmup: int,
-         target_fn: Callable, norm: Callable, desc: str, progress: bool) -> int:
-    """AdamW with warmup + cosine on the sum of the model's task losses (+ aux); returns the steps taken."""
+         target_fn: Callable, norm: Callable, desc: str, progress: bool, heterogeneous: bool = False) -> int:
+    """AdamW with warmup + cosine on the sum of the model's task losses (+ aux); returns the steps taken.
+    ``heterogeneous``: the training set is split into one disjoint part per task (seeded), and each step
+    takes one batch from every task's own part (Mod-Squad's heterogeneous training, §14)."""
     from tqdm.auto import tqdm
 
     from ..data import iterate_batches
@@ -511,19 +529,30 @@ def _fit(model: MultiTaskViT, train, S: MultiTaskSettings, *, seed: int, epochs:
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": S.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    steps_per_epoch = len(train) // S.batch_size
+    parts = _task_parts(train, model.task_names) if heterogeneous else None
+    steps_per_epoch = (min(len(p) for p in parts.values()) if parts else len(train)) // S.batch_size
     total = steps_per_epoch * epochs
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True,
                mininterval=1.0)
     step = 0
     model.train()
     for epoch in range(epochs):
-        for images, labels in iterate_batches(train, S.batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                              drop_last=True):
+        if parts is None:
+            batches = iterate_batches(train, S.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=True)
+        else:  # one batch per task, each from its own part, in lockstep (the shortest part sets the epoch)
+            its = [iterate_batches(parts[n], S.batch_size, shuffle=True, seed=seed + 31 * i, epoch=epoch,
+                                   drop_last=True) for i, n in enumerate(model.task_names)]
+            batches = ({n: b for n, b in zip(model.task_names, group)} for group in zip(*its))
+        for batch in batches:
             set_lr(opt, warmup_cosine(step, total_steps=total, warmup_steps=warmup, lr=lr, min_lr=lr * 0.01))
-            x01 = images  # float32 in [0, 1]
-            preds, aux, _ = model(norm(x01))
-            losses = task_losses(preds, labels, target_fn(x01) if "patch_stats" in preds else None)
+            if parts is None:
+                x01, labels = batch  # float32 in [0, 1]
+                preds, aux, _ = model(norm(x01))
+                losses = task_losses(preds, labels, target_fn(x01) if "patch_stats" in preds else None)
+            else:
+                preds, aux, _ = model({n: norm(b[0]) for n, b in batch.items()})
+                losses = task_losses(preds, batch["classify"][1] if "classify" in batch else None,
+                                     target_fn(batch["patch_stats"][0]) if "patch_stats" in batch else None)
             loss = sum(S.task_weights.get(k, 1.0) * v for k, v in losses.items()) + aux
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss is {float(loss)} at step {step}; lower lr")
@@ -539,6 +568,18 @@ def _fit(model: MultiTaskViT, train, S: MultiTaskSettings, *, seed: int, epochs:
     return step
 
 
+def _task_parts(train, task_names: tuple[str, ...]) -> dict:
+    """Disjoint, equal parts of ``train``, one per task (a fixed seeded permutation)."""
+    from dataclasses import replace
+
+    T = len(task_names)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+    n = len(train) // T
+    return {name: replace(train, images=train.images[idx[i * n:(i + 1) * n]].contiguous(),
+                          labels=train.labels[idx[i * n:(i + 1) * n]].contiguous())
+            for i, name in enumerate(task_names)}
+
+
 def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool = True) -> dict[str, Any]:
     """Train configuration ``row`` with ``seed``; returns metrics, FLOPs and timing. Rows with per-task
     routers are then pruned for classify at each threshold, evaluated, fine-tuned on classify for
@@ -552,8 +593,10 @@ def train_one(row: str, seed: int, S: MultiTaskSettings, data, *, progress: bool
     target_fn = _standardiser(train.float_images(), patch)
     norm = lambda imgs: normalize(imgs, train.mean, train.std)  # noqa: E731
     t0 = time.perf_counter()
-    step = _fit(model, train, S, seed=seed, epochs=S.epochs, lr=S.lr, warmup=S.warmup_steps, target_fn=target_fn,
-                norm=norm, desc=f"{row} seed {seed}", progress=progress)
+    hetero = row in HETEROGENEOUS_ROWS  # each task sees 1/T of the images: T x the epochs keeps the step count
+    step = _fit(model, train, S, seed=seed, epochs=S.epochs * (len(model.task_names) if hetero else 1), lr=S.lr,
+                warmup=S.warmup_steps, target_fn=target_fn, norm=norm, desc=f"{row} seed {seed}", progress=progress,
+                heterogeneous=hetero)
     train_s = time.perf_counter() - t0
     res = evaluate_multitask(model, test.float_images(), test.labels, target_fn, norm)
     if model.backbone.config.task_routing == "multi_gate" and "classify" in model.task_names:
