@@ -51,6 +51,29 @@ def index_batches(dataset: ImageDataset, batches: Iterable[torch.Tensor], device
         yield x.to(device), dataset.labels[idx].to(device)
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, *, betas=(0.9, 0.999),
+          exclude_decay: Iterable[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases, norms and ``exclude_decay`` get none)."""
+    skip = {id(p) for p in exclude_decay}
+    decay = [p for p in params if p.ndim > 1 and id(p) not in skip]
+    no_decay = [p for p in params if p.ndim <= 1 or id(p) in skip]
+    return torch.optim.AdamW([g for g in ({"params": decay, "weight_decay": weight_decay},
+                                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]],
+                             lr=lr, betas=tuple(betas))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, grad_clip: float | None, where: str
+                   ) -> None:
+    """Refuse a non-finite loss (naming ``where``), then zero_grad, backward, clip and step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: loss is {float(loss)}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def run_steps(params: list[torch.nn.Parameter], batches: Iterable, loss_fn: Callable, *, total_steps: int,
               lr: float, weight_decay: float = 0.05, warmup_steps: int = 0, min_lr: float | None = None,
               grad_clip: float | None = 1.0, betas=(0.9, 0.999), progress: Callable[[int, float], None] | None = None
@@ -58,10 +81,7 @@ def run_steps(params: list[torch.nn.Parameter], batches: Iterable, loss_fn: Call
     """Optimise ``params`` with AdamW on ``loss_fn(x, y)`` over ``batches``; returns the loss per step."""
     if total_steps < 1:
         raise ConfigError(f"total_steps={total_steps}: the phase has no full batch to train on")
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+    opt = adamw(params, lr, weight_decay, betas=betas)
     min_lr = lr * 0.01 if min_lr is None else min_lr
     losses = []
     for step, (x, y) in enumerate(batches):
@@ -69,13 +89,7 @@ def run_steps(params: list[torch.nn.Parameter], batches: Iterable, loss_fn: Call
             break
         set_lr(opt, warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=lr, min_lr=min_lr))
         loss = loss_fn(x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, grad_clip, f"step {step}")
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, losses[-1])

@@ -78,6 +78,7 @@ def agd_train(model: nn.Module, tasks: Sequence[AGDTask], *, steps: int, lr: flo
     (``task_schedule``) and updates on its loss alone; ``mode="sum"``: each step sums every task's
     weighted loss (weights normalised to sum 1) into one update."""
     from ..train.optim import set_lr, warmup_cosine
+    from ._loop import adamw, optimizer_step
 
     if mode not in ("agd", "sum"):
         raise ConfigError(f"mode must be 'agd' or 'sum', got {mode!r}")
@@ -89,8 +90,7 @@ def agd_train(model: nn.Module, tasks: Sequence[AGDTask], *, steps: int, lr: flo
     weights = [t.weight for t in tasks]
     schedule = task_schedule(weights, steps, seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=lr)
+    opt = adamw(params, lr, weight_decay)
     gen = torch.Generator().manual_seed(seed + 1)
     total_w = sum(weights)
     history: list[tuple[str, float]] = []
@@ -103,13 +103,7 @@ def agd_train(model: nn.Module, tasks: Sequence[AGDTask], *, steps: int, lr: flo
         else:
             loss = sum(t.weight / total_w * t.loss(model, t.sample(step, gen)) for t in tasks if t.weight > 0)
             name = "sum"
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step} ({name}): loss is {float(loss)}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, grad_clip, f"step {step} ({name})")
         history.append((name, float(loss.detach())))
         if progress is not None:
             progress(step, name, history[-1][1])

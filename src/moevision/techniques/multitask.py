@@ -523,12 +523,10 @@ def _fit(model: MultiTaskViT, train, S: MultiTaskSettings, *, seed: int, epochs:
 
     from ..data import iterate_batches
     from ..train.optim import set_lr, warmup_cosine
+    from ._loop import adamw, optimizer_step
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": S.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = adamw(params, lr, S.weight_decay)
     parts = _task_parts(train, model.task_names) if heterogeneous else None
     steps_per_epoch = (min(len(p) for p in parts.values()) if parts else len(train)) // S.batch_size
     total = steps_per_epoch * epochs
@@ -554,12 +552,7 @@ def _fit(model: MultiTaskViT, train, S: MultiTaskSettings, *, seed: int, epochs:
                 losses = task_losses(preds, batch["classify"][1] if "classify" in batch else None,
                                      target_fn(batch["patch_stats"][0]) if "patch_stats" in batch else None)
             loss = sum(S.task_weights.get(k, 1.0) * v for k, v in losses.items()) + aux
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {float(loss)} at step {step}; lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params, 1.0, f"{desc}, step {step}")
             step += 1
             bar.update(1)
             if step % 20 == 0:

@@ -89,13 +89,14 @@ def _fit(model, train, S: ShiftAddSettings, *, epochs: int, lr: float, seed: int
 
     from ..data import iterate_batches, normalize
     from ..train.optim import set_lr, warmup_cosine
+    from ._loop import adamw, optimizer_step
 
     shift = {id(p) for p in shift_parameters(model)}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1 and id(p) not in shift], "weight_decay": S.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1 and id(p) not in shift], "weight_decay": 0.0},
-              {"params": [p for p in params if id(p) in shift], "weight_decay": 0.0, "scale": S.shift_lr_scale}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    opt = adamw([p for p in params if id(p) not in shift], lr, S.weight_decay)
+    shift_params = [p for p in params if id(p) in shift]
+    if shift_params:  # shifts and signs: no decay (it would pull signs to 0), their own lr scale
+        opt.add_param_group({"params": shift_params, "weight_decay": 0.0, "scale": S.shift_lr_scale})
     total = (len(train) // S.batch_size) * epochs
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True,
                mininterval=1.0)
@@ -110,12 +111,7 @@ def _fit(model, train, S: ShiftAddSettings, *, epochs: int, lr: float, seed: int
                 g["lr"] = cur * g.get("scale", 1.0)
             out = model(normalize(images, train.mean, train.std))
             loss = torch.nn.functional.cross_entropy(out.logits, labels) + out.aux_loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {float(loss)} at step {step}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params, 1.0, f"{desc}, step {step}")
             step += 1
             bar.update(1)
             if step % 20 == 0:

@@ -172,16 +172,13 @@ def train_one(row: str, seed: int, S: UoESettings, data, *, progress: bool = Tru
     from tqdm.auto import tqdm
 
     from ..train.optim import set_lr, warmup_cosine
-    from ._loop import shuffled_batches
+    from ._loop import adamw, optimizer_step, shuffled_batches
 
     train, test = data
     torch.manual_seed(seed)
     model = build_model(row, S, train.image_shape, train.num_classes)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": S.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=S.lr)
+    opt = adamw(params, S.lr, S.weight_decay)
     total = (len(train) // S.batch_size) * S.epochs
     bar = tqdm(total=total, desc=f"{row} seed {seed}", unit="step", disable=not progress, leave=False,
                dynamic_ncols=True, mininterval=1.0)
@@ -193,12 +190,7 @@ def train_one(row: str, seed: int, S: UoESettings, data, *, progress: bool = Tru
                                       min_lr=S.lr * 0.01))
             out = model(x)
             loss = F.cross_entropy(out.logits, y) + out.aux_loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{row} seed {seed}: loss is {float(loss)} at step {step}; lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params, 1.0, f"{row} seed {seed}, step {step}")
             step += 1
             bar.update(1)
     bar.close()
