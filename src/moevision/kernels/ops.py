@@ -87,15 +87,20 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, y_AD, gates_TK, pos, order, bias_ED, expert_tok):
         T, K = gates_TK.shape
         D = y_AD.shape[-1]
+        # Out of place under torch.compile: dynamo of torch 2.11 (measured on an H200) traced the in-place
+        # form into a backward fed a zero output gradient - every gradient of the layer came out 0.
+        # Inductor fuses the out-of-place form into the same kernels; eager keeps the in-place one.
+        inplace = not torch.compiler.is_compiling()
         y_tok = y_AD.index_select(0, pos)  # (A, D) token-major
         if bias_ED is not None:
-            y_tok.add_(bias_ED.index_select(0, expert_tok))
+            b_tok = bias_ED.index_select(0, expert_tok)
+            y_tok = y_tok.add_(b_tok) if inplace else y_tok + b_tok
         g = gates_TK.to(y_AD.dtype)
         # K fused multiply-adds, not a (T,1,K) x (T,K,D) bmm: T tiny GEMMs are 5x slower on CPU
         y3 = y_tok.view(T, K, D)
         out = y3[:, 0] * g[:, :1]
         for j in range(1, K):
-            out.addcmul_(y3[:, j], g[:, j:j + 1])
+            out = out.addcmul_(y3[:, j], g[:, j:j + 1]) if inplace else torch.addcmul(out, y3[:, j], g[:, j:j + 1])
         ctx.save_for_backward(y_tok, g, order, expert_tok)
         ctx.has_bias, ctx.num_experts = bias_ED is not None, (bias_ED.shape[0] if bias_ED is not None else 0)
         ctx.gates_dtype = gates_TK.dtype
