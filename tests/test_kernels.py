@@ -402,3 +402,43 @@ def test_segment_mm_equals_per_expert_products_and_gradchecks():
     assert torch.autograd.gradcheck(lambda a_, w_: segment_mm(a_, w_, offs), (a, w))
     segment_mm(a, w, offs).sum().backward()
     assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))
+
+
+def test_k_major_expert_weights_give_the_same_layer():
+    """``use_k_major_weights`` only changes the operand layout fed to ``torch._grouped_mm``: output and
+    every gradient equal the default layout's (fp32 on CPU, where the op runs in eager mode)."""
+    torch.manual_seed(0)
+    m = MoE(32, 64, 4, 2, impl="fused", noise_std=0.0)
+    x = torch.randn(96, 32)
+    assert m.experts.grouped_mm_ok(x)
+
+    def run():
+        xr = x.clone().requires_grad_()
+        o = m(xr).out
+        (o.square().sum()).backward()
+        res = [o.detach(), xr.grad] + [p.grad.clone() for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        return res
+
+    base = run()
+    try:
+        kernels.use_k_major_weights(True)
+        from moevision.kernels.fused import _gemm_layout
+        w = _gemm_layout(m.experts.w1)
+        assert w.stride(-2) == 1 and torch.equal(w, m.experts.w1)  # really K-major, same values
+        k_major = run()
+    finally:
+        kernels.use_k_major_weights(False)
+    for a, b in zip(base, k_major):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_experts", [8, 255, 300, 40000])
+def test_sort_by_expert_is_the_stable_argsort_of_the_ids(num_experts):
+    """The narrow-key sort gives exactly the stable int64 argsort, small and large (radix path) inputs."""
+    from moevision.moe.dispatch import sort_by_expert
+    g = torch.Generator().manual_seed(num_experts)
+    for n in (37, 20000):
+        e = torch.randint(0, num_experts, (n,), generator=g)
+        e[:3] = num_experts - 1  # the largest id is representable
+        assert torch.equal(sort_by_expert(e, num_experts), torch.argsort(e, stable=True))

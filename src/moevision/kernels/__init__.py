@@ -84,5 +84,11 @@ def use_triton(enabled: bool) -> None:
     _fused._triton_combine = _triton.combine_triton if enabled else None
 
 
-__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "register_dispatch",
-           "get_dispatch", "TRITON_AVAILABLE"]
+def use_k_major_weights(enabled: bool) -> None:
+    """Feed ``fused``'s grouped GEMMs K-major copies of the expert weights (an A/B switch for GPU
+    benchmarks: which operand layout CUTLASS's grouped GEMM runs faster; off by default)."""
+    _fused._k_major_weights = bool(enabled)
+
+
+__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_k_major_weights",
+           "register_dispatch", "get_dispatch", "TRITON_AVAILABLE"]

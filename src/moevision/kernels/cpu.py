@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..moe.dispatch import dispatch_sorted  # noqa: F401  (re-exported: the other CPU path)
+from ..moe.dispatch import sort_by_expert
 from ..moe.experts import Experts
 from ..moe.types import RoutingPlan
 from .fused import _compute_dtype, _w
@@ -189,7 +190,7 @@ def _dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts,
         return dispatch_grouped(x_TD, plan, experts, **kw)
     E, K = experts.num_experts, plan.top_k
     exp = plan.expert_idx  # (A,) token-major
-    order = torch.argsort(exp, stable=True)
+    order = sort_by_expert(exp, E)
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts = torch.bincount(exp, minlength=E).tolist()  # host read: free on a CPU
     dt = _compute_dtype(x_TD, experts)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ..moe.dispatch import sort_by_expert
 from ..moe.experts import Experts
 from ..moe.types import RoutingPlan
 from . import ops
@@ -35,6 +36,16 @@ from .segment_mm import segment_mm
 
 _triton_bias_act = None  # the Triton kernels, set by moevision.kernels when Triton imports
 _triton_combine = None
+_k_major_weights = False  # set by moevision.kernels.use_k_major_weights (an A/B switch for GPU benchmarks)
+
+
+def _gemm_layout(w: torch.Tensor) -> torch.Tensor:
+    """The (E, K, N) expert weights for ``torch._grouped_mm``: as stored (N-major: the forward is an
+    "NN" GEMM), or with ``use_k_major_weights`` the same values copied K-major ("TN", the layout of
+    ``F.linear``'s forward) - a per-step copy of the weights, small beside the GEMMs."""
+    if _k_major_weights and w.stride(-2) != 1:
+        return w.transpose(-2, -1).contiguous().transpose(-2, -1)
+    return w
 
 
 def _bias_act(h_AF, b_EF, expert_of_row, act):
@@ -59,7 +70,7 @@ def _expert_mlp(experts: Experts, xs_AD: torch.Tensor, offs: torch.Tensor, e_sor
                 grouped: bool, dt: torch.dtype) -> torch.Tensor:
     if grouped:
         def mm(a, w):
-            return torch._grouped_mm(a, w, offs=offs)
+            return torch._grouped_mm(a, _gemm_layout(w), offs=offs)
     else:
         def mm(a, w):
             return segment_mm(a, w, offs)
@@ -79,7 +90,7 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
         return dispatch_grouped(x_TD, plan, experts, **kw)
     T, K, E = x_TD.shape[0], plan.top_k, experts.num_experts
     exp = plan.expert_idx  # (A,) token-major
-    order = torch.argsort(exp, stable=True)
+    order = sort_by_expert(exp, E)
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     e_sorted = exp.index_select(0, order)
     # segment ends by binary search in the sorted ids: no host sync (bincount on CUDA reads max())

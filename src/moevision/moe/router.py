@@ -256,7 +256,9 @@ class TopKRouter(_LinearRouter):
         sigma = self.noise_std / E if (self.training and self.noise_std > 0) else 0.0
         noisy = logits + sigma * torch.randn_like(logits) if sigma > 0 else logits
         probs = _softmax(noisy)
-        if expert_mask_GSE is None:
+        if expert_mask_GSE is None and K == 1:  # max, not topk: 27 vs 47 us on an H200 at T=25216,
+            top_v, top_i = probs.max(dim=-1, keepdim=True)  # 0.12 vs 0.36 ms on CPU (T=6400); ties -> first
+        elif expert_mask_GSE is None:
             top_v, top_i = probs.topk(K, dim=-1)  # (G, S, K); top-k of probs == top-k of logits
         else:  # select on logits: an allowed expert whose probability underflows still beats a masked one
             top_i = noisy.topk(K, dim=-1).indices
