@@ -11,13 +11,7 @@ from moevision.techniques.clip_moe import (accumulate_pseudo_labels, build_clip_
                                            lock_except_mlp, mcl_loss, mcl_stages, mlp_state, train_routers)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two, and much faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base():

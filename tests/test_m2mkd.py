@@ -11,13 +11,7 @@ from moevision.techniques.m2mkd import (StitchAdapter, assemble_student, distill
                                         run_segments, split_model, student_modules)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two, and much faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit(**kw):

@@ -14,13 +14,7 @@ from moevision.techniques.upcycling import (expected_num_params, init_router, ml
 from moevision.train.init_from import OPTIMIZER_STATE_NAME, load_init_optimizer_state, named_optimizer_state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two, and much faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense(**kw):

@@ -12,12 +12,7 @@ from moevision.recipes.upcycling import Settings
 from moevision.recipes.upcycling_report import paired, plan, reproduce_upcycling
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_whole_pipeline_on_tiny_settings(tmp_path):

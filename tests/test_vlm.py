@@ -11,13 +11,7 @@ from moevision.models.vlm import IGNORE, set_stage, stage_parameters, upcycle
 from moevision.train.vlm import Samples, collate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than two and does not spin on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tokenizer_round_trip_and_unknown_words():

@@ -10,13 +10,7 @@ from moevision.cli import main
 from moevision.data.shapeworld import MASKS, OBJECTS, RELATIONS, ShapeWorld, render, to_vqa_set
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than two and does not spin on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shapeworld_rasterisation_follows_the_spec():

@@ -1,5 +1,5 @@
 """``moevision vqa RUN_DIR --image PATH --question "..."`` (ask a trained VLM) and ``moevision
-vlm-results`` (the MoE VLM, its dense twin and the MoMa variant over seeds -> docs/results/vlm.md)."""
+vlm-results`` (the MoE VLM, its dense twin, the MoMa variant and PILL over seeds -> docs/results/vlm.md)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ def register(sub) -> dict:
     q.add_argument("--max-new-tokens", type=int, default=8, help="longest answer in tokens (default 8)")
     q.add_argument("--json", action="store_true", help="print the answers as JSON")
 
-    r = sub.add_parser("vlm-results", help="MoE VLM vs its dense twin (and MoMa) over seeds -> docs/results/vlm.md",
+    r = sub.add_parser("vlm-results", help="MoE VLM vs its dense twin (and MoMa, PILL) over seeds -> "
+                       "docs/results/vlm.md",
                        description="Per seed: stages vision, LM, I and II once, then stage III of each model "
-                                   "(vlm_dense_easyvqa and vlm_moe_easyvqa; add vlm_moma_easyvqa with --recipes) and "
-                                   "the full evaluation. "
+                                   "(vlm_dense_easyvqa and vlm_moe_easyvqa; add vlm_moma_easyvqa or vlm_pill_easyvqa "
+                                   "with --recipes; PILL branches after the LM stage and trains its own I and II on "
+                                   "the frozen LM) and the full evaluation. "
                                    "Finished runs under --runs-dir are reused, so an interrupted command resumes.")
     r.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     r.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed+seeds-1 "
@@ -32,7 +34,7 @@ def register(sub) -> dict:
     r.add_argument("--out", default="docs/results", help="directory for vlm.md")
     r.add_argument("--runs-dir", default="runs/vlm_results", help="where the runs are kept")
     r.add_argument("--recipes", default=None, help="comma-separated recipes among vlm_dense_easyvqa, vlm_moe_easyvqa, "
-                   "vlm_moma_easyvqa (default: the first two)")
+                   "vlm_moma_easyvqa, vlm_pill_easyvqa, vlm_pill_nomag_easyvqa (default: the first two)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every run, e.g. train.stage3_epochs=1 (repeatable)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")

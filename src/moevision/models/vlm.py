@@ -14,6 +14,14 @@ image experts and E-n text experts; a token is routed (token choice, top-k) only
 group (``MoE.forward(..., expert_mask=...)``). Deviation: MoMa uses expert choice inside each group
 (and auxiliary routers for causal inference); token choice is causal as it is, so it is used here.
 
+PILL (Zhang et al. 2023, §9) option: ``adapter="pill"`` adds to every LM layer a shared GLU adapter
+before attention, Modality-Attention-Gating (MAG: the attention values of image tokens scaled by a
+per-head ``tanh`` gate of the token, zero-initialised, so image tokens start with zero value) and a
+Mixture of Modality Adapter Experts (MoMAE: a vision GLU adapter for image positions and a text one for
+text positions, added to the FFN's input). The LM stays frozen; ``stage_parameters`` gives PILL's two
+stages (I: projector + vision adapters with MAG off; II: projector + every adapter + MAG). GLU adapter
+``A(x) = U(SiLU(G x) * D x)``, bottleneck ``adapter_rank`` (32), no biases, G and D ~ N(0, 0.02), U = 0.
+
 Deviations: no KV cache (greedy decoding recomputes the short sequence); padding tokens are removed
 before every MoE layer so they take no capacity; the patch grid may be average-pooled (``image_pool``)
 before the projector to keep the LM sequence short on CPU; the DeepSpeed Gumbel noise on the second
@@ -73,6 +81,9 @@ class VLMConfig:
     normalize_after_drop: bool = True
     image_experts: int = 0  # MoMa: experts [0, n) take image tokens, [n, E) text tokens; 0 = off
     moe_impl: str = "sorted"
+    adapter: str = "none"  # none | pill (PILL's MAG + MoMAE adapters on a frozen LM)
+    adapter_rank: int = 32  # PILL's GLU adapter bottleneck
+    pill_mag: bool = True  # PILL's modality-attention gating (False: an ablation, image values never gated)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VLMConfig":
@@ -84,7 +95,8 @@ class VLMConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        for k in ("dim", "depth", "num_heads", "ffn_hidden", "max_len", "num_experts", "top_k", "image_pool"):
+        for k in ("dim", "depth", "num_heads", "ffn_hidden", "max_len", "num_experts", "top_k", "image_pool",
+                  "adapter_rank"):
             v = getattr(self, k)
             C.check(isinstance(v, int) and v >= 1, f"model.{k}", v, "must be a positive integer")
         C.check(self.dim % (2 * self.num_heads) == 0, "model.num_heads", self.num_heads,
@@ -102,7 +114,10 @@ class VLMConfig:
                 f"0 (off), or leave >= top_k={self.top_k} experts for each modality out of {self.num_experts}")
         C.check(len(self.vocab) >= len(SPECIALS) and list(self.vocab[:4]) == list(SPECIALS), "model.vocab",
                 self.vocab[:4], f"must start with {SPECIALS}")
-        vlm_moe_layers(self.moe_layers, self.depth)
+        moe = vlm_moe_layers(self.moe_layers, self.depth)
+        C.check(self.adapter in ("none", "pill"), "model.adapter", self.adapter, "none | pill")
+        C.check(self.adapter == "none" or not moe, "model.adapter", self.adapter,
+                f"PILL adapts a frozen dense LM: use moe_layers='none' (got {self.moe_layers!r})")
         vcfg = ViTConfig.from_dict(self.vision)
         C.check(vcfg.stem == "patch" and not vcfg.class_token and vcfg.global_pool == "avg", "model.vision",
                 "stem/class_token", "the vision tower must be a patch ViT without a class token")
@@ -143,10 +158,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x_BND: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, rope, value_gate_BNH: torch.Tensor | None = None) -> torch.Tensor:
+        """``value_gate_BNH`` (PILL's MAG): each token's value vector is scaled per head by this factor."""
         B, N, D = x_BND.shape
         q, k, v = self.qkv(x_BND).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if value_gate_BNH is not None:
+            v = v * value_gate_BNH.transpose(1, 2).unsqueeze(-1).to(v.dtype)  # (B, H, N, 1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
@@ -164,12 +182,64 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GLUAdapter(nn.Module):
+    """PILL's adapter ``U(SiLU(G x) * D x)``: bottleneck ``rank``, no biases; U zero-initialised, so the
+    adapter is exactly 0 until it trains."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.G = nn.Linear(dim, rank, bias=False)
+        self.D = nn.Linear(dim, rank, bias=False)
+        self.U = nn.Linear(rank, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.G.weight, std=0.02)
+        nn.init.normal_(self.D.weight, std=0.02)
+        nn.init.zeros_(self.U.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.U(F.silu(self.G(x)) * self.D(x))
+
+
+class PILLAdapters(nn.Module):
+    """One LM layer's PILL parameters: ``attn`` (shared adapter before attention), ``mag`` (W_g of the
+    modality-attention gate, zero-initialised: g = tanh(W_g x) = 0 at the start), ``vis`` / ``txt``
+    (MoMAE: the modality adapter experts before the FFN)."""
+
+    def __init__(self, dim: int, num_heads: int, rank: int):
+        super().__init__()
+        self.attn, self.vis, self.txt = GLUAdapter(dim, rank), GLUAdapter(dim, rank), GLUAdapter(dim, rank)
+        self.mag = nn.Linear(dim, num_heads, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for a in (self.attn, self.vis, self.txt):
+            a.reset_parameters()
+        nn.init.zeros_(self.mag.weight)
+
+    def value_gate(self, a_BND: torch.Tensor, is_image_BN: torch.Tensor) -> torch.Tensor:
+        """(B, N, H): tanh(W_g a) at image positions, 1 at text positions (text values untouched)."""
+        g = torch.tanh(self.mag(a_BND))
+        return torch.where(is_image_BN.unsqueeze(-1), g, torch.ones_like(g))
+
+    def modality_adapter(self, h_BND: torch.Tensor, is_image_BN: torch.Tensor) -> torch.Tensor:
+        """MoMAE, hard routing by modality: A_vis on image positions, A_txt on the others (each adapter
+        sees only its own tokens)."""
+        out = torch.zeros_like(h_BND)
+        if bool(is_image_BN.any()):
+            out[is_image_BN] = self.vis(h_BND[is_image_BN])
+        out[~is_image_BN] = self.txt(h_BND[~is_image_BN])
+        return out
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: VLMConfig, moe: bool):
         super().__init__()
         norm = RMSNorm if cfg.norm == "rmsnorm" else nn.LayerNorm
         self.norm1, self.attn, self.norm2 = norm(cfg.dim), CausalSelfAttention(cfg.dim, cfg.num_heads), norm(cfg.dim)
         self.image_experts = cfg.image_experts
+        self.pill = PILLAdapters(cfg.dim, cfg.num_heads, cfg.adapter_rank) if cfg.adapter == "pill" else None
         if moe:
             self.ffn = MoE(cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, router="topk",
                            capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
@@ -180,7 +250,13 @@ class DecoderLayer(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope, valid_BN: torch.Tensor, is_image_BN: torch.Tensor):
+    def forward(self, x: torch.Tensor, rope, valid_BN: torch.Tensor, is_image_BN: torch.Tensor, mag: bool = True):
+        if self.pill is not None:  # PILL: h = x + Attn(xn + A_attn(xn)) with MAG; x + FFN(hn + MoMAE(hn))
+            xn = self.norm1(x)
+            a = xn + self.pill.attn(xn)
+            x = x + self.attn(a, rope, self.pill.value_gate(a, is_image_BN) if mag else None)
+            hn = self.norm2(x)
+            return x + self.ffn(hn + self.pill.modality_adapter(hn, is_image_BN)), None, None, None
         x = x + self.attn(self.norm1(x), rope)
         h = self.norm2(x)
         if not isinstance(self.ffn, MoE):
@@ -236,6 +312,10 @@ class VisionLanguageModel(nn.Module):
             for p in m.parameters():
                 if p.dim() >= 2:
                     nn.init.normal_(p, std=0.02)
+        for layer in self.layers:
+            if layer.pill is not None:
+                layer.pill.reset_parameters()  # U = 0 and W_g = 0: the adapters start as exact no-ops
+        self.mag_enabled = True  # PILL's stage I trains with MAG off (image values not gated)
 
     # -- vision side
     def encode_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
@@ -280,7 +360,7 @@ class VisionLanguageModel(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         routing, loads = [], []
         for layer in self.layers:
-            x, a, st, load = layer(x, rope, valid, is_image)
+            x, a, st, load = layer(x, rope, valid, is_image, self.mag_enabled and self.config.pill_mag)
             if a is not None:
                 aux = aux + a
                 routing.append(st)
@@ -336,10 +416,11 @@ class VisionLanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def num_active_params(self) -> int:
-        """Per text token: everything but the vision tower, with top_k of E experts per MoE layer."""
+        """Per text token: everything but the vision tower (and PILL's vision adapters), with top_k of E
+        experts per MoE layer."""
         total = 0
         for name, p in self.named_parameters():
-            if name.startswith("vision."):
+            if name.startswith("vision.") or ".pill.vis." in name:
                 continue
             total += p.numel() * self.config.top_k // self.config.num_experts if ".experts." in name else p.numel()
         return total
@@ -357,14 +438,24 @@ def stage_parameters(model: VisionLanguageModel, stage: str | int, *, stage3_tra
     trained): 1 = the projector; 2 = projector + the whole LM; 3 = the MoE layers (experts + routers;
     ``moe_only``) or every FFN, MoE or dense (``all_ffn``: the code's substring match, the default).
     Two stand-in pre-stages: ``vision`` (the tower, instead of a pre-trained CLIP) and ``lm`` (the LM
-    alone, instead of a pre-trained LLM)."""
+    alone, instead of a pre-trained LLM). A PILL model (``adapter="pill"``) keeps its LM frozen: I = the
+    projector + the vision adapters (MoMAE's A_vis), II = the projector + every adapter + the MAG gates;
+    it has no stage III. No stage trains PILL's adapters except I and II."""
     names = [n for n, _ in model.named_parameters()]
-    lm = [n for n in names if n.split(".")[0] in ("embed", "layers", "norm", "lm_head")]
+    pill = [n for n in names if ".pill." in n]
+    lm = [n for n in names if n.split(".")[0] in ("embed", "layers", "norm", "lm_head") and ".pill." not in n]
     stage = str(stage)
     if stage == "vision":
         return {n for n in names if n.startswith("vision.")}
     if stage == "lm":
         return set(lm)
+    if model.config.adapter == "pill" and stage in ("1", "2", "3"):
+        proj = {n for n in names if n.startswith("projector.")}
+        if stage == "1":
+            return proj | {n for n in pill if ".pill.vis." in n}
+        if stage == "2":
+            return proj | set(pill)
+        raise ValueError("a PILL model has no stage 3 (its LM stays frozen; stages are vision, lm, 1, 2)")
     if stage == "1":
         return {n for n in names if n.startswith("projector.")}
     if stage == "2":
@@ -407,6 +498,25 @@ def upcycle(model: VisionLanguageModel, *, moe_layers="sparse", num_experts: int
         ex.w1.copy_(ffn.gate_proj.weight.t().expand_as(ex.w1))
         ex.w3.copy_(ffn.up_proj.weight.t().expand_as(ex.w3))
         ex.w2.copy_(ffn.down_proj.weight.t().expand_as(ex.w2))
+    new.model_name = getattr(model, "model_name", None)
+    return new.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def add_pill(model: VisionLanguageModel, *, adapter_rank: int | None = None) -> VisionLanguageModel:
+    """A copy of the dense ``model`` with PILL's adapters added to every LM layer (fresh: U = 0 and
+    W_g = 0, so the copy computes exactly what ``model`` does with MAG off, and with MAG on only the
+    image tokens' attention values change: they start at 0)."""
+    if model.moe_layers:
+        raise ValueError("add_pill() takes a dense model: PILL adapts a frozen dense LM")
+    if model.config.adapter == "pill":
+        raise ValueError("this model already has PILL adapters")
+    over: dict[str, Any] = {"adapter": "pill"}
+    if adapter_rank is not None:
+        over["adapter_rank"] = adapter_rank
+    new = VisionLanguageModel(VLMConfig.from_dict({**model.config.to_dict(), **over}))
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".pill." in k for k in missing), (missing, unexpected)
     new.model_name = getattr(model, "model_name", None)
     return new.to(next(model.parameters()).device)
 

@@ -46,6 +46,22 @@ def vlm_moma_easyvqa() -> VLMRunConfig:
 
 
 @register_recipe
+def vlm_pill_easyvqa() -> VLMRunConfig:
+    """PILL (spec §9) on the same VLM, data and pre-stages: after the text-only LM stage the LM stays
+    frozen and gets PILL's adapters (GLU, rank 32) in both layers; stage I trains the projector + the
+    vision adapters with MAG off (captions, 1 epoch), stage II the projector + every adapter + the MAG
+    gates (VQA mixture, 0.5 epoch); no stage III. Results beside MoE-LLaVA: docs/results/vlm.md."""
+    return _vlm("vlm_easyvqa", adapter="pill")
+
+
+@register_recipe
+def vlm_pill_nomag_easyvqa() -> VLMRunConfig:
+    """``vlm_pill_easyvqa`` without modality-attention gating (an ablation: the image values are never
+    gated, so stage II starts from what stage I learnt)."""
+    return _vlm("vlm_easyvqa", adapter="pill", pill_mag=False)
+
+
+@register_recipe
 def vlm_smoke() -> VLMRunConfig:
     """Seconds-long smoke run for tests: the tiny MoE VLM on 64 ShapeWorld images, no easy-VQA."""
     cfg = _vlm("moe_vlm_tiny_test")

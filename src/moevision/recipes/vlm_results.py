@@ -1,6 +1,7 @@
-"""``moevision vlm-results``: the MoE VLM, its dense twin and the MoMa variant over seeds -> a Markdown
-table (docs/results/vlm.md). Per seed, the stages up to II run once (they are the same for the three
-models) and stage III branches from the saved stage-II model, so the models differ only in stage III."""
+"""``moevision vlm-results``: the MoE VLM, its dense twin, the MoMa variant and PILL over seeds -> a
+Markdown table (docs/results/vlm.md). Per seed, the stages up to II run once (they are the same for the
+MoE-LLaVA models) and stage III branches from the saved stage-II model, so those models differ only in
+stage III; PILL branches after the LM stage (its LM stays frozen: its own stages I and II, no III)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from . import get_recipe
 
 VARIANTS = [("dense twin (stage III: dense FFNs)", "vlm_dense_easyvqa"),
             ("MoE-LLaVA (stage III: upcycled top-2 of 4)", "vlm_moe_easyvqa"),
-            ("MoMa groups (2 image + 2 text experts, top-2 in group)", "vlm_moma_easyvqa")]
+            ("MoMa groups (2 image + 2 text experts, top-2 in group)", "vlm_moma_easyvqa"),
+            ("PILL (frozen LM + MAG + modality adapters, rank 32)", "vlm_pill_easyvqa"),
+            ("PILL without MAG (ablation)", "vlm_pill_nomag_easyvqa")]
 DEFAULT_RECIPES = ("vlm_dense_easyvqa", "vlm_moe_easyvqa")  # MoMa on request (--recipes), to save CPU
 
 
@@ -92,14 +95,16 @@ def run_vlm_results(*, seeds: int = 3, out_dir: str = "docs/results", runs_dir: 
                     fit_vlm(cfg, shared, resume=done.is_file(), progress=progress, stop_after="2")
             run = runs / f"seed{seed}" / name
             if not (run / "summary.json").is_file():
-                print(f"== seed {seed}: {name} stage III + evaluation", flush=True)
+                what = "stages I, II on the frozen LM" if cfg.model.adapter == "pill" else "stage III"
+                print(f"== seed {seed}: {name} {what} + evaluation", flush=True)
                 if run.exists():
                     shutil.rmtree(run)
                 (run / "stages").mkdir(parents=True)
-                for st in STAGES[:4]:
+                branch = STAGES[:2] if cfg.model.adapter == "pill" else STAGES[:4]  # PILL: after the LM stage
+                for st in branch:
                     shutil.copytree(shared / "stages" / st, run / "stages" / st)
                 prog = json.loads((shared / "stages" / "progress.json").read_text())
-                (run / "stages" / "progress.json").write_text(json.dumps({k: prog[k] for k in STAGES[:4]}))
+                (run / "stages" / "progress.json").write_text(json.dumps({k: prog[k] for k in branch}))
                 write_run_config(cfg, run)
                 fit_vlm(cfg, run, resume=True, progress=progress)
             results[name].append(json.loads((run / "summary.json").read_text()))
@@ -115,16 +120,16 @@ def _markdown(variants, results, seeds, overrides, seconds) -> str:
         cmd += " --recipes " + ",".join(n for _, n in variants)
     any_run = next(iter(results.values()))[0]
     # compute spent: the shared stages once per seed, stage III and the evaluation once per run
-    shared = sum(sum(v["seconds"] for k, v in rs[0]["stages"].items() if k != "3")
-                 for rs in zip(*results.values()))
+    ref = next((name for _, name in variants if "pill" not in name), variants[0][1])
+    shared = sum(sum(v["seconds"] for k, v in r["stages"].items() if k != "3") for r in results[ref])
     own = sum(r["wall_seconds"] for rs in results.values() for r in rs)
     L = [
         "# Small MoE vision-language model: MoE-tuning on easy-VQA + ShapeWorld",
         "",
         f"Written by `{cmd}` (MoE-LLaVA §3, MoMa §5, protocols §12 of "
         "shared/specs/multimodal_compression_systems.md). Mean ± std over "
-        f"{seeds} seeds; per seed the three models share stages vision, LM, I and II and differ only in "
-        "stage III. torch " + any_run["torch"] + f", {any_run['threads']} thread(s), {any_run['device']}; about "
+        f"{seeds} seeds; per seed the MoE-LLaVA models share stages vision, LM, I and II and differ only in "
+        "stage III (PILL shares vision and LM, then trains its own I and II on the frozen LM). torch " + any_run["torch"] + f", {any_run['threads']} thread(s), {any_run['device']}; about "
         f"{(shared + own) / 60:.0f} min of training and evaluation in all (shared stages once per seed).",
         "",
         "## Accuracy and protocols",
@@ -171,7 +176,12 @@ def _markdown(variants, results, seeds, overrides, seconds) -> str:
                 parts.append(f"{what} {_ms(d, 2)} ({wins}/{len(d)} seeds better)")
             L.append(f"- {label}: " + "; ".join(parts))
     L += ["", "Stage-III training time per run (s): " + ", ".join(
-        f"{name} {_ms([r['stages']['3']['seconds'] for r in results[name]], 0)}" for _, name in variants if results[name]),
+        f"{name} {_ms([r['stages']['3']['seconds'] for r in results[name]], 0)}" for _, name in variants
+        if results[name] and "3" in results[name][0]["stages"]),
+        "", "Parameters trained per stage (I / II / III): " + "; ".join(
+        f"{name} " + " / ".join(f"{results[name][0]['stages'][st]['trainable_params'] / 1e3:.1f}k"
+                                if st in results[name][0]["stages"] else "-" for st in ("1", "2", "3"))
+        for _, name in variants if results[name] and "trainable_params" in results[name][0]["stages"].get("1", {})),
         "", "## Which experts do image and text tokens use?", "",
         "Share of each modality's kept top-2 assignments per expert (easy-VQA test + ShapeWorld eval, "
         "teacher-forced), mean over seeds; TV = total-variation distance between the image and the text "

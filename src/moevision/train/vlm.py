@@ -11,6 +11,9 @@ from stage 1 on, as in MoE-LLaVA):
 - III (``3``): if the run's model has MoE layers, upcycle (every expert = the stage-II FFN, new router)
   and train the FFNs/experts + routers on the same mixture (``stage3_trainable``); otherwise the dense
   twin continues training the same parameter set for the same steps.
+PILL (``model.adapter="pill"``, spec §9): after ``lm`` the dense model gets PILL's adapters
+(``models.vlm.add_pill``); I trains the projector + vision adapters with MAG off (image values not
+gated), II the projector + every adapter + the MAG gates, the LM frozen throughout; there is no III.
 Deviations: the paper's stages use different data (LLaVA-PT, Hybrid-FT, LLaVA-FT) and lr 1e-3/2e-5/2e-5
 on a pre-trained LLM; here all stages use the run's own data and lrs suited to training from scratch.
 Resume restarts the first unfinished stage (every finished stage is saved, atomically, under stages/).
@@ -36,7 +39,7 @@ from .. import __version__
 from .. import config as C
 from ..models import from_pretrained
 from ..models.tokenizer import WordTokenizer
-from ..models.vlm import IGNORE, VisionLanguageModel, VLMConfig, set_stage, upcycle, vlm_moe_layers
+from ..models.vlm import IGNORE, VisionLanguageModel, VLMConfig, add_pill, set_stage, upcycle, vlm_moe_layers
 from ..utils import atomic_write
 
 STAGES = ("vision", "lm", "1", "2", "3")
@@ -323,7 +326,8 @@ def fit_vlm(cfg: VLMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     done = json.loads(prog_path.read_text()) if (resume and prog_path.is_file()) else {}
     final_moe = bool(vlm_moe_layers(cfg.model.moe_layers, cfg.model.depth))
     torch.manual_seed(tc.seed)
-    dense_cfg = {**cfg.model.to_dict(), "moe_layers": "none"}
+    pill = cfg.model.adapter == "pill"
+    dense_cfg = {**cfg.model.to_dict(), "moe_layers": "none", "adapter": "none"}  # MoE / adapters come later
     model = VisionLanguageModel(VLMConfig.from_dict(dense_cfg)).to(dev)
     model.model_name = cfg.model_name
     last = [s for s in STAGES if s in done]
@@ -334,9 +338,12 @@ def fit_vlm(cfg: VLMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     bs, info = cfg.data.batch_size, dict(done)
     common = dict(tc=tc, bs=bs, progress=progress, log=log)
     for stage in STAGES:
-        if stage in done:
+        if stage in done or (pill and stage == "3"):
             continue
         torch.manual_seed(tc.seed * 100 + STAGES.index(stage))
+        if pill and stage in ("1", "2") and model.config.adapter != "pill":
+            model = add_pill(model, adapter_rank=cfg.model.adapter_rank)
+            model.model_name = cfg.model_name
         if stage == "vision":
             r = train_vision(model, data.ev_train.images if data.ev_train else None, data.ev_attrs,
                              data.sw_train_images, data.sw_cells, tc, bs, progress, log)
@@ -346,8 +353,10 @@ def fit_vlm(cfg: VLMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         else:
             feats = [image_features(model, s.images) for s in data.caption_sets + data.vqa_sets]
             if stage == "1":
+                model.mag_enabled = not pill  # PILL's stage I: MAG off (the image values are not gated)
                 r = train_text(model, "1", data.caption_sets, feats[:len(data.caption_sets)], epochs=tc.stage1_epochs,
                                lr=tc.stage1_lr, seed_offset=2, **common)
+                model.mag_enabled = True
             elif stage == "2":
                 r = train_text(model, "2", data.vqa_sets, feats[len(data.caption_sets):], epochs=tc.stage2_epochs,
                                lr=tc.stage2_lr, seed_offset=3, **common)
