@@ -371,3 +371,21 @@ def test_smha_refuses_a_zero_switch_capacity_with_weight_by_prob():
     with _pytest.raises(_ConfigError, match="capacity"):
         smha(_torch.randn(1, 5, 16))
     assert smha(_torch.randn(2, 5, 16)).out.shape == (2, 5, 16)
+
+
+def test_uome_output_dropout_acts_once_on_the_union():
+    """As in the dense MLP, the output dropout acts on (sum of the experts + b2): with zero first-layer
+    weights every expert outputs 0 (GELU(0) = 0), so each output element is either dropped to 0 or
+    b2 / (1 - p). Dropping each expert's output apart (and adding b2 undropped) gave b2 everywhere."""
+    mlp = DecomposedMLP(8, 16, 4, drop=0.5).to(D64)
+    with torch.no_grad():
+        mlp.w1.zero_()
+        mlp.b1.zero_()
+        mlp.b2.copy_(torch.linspace(1, 2, 8, dtype=D64))
+    u = UoME(mlp, seq_len=6, top_k=4, n_patches=3, patch_capacity=3).to(D64).train()
+    out = u(torch.randn(64, 6, 8, dtype=D64)).out
+    dropped = out == 0
+    assert torch.allclose(out[~dropped], (2 * mlp.b2).expand_as(out)[~dropped])
+    assert 0.4 < dropped.double().mean() < 0.6
+    u.eval()
+    torch.testing.assert_close(u(torch.randn(2, 6, 8, dtype=D64)).out, mlp.b2.expand(2, 6, 8), atol=0, rtol=0)

@@ -153,7 +153,8 @@ class DecomposedMLP(nn.Module):
         return new
 
     def partial(self, x_GTD: torch.Tensor, expert_G: torch.Tensor) -> torch.Tensor:
-        """Expert ``expert_G[g]`` on the tokens ``x_GTD[g]``, without b2: (G, T, D)."""
+        """Expert ``expert_G[g]`` on the tokens ``x_GTD[g]``, without b2 and without the output dropout
+        (the caller applies ``self.drop`` once to the sum + b2, as the dense MLP does): (G, T, D)."""
         x = x_GTD
         if self.input_split:
             G, T, _ = x.shape
@@ -161,7 +162,7 @@ class DecomposedMLP(nn.Module):
         h = torch.bmm(x, self.w1[expert_G])
         if self.b1 is not None:
             h = h + self.b1[expert_G].unsqueeze(1)
-        return self.drop(torch.bmm(self.drop(self.act(h)), self.w2[expert_G]))
+        return torch.bmm(self.drop(self.act(h)), self.w2[expert_G])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of every expert plus b2: the dense MLP (x: (..., D))."""
@@ -393,6 +394,7 @@ class UoME(nn.Module):
         covered_BN = torch.zeros(B, N, dtype=torch.bool, device=dev).scatter(1, idx, True)
         if self.mlp.b2 is not None:
             out = out + covered_BN[..., None].to(out.dtype) * self.mlp.b2
+        out = self.mlp.drop(out)  # once, on the union (dropping each expert's output apart changes its variance)
         return MoEOutput(out=out, aux_loss=x_BND.new_zeros((), dtype=torch.float32),
                          stats=self._stats(logp_BE.exp(), expert_BK, covered_BN, T))
 
