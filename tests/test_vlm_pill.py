@@ -51,8 +51,8 @@ def test_fresh_pill_model_equals_the_frozen_lm():
     pill.mag_enabled = True  # g = tanh(0) = 0: the image tokens' values are gone, so the output changes
     assert not torch.allclose(base(tokens, lengths, images=img.double()).logits,
                               pill(tokens, lengths, images=img.double()).logits, atol=1e-6)
-    nomag = add_pill(base).double().eval()
-    nomag.config.pill_mag = False  # the ablation: never gated, so a fresh copy equals the base with images too
+    nomag = add_pill(base, pill_mag=False).double().eval()  # the ablation: never gated, so a fresh copy
+    assert nomag.config.pill_mag is False                     # equals the base with images too
     assert torch.allclose(base(tokens, lengths, images=img.double()).logits,
                           nomag(tokens, lengths, images=img.double()).logits, atol=1e-12)
 
@@ -156,15 +156,20 @@ def test_pill_training_run_has_no_stage_three_and_keeps_the_lm_frozen(tmp_path):
     from moevision.train.vlm import fit_vlm
 
     cfg = get_recipe("vlm_smoke")
-    for k, v in (("model.moe_layers", "none"), ("model.adapter", "pill"), ("model.adapter_rank", "8"),
-                 ("data.shapeworld_train_images", "24"), ("eval.pope_images", "3"), ("eval.mcq_items", "2")):
+    for k, v in (("model.moe_layers", "none"), ("data.shapeworld_train_images", "24"), ("eval.pope_images", "3"),
+                 ("eval.mcq_items", "2")):
         set_by_path(cfg, k, v)
-    s = fit_vlm(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    # as `vlm-results` does: the pre-stages of a plain run, then PILL resumes from the saved LM stage
+    # (whose config has none of the PILL settings: they must come from the PILL run's config)
+    fit_vlm(cfg, tmp_path / "run", progress=False, log=lambda *_: None, stop_after="lm")
+    for k, v in (("model.adapter", "pill"), ("model.adapter_rank", "8"), ("model.pill_mag", "false")):
+        set_by_path(cfg, k, v)
+    s = fit_vlm(cfg, tmp_path / "run", resume=True, progress=False, log=lambda *_: None)
     assert set(s["stages"]) == {"vision", "lm", "1", "2"}
     assert s["stages"]["1"]["trainable_params"] < s["stages"]["2"]["trainable_params"]
     lm = from_pretrained(tmp_path / "run" / "stages" / "lm")
     final = from_pretrained(tmp_path / "run" / "model")
-    assert final.config.adapter == "pill"
+    assert final.config.adapter == "pill" and final.config.adapter_rank == 8 and final.config.pill_mag is False
     ref = lm.state_dict()
     for k, v in final.state_dict().items():
         if ".pill." in k:

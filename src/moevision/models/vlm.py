@@ -503,7 +503,8 @@ def upcycle(model: VisionLanguageModel, *, moe_layers="sparse", num_experts: int
 
 
 @torch.no_grad()
-def add_pill(model: VisionLanguageModel, *, adapter_rank: int | None = None) -> VisionLanguageModel:
+def add_pill(model: VisionLanguageModel, *, adapter_rank: int | None = None,
+             pill_mag: bool | None = None) -> VisionLanguageModel:
     """A copy of the dense ``model`` with PILL's adapters added to every LM layer (fresh: U = 0 and
     W_g = 0, so the copy computes exactly what ``model`` does with MAG off, and with MAG on only the
     image tokens' attention values change: they start at 0)."""
@@ -512,8 +513,9 @@ def add_pill(model: VisionLanguageModel, *, adapter_rank: int | None = None) -> 
     if model.config.adapter == "pill":
         raise ValueError("this model already has PILL adapters")
     over: dict[str, Any] = {"adapter": "pill"}
-    if adapter_rank is not None:
-        over["adapter_rank"] = adapter_rank
+    for k, v in (("adapter_rank", adapter_rank), ("pill_mag", pill_mag)):
+        if v is not None:
+            over[k] = v
     new = VisionLanguageModel(VLMConfig.from_dict({**model.config.to_dict(), **over}))
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".pill." in k for k in missing), (missing, unexpected)

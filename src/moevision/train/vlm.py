@@ -342,7 +342,7 @@ def fit_vlm(cfg: VLMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             continue
         torch.manual_seed(tc.seed * 100 + STAGES.index(stage))
         if pill and stage in ("1", "2") and model.config.adapter != "pill":
-            model = add_pill(model, adapter_rank=cfg.model.adapter_rank)
+            model = add_pill(model, adapter_rank=cfg.model.adapter_rank, pill_mag=cfg.model.pill_mag)
             model.model_name = cfg.model_name
         if stage == "vision":
             r = train_vision(model, data.ev_train.images if data.ev_train else None, data.ev_attrs,
