@@ -175,6 +175,13 @@ def _markdown(variants, results, seeds, overrides, seconds) -> str:
                 wins = sum(x > 0 for x in d)
                 parts.append(f"{what} {_ms(d, 2)} ({wins}/{len(d)} seeds better)")
             L.append(f"- {label}: " + "; ".join(parts))
+    if any("pill" in name and results[name] for _, name in variants):
+        L += ["", "PILL trains about a quarter of stage II's parameters and keeps the LM frozen. Its premise is "
+              "an LLM that already answers questions; this miniature's frozen LM was pre-trained on captions "
+              "and questions only, never on answers, so the adapters must steer a frozen LM head to words "
+              "it never produced (stage-II loss ~0.9 against ~0.2 when the LM trains). Read the PILL rows as "
+              "the cost of freezing a weak LM, and the MAG ablation as MAG's own effect: the same run with "
+              "the image values never gated."]
     L += ["", "Stage-III training time per run (s): " + ", ".join(
         f"{name} {_ms([r['stages']['3']['seconds'] for r in results[name]], 0)}" for _, name in variants
         if results[name] and "3" in results[name][0]["stages"]),
