@@ -288,7 +288,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reprod
 # Commands that live in their own module (moevision.cli.<name>): each module has
 # ``register(subparsers) -> {command: handler}``; handlers take the parsed args and return an exit code.
 PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle", "analyze", "convert", "compress", "vqa", "reproduce_upcycling",
-                                    "multitask", "advmoe", "shiftadd", "uoe", "imp")
+                                    "multitask", "advmoe", "shiftadd", "uoe", "imp", "merv")
 
 
 def _plugin_modules():
