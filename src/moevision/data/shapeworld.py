@@ -7,7 +7,8 @@ tokens): existence yes/no (the POPE template), colour multiple choice with 4 let
 (0-4), spatial yes/no (left of / right of / above / below, by cell column or row) and captions; plus
 the MMStar "leaky" items whose question states the answer. Geometry comes from integer draws of a
 seeded numpy Generator; the optional pixel noise from a seeded torch Generator, so a seed gives the same
-data on every run. Not implemented: glyph objects, BEAF pairs and the video variant.
+data on every run. Not implemented here: glyph objects and BEAF pairs; the video variant (a sprite moving over a
+static distractor) is `techniques.imp_experiment.moving_videos`, used by IMP and MERV.
 """
 
 from __future__ import annotations
