@@ -288,7 +288,8 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reprod
 # Commands that live in their own module (moevision.cli.<name>): each module has
 # ``register(subparsers) -> {command: handler}``; handlers take the parsed args and return an exit code.
 PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle", "analyze", "convert", "compress", "vqa", "reproduce_upcycling",
-                                    "multitask", "advmoe", "shiftadd", "uoe", "imp", "merv")
+                                    "multitask", "advmoe", "shiftadd", "uoe", "imp", "merv",
+                                    "mova")
 
 
 def _plugin_modules():
