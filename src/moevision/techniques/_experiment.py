@@ -67,9 +67,11 @@ def run_grid(settings, work: Path | None, compute: Callable[[str, int, Path | No
     return results
 
 
-def write_report(settings, results: dict, out: Path | None, markdown: Callable[[dict], str]) -> dict:
-    """{"settings", "results"}; written to ``out`` (Markdown) and ``out`` with .json when given."""
-    report = {"settings": dataclasses.asdict(settings), "results": results}
+def write_report(settings, results: dict, out: Path | None, markdown: Callable[[dict], str],
+                 extra: dict | None = None) -> dict:
+    """{"settings", "results"} (+ ``extra`` fields); written to ``out`` (Markdown) and ``out`` with .json
+    when given."""
+    report = {"settings": dataclasses.asdict(settings), "results": results, **(extra or {})}
     if out is not None:
         out = Path(out)
         write_json(out.with_suffix(".json"), report, indent=1)

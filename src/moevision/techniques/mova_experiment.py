@@ -527,18 +527,9 @@ def run_mova(S: MoVASettings, *, out: Path | None = None, work: Path | None = No
                f"{r['train_seconds']:.0f} s"
 
     results = run_grid(S, work, compute, describe, refresh)
-    report = write_report(S, results, None, markdown)
-    report["wall_seconds"] = time.perf_counter() - t0
-    report["example_routing_prompt"] = routing_prompt(data.test.questions[0], POOL)
-    if out is not None:
-        from ..utils import atomic_write
-        from ._experiment import write_json
-
-        out = Path(out)
-        write_json(out.with_suffix(".json"), report, indent=1)
-        text = markdown(report)
-        atomic_write(out, lambda p: Path(p).write_text(text))
-    return report
+    return write_report(S, results, out, markdown, extra={
+        "wall_seconds": time.perf_counter() - t0,
+        "example_routing_prompt": routing_prompt(data.test.questions[0], POOL)})
 
 
 def markdown(report: dict) -> str:
