@@ -33,6 +33,11 @@ def test_train_eval_resume_round_trip(tmp_path, capsys):
         json.loads((run / "summary.json").read_text())["test_accuracy"]
     code, out, err = _run(["eval", str(run), "--no-progress", "--eval-capacity-factor", "0.25"], capsys)
     assert code == 0 and json.loads((run / "eval.json").read_text())["moe_layers"][0]["dropped_fraction"] > 0
+    # hardware-parity evaluation: the float model's accuracy is reported beside the Edge-MoE one
+    code, out, err = _run(["eval", str(run), "--no-progress", "--edge-numerics", "fixed"], capsys)
+    ev = json.loads((run / "eval.json").read_text())
+    assert code == 0 and "Edge-MoE numerics (fixed)" in out, err
+    assert ev["edge_numerics"]["float_accuracy"] == json.loads((run / "summary.json").read_text())["test_accuracy"]
     # resuming a finished run trains nothing more and reports the same accuracy
     code, out, err = _run(["train", "--resume", str(run), "--no-progress"], capsys)
     assert code == 0, err

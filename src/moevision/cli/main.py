@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--eval-capacity-factor", type=float, default=None,
                    help="override every MoE layer's evaluation capacity factor (e.g. 0.5 to test BPR)")
+    e.add_argument("--edge-numerics", choices=("float", "fixed"), default=None,
+                   help="hardware-parity evaluation with Edge-MoE's numerics: GELU by its lookup table and "
+                        "attention by the single-pass softmax ('float'), plus ap_fixed<16,2> weights and "
+                        "ap_fixed<32,10> features ('fixed'); prints the accuracy beside the float model's")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     mg = sub.add_parser("merge", help="EWA: average each MoE layer's experts into one FFN (a dense ViT)")
@@ -187,6 +191,14 @@ def _cmd_eval(args) -> int:
                 m.eval_capacity_factor = args.eval_capacity_factor
     model.to(device)
     _, test = load_data(cfg)
+    float_ev = None
+    if args.edge_numerics:
+        from ..techniques.edge_moe import edge_numerics
+
+        float_ev = evaluate(model, test, batch_size=cfg.data.eval_batch_size, device=device,
+                            progress=not args.no_progress)
+        fixed = args.edge_numerics == "fixed"
+        model = edge_numerics(model, weights=(16, 2) if fixed else None, features=(32, 10) if fixed else None)
     t0 = time.perf_counter()
     ev = evaluate(model, test, batch_size=cfg.data.eval_batch_size, device=device, progress=not args.no_progress)
     s = make_summary(cfg, model, ev, train_seconds=0.0, steps=0, images_seen=0, device=device)
@@ -195,6 +207,13 @@ def _cmd_eval(args) -> int:
     s["eval_capacity_factor"] = args.eval_capacity_factor
     print(f"evaluated {source}")
     print(format_summary(s))
+    if float_ev is not None:
+        s["edge_numerics"] = {"mode": args.edge_numerics, "float_accuracy": float_ev["accuracy"],
+                              "float_loss": float_ev["loss"]}
+        gap = 100 * (ev["accuracy"] - float_ev["accuracy"])
+        print(f"Edge-MoE numerics ({args.edge_numerics}): accuracy {100 * ev['accuracy']:.2f}% against "
+              f"{100 * float_ev['accuracy']:.2f}% in floating point ({gap:+.2f} points); loss {ev['loss']:.4f} "
+              f"against {float_ev['loss']:.4f}")
     out = run_dir / "eval.json"  # next to the model it evaluates
     out.write_text(json.dumps(s, indent=2) + "\n")
     print(f"\nwritten to {out}")

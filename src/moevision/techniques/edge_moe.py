@@ -14,8 +14,14 @@ hardware-parity experiments (what accuracy a model keeps with the accelerator's 
   non-empty experts; each expert's weights are used once, on its whole queue, and gate x output is
   accumulated into the token rows. The same function as token-wise MoE.
 
-The functions are exact re-statements of the spec for testing and parity measurements; they are not wired
-into the model's forward (the fast paths stay in ``moevision.kernels``).
+The functions are exact re-statements of the spec for testing and parity measurements. ``edge_numerics``
+wires them into a copy of a trained model for a hardware-parity evaluation (``moevision eval
+--edge-numerics``): GELU by the table in every MLP and expert, attention by the single-pass softmax, and
+optionally ap_fixed<W, I> emulation of the weights (Edge-MoE: <16, 2>) and of the features (<32, 10>: every
+linear / convolution / LayerNorm output). The fast paths in ``moevision.kernels`` are untouched.
+Deviations of the emulation: attention scores and softmax statistics stay in floating point; quantisation
+follows ap_fixed's default modes (AP_TRN: round toward -inf; AP_WRAP: two's-complement wrap-around) unless
+``rounding`` / ``overflow`` choose round-to-nearest / saturation.
 
 Shape legend: R rows, E experts (or scores per row), K top-k, T tokens, D width.
 """
@@ -128,3 +134,90 @@ def dispatch_by_expert(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts) 
         y = experts.forward_expert(e, x_TD[tok[a:b]])
         out = out.index_add(0, tok[a:b], y * gate[a:b].unsqueeze(-1).to(y.dtype))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# hardware-parity evaluation: the numerics wired into a copy of a model
+ROUNDING = ("trn", "rnd")  # AP_TRN (toward -inf, ap_fixed's default) | AP_RND-like round to nearest
+OVERFLOW = ("wrap", "sat")  # AP_WRAP (ap_fixed's default) | AP_SAT
+
+
+def quantize_fixed(x: torch.Tensor, total_bits: int, int_bits: int, *, rounding: str = "trn",
+                   overflow: str = "wrap") -> torch.Tensor:
+    """``x`` as ap_fixed<total_bits, int_bits> (signed, int_bits integer bits including the sign): a
+    multiple of 2^-(total_bits - int_bits) in [-2^(int_bits-1), 2^(int_bits-1)), computed in x's dtype
+    (exact in float64 for total_bits <= 52)."""
+    if not (isinstance(total_bits, int) and isinstance(int_bits, int) and 1 <= int_bits <= total_bits <= 52):
+        raise ValueError(f"ap_fixed<{total_bits}, {int_bits}>: need 1 <= int_bits <= total_bits <= 52")
+    if rounding not in ROUNDING or overflow not in OVERFLOW:
+        raise ValueError(f"rounding must be one of {ROUNDING} and overflow one of {OVERFLOW}, "
+                         f"got {rounding!r}, {overflow!r}")
+    scale = 2.0 ** (total_bits - int_bits)
+    q = torch.floor(x * scale) if rounding == "trn" else torch.round(x * scale)
+    lo, span = -(2.0 ** (total_bits - 1)), 2.0 ** total_bits
+    if overflow == "sat":
+        q = q.clamp(lo, -lo - 1)
+    else:
+        q = torch.remainder(q - lo, span) + lo
+    return q / scale
+
+
+class GELULUT(torch.nn.Module):
+    """``gelu_lut`` as a module (a drop-in for ``nn.GELU``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_lut(x)
+
+
+def _edge_attention_forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+    """``layers.Attention.forward`` with the scores normalised by the single-pass softmax."""
+    B, N, D = x_BND.shape
+    q, k, v = self.qkv(x_BND).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    p = online_softmax((q @ k.transpose(-1, -2)) * self.head_dim ** -0.5)
+    return self.proj_drop(self.proj((p @ v).transpose(1, 2).reshape(B, N, D)))
+
+
+def edge_numerics(model: torch.nn.Module, *, gelu: bool = True, softmax: bool = True,
+                  weights: tuple[int, int] | None = None, features: tuple[int, int] | None = None,
+                  rounding: str = "trn", overflow: str = "wrap") -> torch.nn.Module:
+    """A copy of ``model`` computing with Edge-MoE's numerics (for evaluation; the original is untouched):
+    ``gelu``: every ``nn.GELU`` of an MLP and every GELU expert activation by ``gelu_lut`` (MoE layers then
+    run the ``sorted`` path, whose experts call their activation function); ``softmax``: every plain
+    ``layers.Attention`` by ``online_softmax``; ``weights`` / ``features`` = (W, I): ap_fixed<W, I> weights
+    (every parameter of a linear, convolution, expert or router) and features (the output of every linear,
+    convolution and LayerNorm). Other attention variants (MoH, MoA) keep their softmax."""
+    import copy
+    import types
+
+    from ..layers import Attention
+    from ..moe import MoE
+
+    def q(t, fmt):
+        return quantize_fixed(t, *fmt, rounding=rounding, overflow=overflow)
+
+    for fmt, name in ((weights, "weights"), (features, "features")):
+        if fmt is not None:
+            if len(fmt) != 2:
+                raise ValueError(f"{name} must be (total_bits, int_bits), got {fmt!r}")
+            q(torch.zeros(1), fmt)  # validates the format (a clear error before copying the model)
+    new = copy.deepcopy(model)
+    for name, m in list(new.named_modules()):
+        if gelu:
+            for child_name, child in list(m.named_children()):
+                if type(child) is torch.nn.GELU and child.approximate == "none":
+                    setattr(m, child_name, GELULUT())
+            if isinstance(m, MoE) and m.experts.activation == "gelu":
+                m.experts.act = gelu_lut
+                m.impl = "sorted"
+        if softmax and type(m) is Attention:
+            m.forward = types.MethodType(_edge_attention_forward, m)
+        if features is not None and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)):
+            m.register_forward_hook(lambda mod, inp, out: q(out, features))
+    if weights is not None:
+        with torch.no_grad():
+            for name, p in new.named_parameters():
+                owner = new.get_submodule(name.rsplit(".", 1)[0]) if "." in name else new
+                if isinstance(owner, (torch.nn.Linear, torch.nn.Conv2d)) or ".experts." in f".{name}" \
+                        or ".router." in f".{name}":
+                    p.copy_(q(p, weights))
+    return new
