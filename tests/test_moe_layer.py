@@ -523,3 +523,20 @@ def test_router_logits_stay_fp32_under_autocast():
         logits = m.router.logits(x.view(1, 64, 16))
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, x.view(1, 64, 16) @ m.router.weight.t(), atol=1e-6)
+
+
+def test_top1_router_by_max_equals_topk_of_the_softmax():
+    """The k=1 router takes max (faster) instead of topk: same experts and gates as topk of the softmax
+    of the logits (random weights: no ties), and the same gradient into the router."""
+    from moevision.moe import TopKRouter
+
+    torch.manual_seed(0)
+    r = TopKRouter(16, 8, 1, noise_std=0.0).double()
+    x = torch.randn(2, 50, 16, dtype=torch.float64)
+    plan = r(x)
+    probs = (x @ r.weight.t()).softmax(-1)
+    v, i = probs.topk(1, dim=-1)
+    assert torch.equal(plan.expert_idx, i.flatten()) and torch.allclose(plan.gates, v.flatten(), atol=1e-14)
+    g = torch.autograd.grad(plan.gates.sum(), r.weight)[0]
+    g_ref = torch.autograd.grad(((x @ r.weight.t()).softmax(-1).topk(1, dim=-1).values).sum(), r.weight)[0]
+    assert torch.allclose(g, g_ref, atol=1e-12)

@@ -129,7 +129,8 @@ def _markdown(variants, results, seeds, overrides, seconds) -> str:
         f"Written by `{cmd}` (MoE-LLaVA §3, MoMa §5, protocols §12 of "
         "shared/specs/multimodal_compression_systems.md). Mean ± std over "
         f"{seeds} seeds; per seed the MoE-LLaVA models share stages vision, LM, I and II and differ only in "
-        "stage III (PILL shares vision and LM, then trains its own I and II on the frozen LM). torch " + any_run["torch"] + f", {any_run['threads']} thread(s), {any_run['device']}; about "
+        "stage III (PILL shares vision and LM, then trains its own I and II on the frozen LM). torch "
+        + any_run["torch"] + f", {any_run['threads']} thread(s), {any_run['device']}; about "
         f"{(shared + own) / 60:.0f} min of training and evaluation in all (shared stages once per seed).",
         "",
         "## Accuracy and protocols",
