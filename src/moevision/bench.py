@@ -77,7 +77,9 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
         with torch.no_grad():
             return dense(xk)
 
-    def dense_fb():
+    def dense_fb():  # as in a training step: gradients reset to None first (optimizer.zero_grad()),
+        for t in (xk, w1, w2, b1, b2):  # so backward writes them instead of adding into old ones
+            t.grad = None
         dense(xk).sum().backward()
 
     cases = [("dense (T*k tokens)", dense_fwd, dense_fb)]
@@ -98,6 +100,9 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
             fused_moe = moe
         if impl == "fused" and device.type == "cuda" and kernels.TRITON_AVAILABLE:
             cases.append(("fused (no triton)", *_moe_fns(moe, x, triton=False)))
+        if impl == "cpu_fused" and kernels.native_ops() is not None:
+            # the same layer on its Python per-expert loop: the A/B of the native C++ op
+            cases.append(("cpu_fused (python loop)", *_moe_fns(moe, x, native=False)))
     mem = [_memory(fb, device) for _, _, fb in cases]
     fwd, fb = _interleaved([c[1] for c in cases], device, repeats), _interleaved([c[2] for c in cases], device, repeats)
     graph = [_graph_ms(c[2], device, repeats) for c in cases] if device.type == "cuda" else [None] * len(cases)
@@ -110,6 +115,8 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
         cdense = torch.compile(dense)
 
         def cdense_fb():
+            for t in (xk, w1, w2, b1, b2):
+                t.grad = None
             cdense(xk).sum().backward()
 
         _, cmoe_fb = _moe_fns(torch.compile(fused_moe), x)
@@ -165,21 +172,38 @@ def _memory(fb, device) -> tuple[float, float | None]:
     return sum(seen.values()) / 2**20, peak
 
 
-def _moe_fns(moe, x, triton: bool = True):
+def _moe_fns(moe, x, triton: bool = True, native: bool = True):
     from . import kernels
 
     xr = x.clone().requires_grad_()
 
     def fwd():
-        with torch.no_grad(), _triton(kernels, triton):
+        with torch.no_grad(), _triton(kernels, triton), _native(kernels, native):
             return moe(x).out
 
     def fb():
-        with _triton(kernels, triton):
+        moe.zero_grad(set_to_none=True)
+        xr.grad = None
+        with _triton(kernels, triton), _native(kernels, native):
             o = moe(xr)
             (o.out.sum() + o.aux_loss).backward()
 
     return fwd, fb
+
+
+class _native:
+    """Context: ``cpu_fused`` with or without its native C++ kernels."""
+
+    def __init__(self, kernels, on: bool):
+        self.kernels, self.on = kernels, on
+
+    def __enter__(self):
+        if not self.on:
+            self.kernels.use_native(False)
+
+    def __exit__(self, *exc):
+        if not self.on:
+            self.kernels.use_native(True)
 
 
 class _triton:
@@ -300,11 +324,11 @@ def run_bench(args) -> int:
             print(f"\n## {s.name}: T={s.tokens} D={s.dim} F={s.hidden} E={s.experts} k={s.top_k} "
                   f"({dtype_name}, {result['threads']} threads)")
             graphs = device.type == "cuda"
-            print(f"{'impl':<20}{'fwd ms':>9}{'x dense':>9}{'fwd+bwd ms':>12}{'x dense':>9}{'saved MiB':>11}"
+            print(f"{'impl':<24}{'fwd ms':>9}{'x dense':>9}{'fwd+bwd ms':>12}{'x dense':>9}{'saved MiB':>11}"
                   f"{'peak MiB':>10}" + (f"{'graph f+b ms':>14}{'x dense':>9}" if graphs else ""))
             for r in rows:
                 peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-                line = (f"{r['impl']:<20}{r['fwd_ms']:>9.3f}{r['fwd_ratio']:>9.2f}{r['fwdbwd_ms']:>12.3f}"
+                line = (f"{r['impl']:<24}{r['fwd_ms']:>9.3f}{r['fwd_ratio']:>9.2f}{r['fwdbwd_ms']:>12.3f}"
                         f"{r['fwdbwd_ratio']:>9.2f}{r['saved_mib']:>11.1f}{peak:>10}")
                 if graphs:
                     g, gr = r["graph_fwdbwd_ms"], r["graph_ratio"]
@@ -335,6 +359,10 @@ def run_bench(args) -> int:
             peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             print(f"{r['model']:<36}{r['step_ms']:>9.1f}{r['ratio']:>9.2f}{r['images_per_s']:>8.0f}"
                   f"{r['params'] / 1e6:>9.2f}M{peak:>10}")
+    if device.type == "cpu":
+        from . import kernels
+        result["native"] = kernels.native_status()
+        print(result["native"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

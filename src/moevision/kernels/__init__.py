@@ -9,7 +9,8 @@ and backward, random inputs). Registered names:
 ``einsum``  reference: GShard/V-MoE one-hot (G, S, E, C) dispatch/combine tensors
 ``sorted``  CPU: sort by expert, one ``addmm`` per expert (bias fused into the GEMM)
 ``cpu_fused`` CPU fast path: the whole expert MLP as one autograd function with a hand-written
-            backward, per-expert GEMMs writing into preallocated buffers (``kernels.cpu``)
+            backward; its grouped GEMMs run in a native C++ op (``kernels.native``, built on first
+            use) or, without a compiler, a per-expert loop into preallocated buffers (``kernels.cpu``)
 ``padded``  capacity buffers (E, G*C, D) + one batched matmul (V-MoE / Tutel layout)
 ``grouped`` sort + ``torch._grouped_mm`` (the torchtitan-style baseline)
 ``fused``   fast path: grouped GEMMs, scatter-free permute/combine, fused bias + activation (Triton on
@@ -29,6 +30,7 @@ import torch
 from ..errors import ConfigError
 from ..moe.dispatch import DISPATCH_IMPLS, get_dispatch, register_dispatch
 from . import fused as _fused
+from . import native as _native
 from . import triton as _triton
 from .cpu import dispatch_cpu_fused
 from .fused import dispatch_fused
@@ -84,11 +86,29 @@ def use_triton(enabled: bool) -> None:
     _fused._triton_combine = _triton.combine_triton if enabled else None
 
 
+def use_native(enabled: bool) -> None:
+    """Switch ``cpu_fused``'s native C++ grouped kernels (``kernels.native``) on or off (A/B benchmarks);
+    off, it runs its Python per-expert loop."""
+    _native.set_enabled(enabled)
+
+
+def native_ops():
+    """``torch.ops.moevision_cpu`` when the native kernels are on and built (building them on first
+    call), else None."""
+    return _native.ops()
+
+
+def native_status() -> str:
+    """Whether ``cpu_fused`` runs the native C++ kernels, and if not why (one line)."""
+    return _native.status()
+
+
 def use_k_major_weights(enabled: bool) -> None:
     """Feed ``fused``'s grouped GEMMs K-major copies of the expert weights (an A/B switch for GPU
     benchmarks: which operand layout CUTLASS's grouped GEMM runs faster; off by default)."""
     _fused._k_major_weights = bool(enabled)
 
 
-__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_k_major_weights",
+__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "native_ops", "native_status",
+           "use_k_major_weights",
            "register_dispatch", "get_dispatch", "TRITON_AVAILABLE"]

@@ -19,6 +19,13 @@ No autograd graph is built inside (the autograd engine sees one node), nothing o
 allocated beyond what the dense FFN also keeps (the pre-activation and the activation), and the bias
 gradients are per-segment column sums (no (A, F) bias gather and no scatter into (E, F)).
 
+On CPU tensors the forward and backward run as two native C++ ops (``kernels/native``, built on first
+use): each thread takes an equal block of the expert-sorted rows and runs the gather, every expert
+segment's GEMMs (single-threaded), activation and bias sums in it, then the combine / the K-copy sum of
+grad x in a second pass; per-expert GEMMs split by MKL across threads paid its per-call overhead once
+per expert. Without a compiler (or ``MOEVISION_NATIVE=0``, ``kernels.use_native(False)``) the Python
+per-expert loop below runs; it is the reference the C++ is tested against (``tests/test_native.py``).
+
 The segment sizes are read on the host (one ``tolist``): cheap on a CPU, a synchronisation on a GPU,
 where ``fused`` (``kernels/fused.py``) is the sync-free path. The function is device-agnostic and is
 tested against the loop reference on CPU in float64 and float32, forward and backward.
@@ -43,6 +50,7 @@ from ..moe.experts import Experts
 from ..moe.types import RoutingPlan
 from .fused import _compute_dtype, _w
 from .fused import dispatch_fused  # noqa: F401
+from . import native as _native
 from .ops import act_backward, act_forward
 
 
@@ -61,39 +69,26 @@ class _ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, gates_A, w1, b1, w2, b2, w3, order, pos, counts, k, act):
         T, D = x_TD.shape
-        A, Fh = order.numel(), w1.shape[-1]
         tok_sorted = torch.div(order, k, rounding_mode="floor") if k > 1 else order
-        xs = x_TD.index_select(0, tok_sorted)  # (A, D) expert-sorted rows
-        h = xs.new_empty(A, Fh)
-        h3 = xs.new_empty(A, Fh) if w3 is not None else None
-        live = [e for e, n in enumerate(counts) if n]
-        W1, W2, W3, B1, B2 = (_per_expert(t) for t in (w1, w2, w3, b1, b2))
-        XS, H, H3 = _parts(xs, counts), _parts(h, counts), _parts(h3, counts)
-        for e in live:
-            if B1 is not None:
-                torch.addmm(B1[e], XS[e], W1[e], out=H[e])
-            else:
-                torch.mm(XS[e], W1[e], out=H[e])
-            if H3 is not None:
-                torch.mm(XS[e], W3[e], out=H3[e])
-        a = F.silu(h).mul_(h3) if h3 is not None else act_forward(act, h)
-        y = xs.new_empty(A, D)
-        AA, Y = _parts(a, counts), _parts(y, counts)
-        for e in live:
-            if B2 is not None:
-                torch.addmm(B2[e], AA[e], W2[e], out=Y[e])
-            else:
-                torch.mm(AA[e], W2[e], out=Y[e])
-        g = gates_A.to(y.dtype)
-        y_tok = y.index_select(0, pos)  # token-major
-        if k == 1:
-            out = y_tok.mul_(g.unsqueeze(1))
+        nat = _native.ops() if x_TD.device.type == "cpu" else None
+        offs = None
+        g = gates_A.to(x_TD.dtype).contiguous()
+        if nat is not None:  # the grouped C++ op (kernels/native): same function, one parallel region
+            offs = torch.tensor([0] + counts, dtype=torch.int64).cumsum_(0)
+            out, xs, h, h3, a, y = nat.expert_mlp_fwd(x_TD.contiguous(), tok_sorted, g, pos, k, w1, b1, w2, b2, w3,
+                                                      offs, _native.ACT_CODES[act])
+            h3 = h3 if w3 is not None else None
         else:
-            y3, g2 = y_tok.view(T, k, D), g.view(T, k)
-            out = y3[:, 0] * g2[:, :1]
-            for j in range(1, k):
-                out.addcmul_(y3[:, j], g2[:, j:j + 1])
-        ctx.save_for_backward(xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted)
+            xs, h, h3, a, y = _expert_mlp_loop(x_TD, tok_sorted, w1, b1, w2, b2, w3, counts, act)
+            y_tok = y.index_select(0, pos)  # token-major
+            if k == 1:
+                out = y_tok.mul_(g.unsqueeze(1))
+            else:
+                y3, g2 = y_tok.view(T, k, D), g.view(T, k)
+                out = y3[:, 0] * g2[:, :1]
+                for j in range(1, k):
+                    out.addcmul_(y3[:, j], g2[:, j:j + 1])
+        ctx.save_for_backward(xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted, offs)
         ctx.counts, ctx.k, ctx.act = counts, k, act
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         ctx.gates_dtype = gates_A.dtype
@@ -102,66 +97,113 @@ class _ExpertMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # first-order only: the backward writes into preallocated buffers (out=)
     def backward(ctx, g_TD):
-        xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted = ctx.saved_tensors
+        xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted, offs = ctx.saved_tensors
         counts, k = ctx.counts, ctx.k
         need_x, need_g, need_w1, need_b1, need_w2, need_b2, need_w3 = ctx.needs_input_grad[:7]
         T, D = g_TD.shape
-        A, E = order.numel(), w1.shape[0]
+        nat = _native.ops() if offs is not None else None
+        if nat is not None:
+            empty = g.new_empty(0)
+            gx, grad_gates, gw1, gb1, gw2, gb2, gw3 = nat.expert_mlp_bwd(
+                g_TD.to(g.dtype), tok_sorted, order, pos, g, k, xs, h, h3 if h3 is not None else empty, a, y, w1, w2,
+                w3, offs, _native.ACT_CODES[ctx.act], need_x, need_g, need_w1, need_b1 and ctx.has_b1, need_w2,
+                need_b2 and ctx.has_b2, need_w3 and w3 is not None)
+            gx, grad_gates, gw1, gb1, gw2, gb2, gw3 = (
+                t if t.numel() else None for t in (gx, grad_gates, gw1, gb1, gw2, gb2, gw3))
+            if grad_gates is not None:
+                grad_gates = grad_gates.to(ctx.gates_dtype)
+            return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None
         gy = g_TD.contiguous().index_select(0, tok_sorted)  # (A, D) grad-out of each sorted row
         grad_gates = None
         if need_g:  # d out / d gate = the expert's output row
             grad_gates = torch.linalg.vecdot(gy, y).index_select(0, pos).to(ctx.gates_dtype)
         gy.mul_(g.index_select(0, order).unsqueeze(1))  # now grad of y (sorted)
-        gw1 = torch.empty_like(w1) if need_w1 else None
-        gw2 = torch.empty_like(w2) if need_w2 else None
-        gw3 = torch.empty_like(w3) if w3 is not None and need_w3 else None
-        gb1 = w1.new_empty(E, w1.shape[-1]) if ctx.has_b1 and need_b1 else None
-        gb2 = w2.new_empty(E, D) if ctx.has_b2 and need_b2 else None
-        dead = [e for e, n in enumerate(counts) if not n]
-        if dead:  # an expert with no rows gets a zero gradient
-            for t in (gw1, gw2, gw3, gb1, gb2):
-                if t is not None:
-                    t[dead] = 0
-        need_h = need_x or need_w1 or need_b1 or need_w3
-        ga = h.new_empty(h.shape) if need_h else None
-        live = [e for e, n in enumerate(counts) if n]
-        W1, W2, W3 = _per_expert(w1), _per_expert(w2), _per_expert(w3)
-        GY, AA, GA = _parts(gy, counts), _parts(a, counts), _parts(ga, counts)
-        GW1, GW2, GW3, GB1, GB2 = (_per_expert(t) for t in (gw1, gw2, gw3, gb1, gb2))
-        for e in live:
-            if GW2 is not None:
-                torch.mm(AA[e].t(), GY[e], out=GW2[e])
-            if GB2 is not None:
-                torch.sum(GY[e], 0, out=GB2[e])
-            if GA is not None:
-                torch.mm(GY[e], W2[e].t(), out=GA[e])
-        if ga is None:
-            return None, grad_gates, None, None, gw2, gb2, None, None, None, None, None, None
-        gh3 = None
-        if h3 is not None:  # a = silu(h) * h3
-            gh3 = F.silu(h).mul_(ga) if (need_x or need_w3) else None
-            gh = act_backward("silu", ga.mul_(h3), h, out=ga)
-        else:
-            gh = act_backward(ctx.act, ga, h, out=ga)  # in place: no second (A, F) buffer
-        gxs = xs.new_empty(A, D) if need_x else None
-        GH, XS, GH3, GXS = _parts(gh, counts), _parts(xs, counts), _parts(gh3, counts), _parts(gxs, counts)
-        for e in live:
-            if GW1 is not None:
-                torch.mm(XS[e].t(), GH[e], out=GW1[e])
-            if GB1 is not None:
-                torch.sum(GH[e], 0, out=GB1[e])
-            if GW3 is not None:
-                torch.mm(XS[e].t(), GH3[e], out=GW3[e])
-            if GXS is not None:
-                torch.mm(GH[e], W1[e].t(), out=GXS[e])
-                if GH3 is not None:
-                    GXS[e].addmm_(GH3[e], W3[e].t())
+        gxs, gw1, gb1, gw2, gb2, gw3 = _expert_mlp_loop_backward(ctx, gy, xs, h, h3, a, w1, w2, w3, counts)
         gx = None
         if gxs is not None:  # the K copies of token t are token-major rows t*K .. t*K+K-1
             gx = gxs.index_select(0, pos)
             if k > 1:
                 gx = gx.view(T, k, D).sum(1)
         return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None
+
+
+def _expert_mlp_loop(x_TD, tok_sorted, w1, b1, w2, b2, w3, counts, act):
+    """Forward of the expert MLP, one GEMM per expert (the reference of the native op)."""
+    xs = x_TD.index_select(0, tok_sorted)  # (A, D) expert-sorted rows
+    A, D, Fh = xs.shape[0], xs.shape[1], w1.shape[-1]
+    h = xs.new_empty(A, Fh)
+    h3 = xs.new_empty(A, Fh) if w3 is not None else None
+    live = [e for e, n in enumerate(counts) if n]
+    W1, W2, W3, B1, B2 = (_per_expert(t) for t in (w1, w2, w3, b1, b2))
+    XS, H, H3 = _parts(xs, counts), _parts(h, counts), _parts(h3, counts)
+    for e in live:
+        if B1 is not None:
+            torch.addmm(B1[e], XS[e], W1[e], out=H[e])
+        else:
+            torch.mm(XS[e], W1[e], out=H[e])
+        if H3 is not None:
+            torch.mm(XS[e], W3[e], out=H3[e])
+    a = F.silu(h).mul_(h3) if h3 is not None else act_forward(act, h)
+    y = xs.new_empty(A, D)
+    AA, Y = _parts(a, counts), _parts(y, counts)
+    for e in live:
+        if B2 is not None:
+            torch.addmm(B2[e], AA[e], W2[e], out=Y[e])
+        else:
+            torch.mm(AA[e], W2[e], out=Y[e])
+    return xs, h, h3, a, y
+
+
+def _expert_mlp_loop_backward(ctx, gy, xs, h, h3, a, w1, w2, w3, counts):
+    """Backward of the expert MLP, per expert (the reference of the native op): (gxs, gw1, gb1, gw2,
+    gb2, gw3), None where not asked for."""
+    need_x, _, need_w1, need_b1, need_w2, need_b2, need_w3 = ctx.needs_input_grad[:7]
+    A, D, E = gy.shape[0], gy.shape[1], w1.shape[0]
+    gw1 = torch.empty_like(w1) if need_w1 else None
+    gw2 = torch.empty_like(w2) if need_w2 else None
+    gw3 = torch.empty_like(w3) if w3 is not None and need_w3 else None
+    gb1 = w1.new_empty(E, w1.shape[-1]) if ctx.has_b1 and need_b1 else None
+    gb2 = w2.new_empty(E, D) if ctx.has_b2 and need_b2 else None
+    dead = [e for e, n in enumerate(counts) if not n]
+    if dead:  # an expert with no rows gets a zero gradient
+        for t in (gw1, gw2, gw3, gb1, gb2):
+            if t is not None:
+                t[dead] = 0
+    need_h = need_x or need_w1 or need_b1 or need_w3
+    ga = h.new_empty(h.shape) if need_h else None
+    live = [e for e, n in enumerate(counts) if n]
+    W1, W2, W3 = _per_expert(w1), _per_expert(w2), _per_expert(w3)
+    GY, AA, GA = _parts(gy, counts), _parts(a, counts), _parts(ga, counts)
+    GW1, GW2, GW3, GB1, GB2 = (_per_expert(t) for t in (gw1, gw2, gw3, gb1, gb2))
+    for e in live:
+        if GW2 is not None:
+            torch.mm(AA[e].t(), GY[e], out=GW2[e])
+        if GB2 is not None:
+            torch.sum(GY[e], 0, out=GB2[e])
+        if GA is not None:
+            torch.mm(GY[e], W2[e].t(), out=GA[e])
+    if ga is None:
+        return None, None, None, gw2, gb2, None
+    gh3 = None
+    if h3 is not None:  # a = silu(h) * h3
+        gh3 = F.silu(h).mul_(ga) if (need_x or need_w3) else None
+        gh = act_backward("silu", ga.mul_(h3), h, out=ga)
+    else:
+        gh = act_backward(ctx.act, ga, h, out=ga)  # in place: no second (A, F) buffer
+    gxs = xs.new_empty(A, D) if need_x else None
+    GH, XS, GH3, GXS = _parts(gh, counts), _parts(xs, counts), _parts(gh3, counts), _parts(gxs, counts)
+    for e in live:
+        if GW1 is not None:
+            torch.mm(XS[e].t(), GH[e], out=GW1[e])
+        if GB1 is not None:
+            torch.sum(GH[e], 0, out=GB1[e])
+        if GW3 is not None:
+            torch.mm(XS[e].t(), GH3[e], out=GW3[e])
+        if GXS is not None:
+            torch.mm(GH[e], W1[e].t(), out=GXS[e])
+            if GH3 is not None:
+                GXS[e].addmm_(GH3[e], W3[e].t())
+    return gxs, gw1, gb1, gw2, gb2, gw3
 
 
 _DISABLED: dict = {}  # the torch.compiler.disable'd function, made on first use under compile

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn as nn
 
 from ..errors import ConfigError
@@ -67,6 +68,42 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda or x.shape[-1] > 64 or torch.compiler.is_compiling() or _functorch_active():
         return x.softmax(dim=-1)
     return _SoftmaxSmall.apply(x)
+
+
+class _NativeRouterCore(torch.autograd.Function):
+    """logits = x @ w.T, probs = softmax(logits + noise), top-k of probs - one native CPU op each way
+    (``kernels/native``: one GEMM and one pass over the (T, E) rows, where the eager composition is ~12
+    small ops and autograd nodes; measured in docs/performance.md). The losses are built on the outputs
+    by autograd as before, so their gradients reach the core as grads of logits, probs and top_v."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_ED, noise_TE, k, ops):
+        logits, probs, top_v, top_i = ops.router_fwd(x_TD, w_ED, noise_TE, k)
+        ctx.save_for_backward(x_TD, w_ED, probs, top_i)
+        ctx.mark_non_differentiable(top_i)
+        ctx.set_materialize_grads(False)
+        ctx.ops = ops
+        return logits, probs, top_v, top_i
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logits, g_probs, g_topv, _g_top_i):
+        x, w, probs, top_i = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if g_logits is None and g_probs is None and g_topv is None:
+            return None, None, None, None, None
+        dx, dw = ctx.ops.router_bwd(x, w, probs, top_i, g_logits, g_probs, g_topv, need_x, need_w)
+        return (dx if need_x else None), (dw if need_w else None), None, None, None
+
+
+def _native_router_ops(x: torch.Tensor):
+    """The native CPU router ops when they apply (CPU, fp32/fp64, eager, outside torch.func), else None."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or _functorch_active():
+        return None
+    from ..kernels import native  # lazy: kernels imports moe
+
+    ops = native.ops()
+    return ops if ops is not None and hasattr(ops, "router_fwd") else None
 
 
 def _group_offsets(G: int, S: int, device) -> torch.Tensor:
@@ -246,23 +283,38 @@ class TopKRouter(_LinearRouter):
         (MoMa's modality groups): the other logits become -inf, so their probability is exactly 0 and
         top-k is taken over the allowed experts only. Every token needs at least K allowed experts.
         ``task`` (task-dependent routers only): one task id for all tokens (int) or one per token, (G, S)."""
-        G, S, _ = x_GSD.shape
+        G, S, D = x_GSD.shape
         E, K = self.num_experts, self.top_k
-        logits = self.logits(x_GSD, task)  # (G, S, E) clean
-        if expert_mask_GSE is not None:
-            if bool((expert_mask_GSE.sum(-1) < K).any()):
-                raise ValueError(f"expert_mask allows fewer than top_k={K} experts for some token")
-            logits = logits.masked_fill(~expert_mask_GSE, float("-inf"))
         sigma = self.noise_std / E if (self.training and self.noise_std > 0) else 0.0
-        noisy = logits + sigma * torch.randn_like(logits) if sigma > 0 else logits
-        probs = _softmax(noisy)
-        if expert_mask_GSE is None and K == 1:  # max, not topk: 27 vs 47 us on an H200 at T=25216,
-            top_v, top_i = probs.max(dim=-1, keepdim=True)  # 0.12 vs 0.36 ms on CPU (T=6400); ties -> first
-        elif expert_mask_GSE is None:
-            top_v, top_i = probs.topk(K, dim=-1)  # (G, S, K); top-k of probs == top-k of logits
-        else:  # select on logits: an allowed expert whose probability underflows still beats a masked one
-            top_i = noisy.topk(K, dim=-1).indices
-            top_v = probs.gather(-1, top_i)
+        ops = None
+        if (expert_mask_GSE is None and task is None and self.task_routing == "none"
+                and type(self).logits is _LinearRouter.logits and type(self)._logits is TopKRouter._logits):
+            ops = _native_router_ops(x_GSD)
+        w = _fp32(self.weight)
+        if ops is not None and _fp32(x_GSD).dtype == w.dtype:  # the fused native core (same function; the
+            # eager form below is its reference). The noise draws the same numbers as randn_like there
+            noise = sigma * torch.randn(G, S, E, dtype=w.dtype) if sigma > 0 else None
+            with torch.autocast("cpu", enabled=False):
+                logits, probs, top_v, top_i = _NativeRouterCore.apply(
+                    _fp32(x_GSD).reshape(G * S, D), w, None if noise is None else noise.view(G * S, E), K, ops)
+            logits, probs = logits.view(G, S, E), probs.view(G, S, E)
+            top_v, top_i = top_v.view(G, S, K), top_i.view(G, S, K)
+            noisy = logits + noise if sigma > 0 else logits
+        else:
+            logits = self.logits(x_GSD, task)  # (G, S, E) clean
+            if expert_mask_GSE is not None:
+                if bool((expert_mask_GSE.sum(-1) < K).any()):
+                    raise ValueError(f"expert_mask allows fewer than top_k={K} experts for some token")
+                logits = logits.masked_fill(~expert_mask_GSE, float("-inf"))
+            noisy = logits + sigma * torch.randn_like(logits) if sigma > 0 else logits
+            probs = _softmax(noisy)
+            if expert_mask_GSE is None and K == 1:  # max, not topk: 27 vs 47 us on an H200 at T=25216,
+                top_v, top_i = probs.max(dim=-1, keepdim=True)  # 0.12 vs 0.36 ms on CPU (T=6400); ties -> first
+            elif expert_mask_GSE is None:
+                top_v, top_i = probs.topk(K, dim=-1)  # (G, S, K); top-k of probs == top-k of logits
+            else:  # select on logits: an allowed expert whose probability underflows still beats a masked one
+                top_i = noisy.topk(K, dim=-1).indices
+                top_v = probs.gather(-1, top_i)
         if self.softmax_order == "after_topk":
             top_v = noisy.gather(-1, top_i).softmax(dim=-1)
 

@@ -1,0 +1,450 @@
+// moevision CPU kernels: the whole expert MLP of an MoE layer (``cpu_fused``) as a grouped computation.
+//
+// The expert-sorted rows are cut into one contiguous block per thread (an equal share of the rows, so
+// the work is balanced whatever the expert counts are); each thread runs, for every expert segment
+// inside its block, the gather, both projections (bias fused), the activation and, in backward, the
+// four GEMMs, the bias sums and the activation backward, each GEMM single-threaded on its own rows.
+// MKL's own threading splits every GEMM across the threads instead, and per-expert GEMMs of a few
+// hundred rows then pay its per-call split/pack overhead once per expert (measured ~5-10% over one
+// GEMM of the same total size on 2 threads, docs/performance.md); here there is one parallel region
+// per direction. An expert whose rows straddle two blocks has its weight gradient summed from two
+// partial GEMMs (the thread holding its first row writes, the other adds after the region).
+//
+// The reference is the Python loop of ``kernels/cpu.py`` (same function, tested equal).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+enum Act : int64_t { GELU = 0, GELU_TANH = 1, RELU = 2, SILU = 3 };
+
+void act_forward(at::Tensor& out, const at::Tensor& h, int64_t act) {
+  switch (act) {
+    case GELU: at::gelu_out(out, h, "none"); break;
+    case GELU_TANH: at::gelu_out(out, h, "tanh"); break;
+    case RELU: at::clamp_min_out(out, h, 0); break;
+    case SILU: at::silu_out(out, h); break;
+    default: TORCH_CHECK(false, "moevision expert_mlp: unknown activation code ", act);
+  }
+}
+
+// grad_in = act'(h) * grad, in place allowed (grad_in may be grad)
+void act_backward(at::Tensor& grad_in, const at::Tensor& grad, const at::Tensor& h, int64_t act) {
+  switch (act) {
+    case GELU: at::gelu_backward_out(grad_in, grad, h, "none"); break;
+    case GELU_TANH: at::gelu_backward_out(grad_in, grad, h, "tanh"); break;
+    case RELU: at::threshold_backward_out(grad_in, grad, h, 0); break;
+    case SILU: at::silu_backward_out(grad_in, grad, h); break;
+    default: TORCH_CHECK(false, "moevision expert_mlp: unknown activation code ", act);
+  }
+}
+
+std::vector<int64_t> read_offsets(const at::Tensor& offs, int64_t E) {
+  TORCH_CHECK(offs.dtype() == at::kLong && offs.dim() == 1 && offs.numel() == E + 1 && offs.is_contiguous(),
+              "moevision expert_mlp: offsets must be a contiguous int64 vector of E+1 = ", E + 1, " entries");
+  const int64_t* p = offs.data_ptr<int64_t>();
+  std::vector<int64_t> o(p, p + E + 1);
+  TORCH_CHECK(o[0] == 0, "moevision expert_mlp: offsets must start at 0");
+  for (int64_t e = 0; e < E; e++) TORCH_CHECK(o[e] <= o[e + 1], "moevision expert_mlp: offsets must not decrease");
+  return o;
+}
+
+// Run fn(tid, lo, hi) on nt threads, thread tid owning rows [lo, hi) of A.
+template <typename F>
+void for_blocks(int64_t A, int nt, const F& fn) {
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    // no autograd on the workers: every op here writes into preallocated buffers
+    c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    for (int64_t t = b; t < e; t++) fn(t, t * A / nt, (t + 1) * A / nt);
+  });
+}
+
+int threads_for(int64_t A) {
+  int nt = at::get_num_threads();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, A / 16)));
+}
+
+// out[t] = sum_j g[t*K+j] * y[pos[t*K+j]] for tokens t of [t0, t1) (the gate-weighted combine).
+template <typename scalar_t>
+void combine_rows(scalar_t* out, const scalar_t* y, const scalar_t* g, const int64_t* pos, int64_t K, int64_t D,
+                  int64_t t0, int64_t t1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(D);
+  for (int64_t t = t0; t < t1; t++) {
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int64_t j = 0; j < K; j++) {
+      const acc_t w = static_cast<acc_t>(g[t * K + j]);
+      const scalar_t* src = y + pos[t * K + j] * D;
+      for (int64_t d = 0; d < D; d++) acc[d] += w * static_cast<acc_t>(src[d]);
+    }
+    scalar_t* dst = out + t * D;
+    for (int64_t d = 0; d < D; d++) dst[d] = static_cast<scalar_t>(acc[d]);
+  }
+}
+
+// For expert-sorted rows i of [lo, hi): gy[i] = gate * gout[tok[i]] and, when ggate is given,
+// ggate[order[i]] = <gout[tok[i]], y[i]> (d out / d gate; order is a permutation: no two rows write
+// the same entry).
+template <typename scalar_t>
+void grad_rows(scalar_t* gy, scalar_t* ggate, const scalar_t* gout, const scalar_t* y, const scalar_t* g,
+               const int64_t* tok, const int64_t* order, int64_t D, int64_t lo, int64_t hi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = lo; i < hi; i++) {
+    const scalar_t* src = gout + tok[i] * D;
+    const acc_t w = static_cast<acc_t>(g[order[i]]);
+    scalar_t* dst = gy + i * D;
+    if (ggate != nullptr) {
+      const scalar_t* yr = y + i * D;
+      acc_t dot = 0;
+      for (int64_t d = 0; d < D; d++) dot += static_cast<acc_t>(src[d]) * static_cast<acc_t>(yr[d]);
+      ggate[order[i]] = static_cast<scalar_t>(dot);
+    }
+    for (int64_t d = 0; d < D; d++) dst[d] = static_cast<scalar_t>(w * static_cast<acc_t>(src[d]));
+  }
+}
+
+// gx[t] = sum_j gxs[pos[t*K+j]] for tokens t of [t0, t1) (the K copies of each token back).
+template <typename scalar_t>
+void gather_sum_rows(scalar_t* gx, const scalar_t* gxs, const int64_t* pos, int64_t K, int64_t D, int64_t t0,
+                     int64_t t1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(D);
+  for (int64_t t = t0; t < t1; t++) {
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int64_t j = 0; j < K; j++) {
+      const scalar_t* src = gxs + pos[t * K + j] * D;
+      for (int64_t d = 0; d < D; d++) acc[d] += static_cast<acc_t>(src[d]);
+    }
+    scalar_t* dst = gx + t * D;
+    for (int64_t d = 0; d < D; d++) dst[d] = static_cast<scalar_t>(acc[d]);
+  }
+}
+
+void check_index(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.dtype() == at::kLong && t.dim() == 1 && t.numel() == n && t.is_contiguous(),
+              "moevision expert_mlp: ", name, " must be a contiguous int64 vector of ", n, " entries");
+}
+
+// Forward. x (T, D); tok (A,) the token of each expert-sorted row; w1 (E, D, F); b1 (E, F) or undefined;
+// w2 (E, F, D); b2 (E, D) or undefined; w3 (E, D, F) or undefined (SwiGLU: a = silu(h) * h3);
+// offs (E+1,) int64 row offsets of the experts; gates (A,) token-major, in x's dtype; pos (A,) the
+// sorted row of each token-major assignment; K choices per token (A = T*K). Returns out (T, D) (the
+// gate-weighted combine), xs (A, D), h (A, F), h3 (A, F) or empty, a (A, F), y (A, D).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_fwd(
+    const at::Tensor& x, const at::Tensor& tok, const at::Tensor& gates, const at::Tensor& pos, int64_t K,
+    const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& w3, const at::Tensor& offs,
+    int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w2.dim() == 3, "moevision expert_mlp: x must be 2-D, w1/w2 3-D");
+  const int64_t E = w1.size(0), D = w1.size(1), Fh = w1.size(2), A = tok.numel();
+  TORCH_CHECK(x.size(1) == D && w2.size(0) == E && w2.size(1) == Fh && w2.size(2) == D,
+              "moevision expert_mlp: shapes x ", x.sizes(), " w1 ", w1.sizes(), " w2 ", w2.sizes(), " disagree");
+  const auto o = read_offsets(offs, E);
+  TORCH_CHECK(o[E] == A, "moevision expert_mlp: offsets end at ", o[E], " but there are ", A, " rows");
+  TORCH_CHECK(x.is_contiguous() && K >= 1 && A == x.size(0) * K, "moevision expert_mlp: x must be contiguous "
+              "and have A / K = ", A / std::max<int64_t>(K, 1), " rows");
+  check_index(tok, A, "tok");
+  check_index(pos, A, "pos");
+  TORCH_CHECK(gates.numel() == A && gates.is_contiguous() && gates.scalar_type() == x.scalar_type(),
+              "moevision expert_mlp: gates must be a contiguous vector of A entries in x's dtype");
+  const bool glu = w3.has_value() && w3->defined();
+  auto xs = at::empty({A, D}, x.options());
+  auto h = at::empty({A, Fh}, x.options());
+  auto h3 = glu ? at::empty({A, Fh}, x.options()) : at::empty({0}, x.options());
+  auto a = at::empty({A, Fh}, x.options());
+  auto y = at::empty({A, D}, x.options());
+  const bool has_b1 = b1.has_value() && b1->defined(), has_b2 = b2.has_value() && b2->defined();
+  for_blocks(A, threads_for(A), [&](int64_t, int64_t lo, int64_t hi) {
+    if (lo >= hi) return;
+    auto xs_t = xs.narrow(0, lo, hi - lo);
+    at::index_select_out(xs_t, x, 0, tok.narrow(0, lo, hi - lo));
+    for (int64_t e = 0; e < E; e++) {
+      const int64_t s = std::max(lo, o[e]), f = std::min(hi, o[e + 1]);
+      if (s >= f) continue;
+      const int64_t n = f - s;
+      auto xe = xs.narrow(0, s, n);
+      auto he = h.narrow(0, s, n);
+      auto ae = a.narrow(0, s, n);
+      auto ye = y.narrow(0, s, n);
+      if (has_b1) at::addmm_out(he, (*b1)[e], xe, w1[e]); else at::mm_out(he, xe, w1[e]);
+      if (glu) {
+        auto h3e = h3.narrow(0, s, n);
+        at::mm_out(h3e, xe, (*w3)[e]);
+        at::silu_out(ae, he);
+        ae.mul_(h3e);
+      } else {
+        act_forward(ae, he, act);
+      }
+      if (has_b2) at::addmm_out(ye, (*b2)[e], ae, w2[e]); else at::mm_out(ye, ae, w2[e]);
+    }
+  });
+  const int64_t T = x.size(0);
+  auto out = at::empty({T, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moevision_combine", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* gp = gates.data_ptr<scalar_t>();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) { combine_rows(op, yp, gp, pp, K, D, t0, t1); });
+  });
+  return {out, xs, h, h3, a, y};
+}
+
+// Backward. gout (T, D): grad of the layer output. tok, order (the token-major index of each sorted row),
+// pos, gates, K as in the forward; saved xs, h, h3 (or empty), a, y from the forward. Returns gx (T, D),
+// grad_gates (A,) token-major in gout's dtype, gw1, gb1, gw2, gb2, gw3 (each empty when not asked for).
+// need: [x, gates, w1, b1, w2, b2, w3].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_bwd(
+    const at::Tensor& gout_in, const at::Tensor& tok, const at::Tensor& order, const at::Tensor& pos,
+    const at::Tensor& gates, int64_t K, const at::Tensor& xs, const at::Tensor& h, const at::Tensor& h3,
+    const at::Tensor& a, const at::Tensor& y, const at::Tensor& w1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& w3, const at::Tensor& offs, int64_t act, bool need_x, bool need_g,
+    bool need_w1, bool need_b1, bool need_w2, bool need_b2, bool need_w3) {
+  const int64_t E = w1.size(0), D = w1.size(1), Fh = w1.size(2), A = xs.size(0);
+  const auto o = read_offsets(offs, E);
+  const auto gout = gout_in.contiguous();
+  const int64_t T = gout.size(0);
+  TORCH_CHECK(K >= 1 && T * K == A && gout.size(1) == D, "moevision expert_mlp: grad of shape ", gout.sizes(),
+              " does not match A = ", A, " rows of width ", D, " with K = ", K);
+  check_index(tok, A, "tok");
+  check_index(order, A, "order");
+  check_index(pos, A, "pos");
+  TORCH_CHECK(gates.numel() == A && gates.is_contiguous() && gates.scalar_type() == gout.scalar_type(),
+              "moevision expert_mlp: gates must be a contiguous vector of A entries in the grad's dtype");
+  TORCH_CHECK(o[E] == A && xs.size(0) == A && h.size(0) == A && a.size(0) == A,
+              "moevision expert_mlp: saved tensors and offsets disagree on the number of rows");
+  const bool glu = w3.has_value() && w3->defined();
+  need_w3 = need_w3 && glu;
+  auto opt = gout.options();
+  auto empty = at::empty({0}, opt);
+  auto gy = at::empty({A, D}, opt);
+  auto ggate = need_g ? at::empty({A}, opt) : empty;
+  auto gw1 = need_w1 ? at::empty_like(w1) : empty;
+  auto gw2 = need_w2 ? at::empty_like(w2) : empty;
+  auto gw3 = need_w3 ? at::empty_like(*w3) : empty;
+  auto gb1 = need_b1 ? at::empty({E, Fh}, opt) : empty;
+  auto gb2 = need_b2 ? at::empty({E, D}, opt) : empty;
+  const bool need_h = need_x || need_w1 || need_b1 || need_w3;
+  auto ga = need_h ? at::empty({A, Fh}, opt) : empty;
+  auto gh3 = (glu && (need_x || need_w3)) ? at::empty({A, Fh}, opt) : empty;
+  auto gxs = need_x ? at::empty({A, D}, opt) : empty;
+  for (int64_t e = 0; e < E; e++) {
+    if (o[e] == o[e + 1]) {  // an expert with no rows gets a zero gradient
+      for (auto* t : {&gw1, &gw2, &gw3, &gb1, &gb2})
+        if (t->numel()) (*t)[e].zero_();
+    }
+  }
+  const int nt = threads_for(A);
+  // per thread: the expert whose rows it holds but does not start (at most one), and its partial grads
+  std::vector<int64_t> part_e(nt, -1);
+  std::vector<std::vector<at::Tensor>> part(nt);
+  for_blocks(A, nt, [&](int64_t t, int64_t lo, int64_t hi) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gout.scalar_type(), "moevision_grad_rows", [&] {
+      grad_rows(gy.data_ptr<scalar_t>(), need_g ? ggate.data_ptr<scalar_t>() : nullptr, gout.data_ptr<scalar_t>(),
+                y.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
+                order.data_ptr<int64_t>(), D, lo, hi);
+    });
+    for (int64_t e = 0; e < E; e++) {
+      const int64_t s = std::max(lo, o[e]), f = std::min(hi, o[e + 1]);
+      if (s >= f) continue;
+      const int64_t n = f - s;
+      const bool owner = (s == o[e]);
+      at::Tensor dw1, db1, dw2, db2, dw3;
+      if (owner) {
+        if (need_w1) dw1 = gw1[e];
+        if (need_b1) db1 = gb1[e];
+        if (need_w2) dw2 = gw2[e];
+        if (need_b2) db2 = gb2[e];
+        if (need_w3) dw3 = gw3[e];
+      } else {
+        if (need_w1) dw1 = at::empty({D, Fh}, opt);
+        if (need_b1) db1 = at::empty({Fh}, opt);
+        if (need_w2) dw2 = at::empty({Fh, D}, opt);
+        if (need_b2) db2 = at::empty({D}, opt);
+        if (need_w3) dw3 = at::empty({D, Fh}, opt);
+        part_e[t] = e;
+        part[t] = {dw1, db1, dw2, db2, dw3};
+      }
+      auto gye = gy.narrow(0, s, n);
+      if (need_w2) at::mm_out(dw2, a.narrow(0, s, n).t(), gye);
+      if (need_b2) at::sum_out(db2, gye, {0});
+      if (!need_h) continue;
+      auto gae = ga.narrow(0, s, n);
+      at::mm_out(gae, gye, w2[e].t());
+      auto he = h.narrow(0, s, n);
+      auto xe = xs.narrow(0, s, n);
+      at::Tensor gh3e;
+      if (glu) {  // a = silu(h) * h3
+        auto h3e = h3.narrow(0, s, n);
+        if (gh3.numel()) {
+          gh3e = gh3.narrow(0, s, n);
+          at::silu_out(gh3e, he);
+          gh3e.mul_(gae);
+        }
+        gae.mul_(h3e);
+        at::silu_backward_out(gae, gae, he);
+      } else {
+        act_backward(gae, gae, he, act);
+      }
+      if (need_w1) at::mm_out(dw1, xe.t(), gae);
+      if (need_b1) at::sum_out(db1, gae, {0});
+      if (need_w3) at::mm_out(dw3, xe.t(), gh3e);
+      if (need_x) {
+        auto gxe = gxs.narrow(0, s, n);
+        at::mm_out(gxe, gae, w1[e].t());
+        if (glu) gxe.addmm_(gh3e, (*w3)[e].t());
+      }
+    }
+  });
+  for (int t = 0; t < nt; t++) {
+    const int64_t e = part_e[t];
+    if (e < 0) continue;
+    at::Tensor* dst[5] = {&gw1, &gb1, &gw2, &gb2, &gw3};
+    for (int i = 0; i < 5; i++)
+      if (part[t][i].defined()) (*dst[i])[e].add_(part[t][i]);
+  }
+  auto gx = empty;
+  if (need_x) {
+    gx = at::empty({T, D}, opt);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gout.scalar_type(), "moevision_gather_sum", [&] {
+      scalar_t* gp = gx.data_ptr<scalar_t>();
+      const scalar_t* sp = gxs.data_ptr<scalar_t>();
+      const int64_t* pp = pos.data_ptr<int64_t>();
+      at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) { gather_sum_rows(gp, sp, pp, K, D, t0, t1); });
+    });
+  }
+  return {gx, ggate, gw1, gb1, gw2, gb2, gw3};
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Router core (top-k token choice): logits = x @ w^T, probs = softmax(logits + noise), the K largest
+// probabilities and their experts (ties: the lower expert index first, as a max scan). One GEMM and one
+// pass over the (T, E) rows; backward one pass and two GEMMs. The Python router builds the losses on
+// these outputs with autograd, so any loss reaches the core as grads of logits, probs and top_v.
+
+template <typename scalar_t>
+void softmax_topk_rows(const scalar_t* logits, const scalar_t* noise, scalar_t* probs, scalar_t* top_v,
+                       int64_t* top_i, int64_t E, int64_t K, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; t++) {
+    const scalar_t* l = logits + t * E;
+    scalar_t* p = probs + t * E;
+    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t e = 0; e < E; e++) {
+      p[e] = noise ? l[e] + noise[t * E + e] : l[e];
+      m = std::max(m, p[e]);
+    }
+    scalar_t sum = 0;
+    for (int64_t e = 0; e < E; e++) {
+      p[e] = std::exp(p[e] - m);
+      sum += p[e];
+    }
+    const scalar_t inv = scalar_t(1) / sum;
+    for (int64_t e = 0; e < E; e++) p[e] *= inv;
+    for (int64_t j = 0; j < K; j++) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++) {
+        bool taken = false;
+        for (int64_t q = 0; q < j; q++) taken |= (top_i[t * K + q] == e);
+        if (!taken && (best < 0 || p[e] > p[best])) best = e;
+      }
+      top_i[t * K + j] = best;
+      top_v[t * K + j] = p[best];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_fwd(
+    const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& noise_opt, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "moevision router: x (T, D) and w (E, D) "
+              "must agree on D, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "moevision router: x and w must both be float32 or float64");
+  const int64_t T = x.size(0), E = w.size(0);
+  TORCH_CHECK(K >= 1 && K <= E, "moevision router: top_k must be in [1, E = ", E, "], got ", K);
+  auto logits = at::mm(x, w.t());
+  at::Tensor noise;
+  if (noise_opt.has_value() && noise_opt->defined()) {
+    noise = noise_opt->contiguous();
+    TORCH_CHECK(noise.sizes() == logits.sizes() && noise.scalar_type() == x.scalar_type(),
+                "moevision router: noise must be (T, E) in x's dtype");
+  }
+  auto probs = at::empty_like(logits);
+  auto top_v = at::empty({T, K}, x.options());
+  auto top_i = at::empty({T, K}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "moevision_router_fwd", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const scalar_t* np = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pp = probs.data_ptr<scalar_t>();
+    scalar_t* vp = top_v.data_ptr<scalar_t>();
+    int64_t* ip = top_i.data_ptr<int64_t>();
+    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) { softmax_topk_rows(lp, np, pp, vp, ip, E, K, t0, t1); });
+  });
+  return {logits, probs, top_v, top_i};
+}
+
+// dlogits = p * (dp - <dp, p>) + g_logits, with dp = g_probs + the grads of top_v scattered to top_i.
+std::tuple<at::Tensor, at::Tensor> router_bwd(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& probs, const at::Tensor& top_i,
+    const c10::optional<at::Tensor>& g_logits_opt, const c10::optional<at::Tensor>& g_probs_opt,
+    const c10::optional<at::Tensor>& g_topv_opt, bool need_x, bool need_w) {
+  const int64_t T = probs.size(0), E = probs.size(1), K = top_i.size(1);
+  auto dl = at::empty_like(probs);
+  auto get = [](const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor(); };
+  const auto gl = get(g_logits_opt), gp = get(g_probs_opt), gv = get(g_topv_opt);
+  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "moevision_router_bwd", [&] {
+    const scalar_t* p = probs.data_ptr<scalar_t>();
+    const int64_t* ti = top_i.data_ptr<int64_t>();
+    const scalar_t* glp = gl.defined() ? gl.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gpp = gp.defined() ? gp.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
+    scalar_t* d = dl.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        scalar_t* dr = d + t * E;
+        const scalar_t* pr = p + t * E;
+        for (int64_t e = 0; e < E; e++) dr[e] = gpp ? gpp[t * E + e] : scalar_t(0);
+        if (gvp)
+          for (int64_t j = 0; j < K; j++) dr[ti[t * K + j]] += gvp[t * K + j];
+        scalar_t dot = 0;
+        for (int64_t e = 0; e < E; e++) dot += dr[e] * pr[e];
+        for (int64_t e = 0; e < E; e++) dr[e] = pr[e] * (dr[e] - dot) + (glp ? glp[t * E + e] : scalar_t(0));
+      }
+    });
+  });
+  auto dx = need_x ? at::mm(dl, w) : at::empty({0}, x.options());
+  auto dw = need_w ? at::mm(dl.t(), x) : at::empty({0}, x.options());
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moevision_cpu, m) {
+  m.def("router_fwd(Tensor x, Tensor w, Tensor? noise, int K) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("router_bwd(Tensor x, Tensor w, Tensor probs, Tensor top_i, Tensor? g_logits, Tensor? g_probs, "
+        "Tensor? g_topv, bool need_x, bool need_w) -> (Tensor, Tensor)");
+  m.def("expert_mlp_fwd(Tensor x, Tensor tok, Tensor gates, Tensor pos, int K, Tensor w1, Tensor? b1, "
+        "Tensor w2, Tensor? b2, Tensor? w3, Tensor offs, int act) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("expert_mlp_bwd(Tensor gout, Tensor tok, Tensor order, Tensor pos, Tensor gates, int K, Tensor xs, "
+        "Tensor h, Tensor h3, Tensor a, Tensor y, Tensor w1, Tensor w2, Tensor? w3, Tensor offs, int act, "
+        "bool need_x, bool need_g, bool need_w1, bool need_b1, bool need_w2, bool need_b2, bool need_w3) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moevision_cpu, CPU, m) {
+  m.impl("expert_mlp_fwd", &expert_mlp_fwd);
+  m.impl("expert_mlp_bwd", &expert_mlp_bwd);
+  m.impl("router_fwd", &router_fwd);
+  m.impl("router_bwd", &router_bwd);
+}

@@ -1,0 +1,229 @@
+"""The native CPU kernels (``kernels/native``, C++): the grouped expert MLP and the router core equal their
+Python references (the per-expert loop of ``kernels/cpu.py`` and the eager router) forward and backward on
+random inputs, for every activation, with and without biases, K = 1..3, empty experts, an expert cut
+between two thread blocks, 1-3 threads, frozen parameters; bad arguments give clear errors; switched off,
+the layer runs the Python path."""
+
+import pytest
+import torch
+
+from moevision import MoE, kernels
+from moevision.kernels import native
+
+OPS = native.ops()
+pytestmark = pytest.mark.skipif(OPS is None, reason=f"native kernels not built here: {native.status()}")
+
+
+@pytest.fixture
+def threads(request):
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
+def _layer_grads(m, x, on: bool, seed: int = 1):
+    kernels.use_native(on)
+    try:
+        m.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(seed)  # the same router noise both ways
+        o = m(xr)
+        w = torch.linspace(-1, 1, o.out.numel(), dtype=x.dtype).view_as(o.out)
+        ((o.out * w).sum() + o.out.square().sum() + o.aux_loss).backward()
+        return [o.out.detach(), o.aux_loss.detach(), xr.grad] + [p.grad for p in m.parameters()]
+    finally:
+        kernels.use_native(True)
+
+
+CASES = [
+    dict(top_k=1), dict(top_k=2), dict(top_k=3, activation="gelu_tanh"), dict(top_k=2, activation="relu"),
+    dict(top_k=2, activation="silu", bias=False), dict(top_k=2, activation="swiglu", bias=False),
+    dict(top_k=2, noise_std=1.0, load_loss_weight=0.01, switch_loss_weight=0.01, z_loss_weight=1e-3),
+    dict(top_k=1, capacity_factor=1.0), dict(top_k=2, normalize_topk=True, importance_on="gates"),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_native_layer_equals_python_path(cfg, threads):
+    cfg = dict(cfg)
+    k = cfg.pop("top_k")
+    torch.manual_seed(0)
+    m = MoE(12, 20, 5, k, impl="cpu_fused", **cfg).double()
+    x = torch.randn(3, 37, 12, dtype=torch.float64)  # 111 tokens: the thread blocks cut through experts
+    fast, ref = _layer_grads(m, x, True), _layer_grads(m, x, False)
+    assert len(fast) == len(ref)
+    for a, b in zip(fast, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), (a - b).abs().max()
+
+
+def _op_inputs(T, D, Fh, E, K, counts=None, dtype=torch.float64, seed=0, bias=True, glu=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, dtype=dtype, generator=g)
+    if counts is None:
+        exp = torch.randint(0, E, (T * K,), generator=g)
+    else:  # the given number of rows per expert, in a random token-major layout
+        exp = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))[torch.randperm(T * K, generator=g)]
+    order = torch.sort(exp, stable=True).indices
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(T * K))
+    offs = torch.zeros(E + 1, dtype=torch.long)
+    offs[1:] = torch.bincount(exp, minlength=E).cumsum(0)
+    w1 = torch.randn(E, D, Fh, dtype=dtype, generator=g) / D**0.5
+    w2 = torch.randn(E, Fh, D, dtype=dtype, generator=g) / Fh**0.5
+    b1 = torch.randn(E, Fh, dtype=dtype, generator=g) if bias else None
+    b2 = torch.randn(E, D, dtype=dtype, generator=g) if bias else None
+    w3 = torch.randn(E, D, Fh, dtype=dtype, generator=g) / D**0.5 if glu else None
+    gates = torch.rand(T * K, dtype=dtype, generator=g)
+    return dict(x=x, exp=exp, order=order, pos=pos, offs=offs, w1=w1, w2=w2, b1=b1, b2=b2, w3=w3, gates=gates, K=K)
+
+
+def _oracle(p, act):
+    """Plain per-assignment formula with autograd: out[t] = sum_j g * MLP_e(x[t])."""
+    T, K = p["x"].shape[0], p["K"]
+    x = p["x"].clone().requires_grad_()
+    params = {n: p[n].clone().requires_grad_() for n in ("w1", "w2", "b1", "b2", "w3", "gates") if p[n] is not None}
+    e = p["exp"]
+    xa = x.repeat_interleave(K, 0)
+    h = torch.einsum("ad,adf->af", xa, params["w1"][e]) + (params["b1"][e] if "b1" in params else 0)
+    if "w3" in params:
+        a = torch.nn.functional.silu(h) * torch.einsum("ad,adf->af", xa, params["w3"][e])
+    else:
+        a = {0: lambda v: torch.nn.functional.gelu(v), 1: lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+             2: torch.relu, 3: torch.nn.functional.silu}[act](h)
+    y = torch.einsum("af,afd->ad", a, params["w2"][e]) + (params["b2"][e] if "b2" in params else 0)
+    out = (y * params["gates"].unsqueeze(1)).view(T, K, -1).sum(1)
+    return out, x, params
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("case", [
+    dict(T=50, K=1, counts=[20, 0, 30, 0], act=0),  # empty experts, one cut by the 2-thread block boundary
+    dict(T=41, K=2, counts=None, act=1),
+    dict(T=30, K=3, counts=[0, 0, 90, 0], act=2),  # every row to one expert: both blocks inside it
+    dict(T=7, K=2, counts=None, act=3),  # fewer rows than one thread's minimum: one block
+    dict(T=40, K=2, counts=None, act=3, bias=False, glu=True),
+])
+def test_native_ops_equal_the_plain_formula(case, threads):
+    case = dict(case)
+    act = case.pop("act")
+    bias, glu = case.pop("bias", True), case.pop("glu", False)
+    p = _op_inputs(case["T"], 6, 10, 4, case["K"], case["counts"], bias=bias, glu=glu)
+    tok = torch.div(p["order"], p["K"], rounding_mode="floor")
+    out, xs, h, h3, a, y = OPS.expert_mlp_fwd(p["x"], tok, p["gates"], p["pos"], p["K"], p["w1"], p["b1"], p["w2"],
+                                              p["b2"], p["w3"], p["offs"], act)
+    ref, x, params = _oracle(p, act)
+    assert torch.allclose(out, ref, atol=1e-12)
+    gout = torch.randn_like(out)
+    ref.backward(gout)
+    gx, gg, gw1, gb1, gw2, gb2, gw3 = OPS.expert_mlp_bwd(
+        gout, tok, p["order"], p["pos"], p["gates"], p["K"], xs, h, h3, a, y, p["w1"], p["w2"], p["w3"], p["offs"], act,
+        True, True, True, bias, True, bias, glu)
+    assert torch.allclose(gx, x.grad, atol=1e-12)
+    assert torch.allclose(gg, params["gates"].grad, atol=1e-12)
+    for got, name in ((gw1, "w1"), (gw2, "w2"), (gb1, "b1"), (gb2, "b2"), (gw3, "w3")):
+        if name in params:
+            assert torch.allclose(got, params[name].grad, atol=1e-12), name
+        else:
+            assert got.numel() == 0, name
+
+
+def test_native_backward_computes_only_what_is_asked():
+    p = _op_inputs(30, 6, 10, 4, 2)
+    tok = torch.div(p["order"], 2, rounding_mode="floor")
+    _, xs, h, h3, a, y = OPS.expert_mlp_fwd(p["x"], tok, p["gates"], p["pos"], 2, p["w1"], p["b1"], p["w2"], p["b2"],
+                                            None, p["offs"], 0)
+    full = OPS.expert_mlp_bwd(torch.ones(30, 6, dtype=torch.float64), tok, p["order"], p["pos"], p["gates"], 2, xs, h,
+                              h3, a, y, p["w1"], p["w2"], None, p["offs"], 0, True, True, True, True, True, True, False)
+    only_w2 = OPS.expert_mlp_bwd(torch.ones(30, 6, dtype=torch.float64), tok, p["order"], p["pos"], p["gates"], 2, xs,
+                                 h, h3, a, y, p["w1"], p["w2"], None, p["offs"], 0, False, False, False, False, True,
+                                 False, False)
+    assert [t.numel() for t in only_w2] == [0, 0, 0, 0, p["w2"].numel(), 0, 0]
+    assert torch.allclose(only_w2[4], full[4], atol=1e-12)
+
+
+def test_native_bf16_is_close_to_fp32():
+    p = _op_inputs(64, 16, 32, 4, 2, dtype=torch.float32)
+    tok = torch.div(p["order"], 2, rounding_mode="floor")
+    args = lambda dt: [t.to(dt) if t.is_floating_point() else t for t in (  # noqa: E731
+        p["x"], tok, p["gates"], p["pos"])]
+    w = lambda dt: [p[n].to(dt) for n in ("w1", "b1", "w2", "b2")]  # noqa: E731
+    x, t, g, pos = args(torch.float32)
+    w1, b1, w2, b2 = w(torch.float32)
+    ref = OPS.expert_mlp_fwd(x, t, g, pos, 2, w1, b1, w2, b2, None, p["offs"], 0)[0]
+    x, t, g, pos = args(torch.bfloat16)
+    w1, b1, w2, b2 = w(torch.bfloat16)
+    out = OPS.expert_mlp_fwd(x, t, g, pos, 2, w1, b1, w2, b2, None, p["offs"], 0)[0]
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_native_ops_reject_inconsistent_arguments():
+    p = _op_inputs(20, 6, 10, 4, 1)
+    bad = p["offs"].clone()
+    bad[-1] += 1
+    with pytest.raises(RuntimeError, match="offsets end at"):
+        OPS.expert_mlp_fwd(p["x"], p["order"], p["gates"], p["pos"], 1, p["w1"], p["b1"], p["w2"], p["b2"], None, bad, 0)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        OPS.expert_mlp_fwd(p["x"], p["order"], p["gates"], p["pos"], 1, p["w1"], p["b1"], p["w2"], p["b2"], None,
+                           p["offs"], 9)
+    with pytest.raises(RuntimeError, match="top_k must be in"):
+        OPS.router_fwd(p["x"], torch.randn(4, 6, dtype=torch.float64), None, 5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_native_router_core_equals_eager(k):
+    """Logits, softmax (with noise), top-k (ties: lower index first, as ``max``) and the backward from grads
+    of all three outputs, against autograd on the eager formula."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(90, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    noise = torch.randn(90, 5, dtype=torch.float64, generator=g) * 0.1
+    x.data[0] = 0  # a row of equal logits: ties
+    noise[0] = 0
+    logits, probs, top_v, top_i = OPS.router_fwd(x.detach(), w.detach(), noise, k)
+    ref_l = x @ w.t()
+    ref_p = (ref_l + noise).softmax(-1)
+    assert torch.allclose(logits, ref_l, atol=1e-13) and torch.allclose(probs, ref_p, atol=1e-13)
+    ref_v, ref_i = ref_p.topk(k, dim=-1)
+    assert torch.equal(top_i[1:], ref_i[1:]) and torch.allclose(top_v, ref_v, atol=1e-13)
+    assert top_i[0].tolist() == list(range(k))
+    gl, gp, gv = torch.randn_like(ref_l), torch.randn_like(ref_p), torch.randn(90, k, dtype=torch.float64)
+    ((ref_l * gl).sum() + (ref_p * gp).sum() + (ref_p.gather(1, top_i) * gv).sum()).backward()
+    dx, dw = OPS.router_bwd(x.detach(), w.detach(), probs, top_i, gl, gp, gv, True, True)
+    assert torch.allclose(dx, x.grad, atol=1e-12) and torch.allclose(dw, w.grad, atol=1e-12)
+    dx2, dw2 = OPS.router_bwd(x.detach(), w.detach(), probs, top_i, None, None, gv, False, True)
+    assert dx2.numel() == 0 and dw2.shape == w.shape
+
+
+def test_switched_off_the_layer_runs_the_python_path(monkeypatch):
+    called = []
+    real = native.ops
+
+    def spy():
+        o = real()
+        called.append(o is not None)
+        return o
+
+    monkeypatch.setattr(native, "ops", spy)
+    m = MoE(8, 16, 4, 2)
+    m(torch.randn(10, 8)).out.sum().backward()
+    assert called and all(called)
+    called.clear()
+    kernels.use_native(False)
+    try:
+        assert "switched off" in kernels.native_status()
+        m(torch.randn(10, 8)).out.sum().backward()
+    finally:
+        kernels.use_native(True)
+    assert called and not any(called)
+    assert "in use" in kernels.native_status()
+
+
+def test_env_variable_disables_the_build(monkeypatch):
+    monkeypatch.setenv("MOEVISION_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {"tried": False, "ops": None, "reason": "", "enabled": True})
+    assert native.ops() is None
+    assert "MOEVISION_NATIVE=0" in native.status()
