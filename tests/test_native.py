@@ -227,3 +227,13 @@ def test_env_variable_disables_the_build(monkeypatch):
     monkeypatch.setattr(native, "_state", {"tried": False, "ops": None, "reason": "", "enabled": True})
     assert native.ops() is None
     assert "MOEVISION_NATIVE=0" in native.status()
+
+
+def test_bench_model_times_the_python_path_beside_the_native_one():
+    from moevision.bench import bench_model
+
+    rows = bench_model(torch.device("cpu"), torch.float32, repeats=1, batch=4, impls=("cpu_fused",))
+    assert [r["model"] for r in rows] == ["vit_fmnist_hybrid", "moe_vit_fmnist_hybrid (cpu_fused)",
+                                          "moe_vit_fmnist_hybrid (cpu_fused, python)"]
+    assert all(r["step_ms"] > 0 for r in rows)
+    assert "in use" in kernels.native_status()  # switched back on after the A/B

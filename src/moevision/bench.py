@@ -263,6 +263,11 @@ def bench_model(device, dtype, repeats: int, batch: int = 64, compile: bool | st
         for impl in impls or ("grouped", "cpu_fused", "fused", "sorted", "padded", "loop"):
             pairs.append((f"moe_vit_fmnist_hybrid ({impl})",
                           lambda impl=impl: create_model("moe_vit_fmnist_hybrid", moe_impl=impl)))
+        from . import kernels
+        if (impls is None or "cpu_fused" in impls) and kernels.native_ops() is not None:
+            # the A/B of the native C++ kernels: the same model with them switched off
+            pairs.append((NO_NATIVE + "moe_vit_fmnist_hybrid (cpu_fused, python)",
+                          lambda: create_model("moe_vit_fmnist_hybrid", moe_impl="cpu_fused")))
         x = torch.randn(batch, 1, 28, 28, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
     steps, labels, params, peaks = [], [], [], []
@@ -272,6 +277,8 @@ def bench_model(device, dtype, repeats: int, batch: int = 64, compile: bool | st
         mode = compile if isinstance(compile, str) else None  # e.g. "reduce-overhead": CUDA graphs
         step = _train_step(torch.compile(model, mode=mode) if compile else model, x, y, dtype,
                            params=model.parameters())
+        if label.startswith(NO_NATIVE):
+            label, step = label[len(NO_NATIVE):], _without_native(step)
         peaks.append(_memory(step, device)[1])
         steps.append(step)
         labels.append(label)
@@ -279,6 +286,22 @@ def bench_model(device, dtype, repeats: int, batch: int = 64, compile: bool | st
     ms = _interleaved(steps, device, repeats)
     return [dict(model=label, step_ms=m, ratio=m / ms[0], images_per_s=batch / m * 1e3, params=p, peak_mib=pk)
             for label, m, p, pk in zip(labels, ms, params, peaks)]
+
+
+NO_NATIVE = "\0no-native\0"  # label prefix: run this model with the native CPU kernels switched off
+
+
+def _without_native(step):
+    from . import kernels
+
+    def run():
+        kernels.use_native(False)
+        try:
+            return step()
+        finally:
+            kernels.use_native(True)
+
+    return run
 
 
 def _train_step(model, x, y, dtype, params=None):

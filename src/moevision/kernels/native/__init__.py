@@ -22,8 +22,17 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("expert_mlp.cpp")
-NAME = "moevision_cpu_native"
+CFLAGS = ["-O3", "-fopenmp"]
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+
+
+def _name() -> str:
+    """The extension's name carries a hash of its source and flags: a changed source builds afresh (and
+    says so) instead of silently rebuilding over the old one."""
+    import hashlib
+
+    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:10]
+    return f"moevision_cpu_native_{h}"
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ops": None, "reason": "not built yet", "enabled": True}
@@ -40,17 +49,17 @@ def build(verbose: bool = False):
 
     if hasattr(torch.ops, "moevision_cpu") and hasattr(torch.ops.moevision_cpu, "expert_mlp_fwd"):
         return torch.ops.moevision_cpu
+    name = _name()
     try:
-        build_dir = Path(cpp_extension._get_build_directory(NAME, verbose=False))
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         fresh = not any(build_dir.glob("*.so"))
     except Exception:  # a private helper of torch: only for the message
         build_dir, fresh = "TORCH_EXTENSIONS_DIR", True
     if fresh:
         print(f"moevision: building the native CPU kernels (once, ~20 s; cached in {build_dir})",
               file=sys.stderr, flush=True)
-    cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False,
-                       verbose=verbose)
+    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=verbose)
     return torch.ops.moevision_cpu
 
 
