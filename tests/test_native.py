@@ -237,3 +237,16 @@ def test_bench_model_times_the_python_path_beside_the_native_one():
                                           "moe_vit_fmnist_hybrid (cpu_fused, python)"]
     assert all(r["step_ms"] > 0 for r in rows)
     assert "in use" in kernels.native_status()  # switched back on after the A/B
+
+
+@pytest.mark.parametrize("E", [1, 5, 300])
+def test_native_counting_sort_is_the_stable_argsort(E):
+    g = torch.Generator().manual_seed(E)
+    exp = torch.randint(0, E, (997,), generator=g)
+    exp[:3] = E - 1
+    order, pos, offs = OPS.sort_by_expert(exp, E)
+    assert torch.equal(order, torch.sort(exp, stable=True).indices)
+    assert torch.equal(pos[order], torch.arange(997))
+    assert torch.equal(offs, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(exp, minlength=E).cumsum(0)]))
+    with pytest.raises(RuntimeError, match="out of"):
+        OPS.sort_by_expert(torch.tensor([0, E]), E)

@@ -232,9 +232,15 @@ def _dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts,
         return dispatch_grouped(x_TD, plan, experts, **kw)
     E, K = experts.num_experts, plan.top_k
     exp = plan.expert_idx  # (A,) token-major
-    order = sort_by_expert(exp, E)
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    counts = torch.bincount(exp, minlength=E).tolist()  # host read: free on a CPU
+    nat = _native.ops() if exp.device.type == "cpu" else None
+    if nat is not None:  # one counting-sort pass for order, pos and the counts
+        order, pos, offs = nat.sort_by_expert(exp, E)
+        o = offs.tolist()
+        counts = [b - a for a, b in zip(o, o[1:])]
+    else:
+        order = sort_by_expert(exp, E)
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        counts = torch.bincount(exp, minlength=E).tolist()  # host read: free on a CPU
     dt = _compute_dtype(x_TD, experts)
     with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit
         b1 = _w(experts.b1, dt) if experts.has_bias else None

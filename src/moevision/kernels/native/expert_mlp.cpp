@@ -416,9 +416,38 @@ std::tuple<at::Tensor, at::Tensor> router_bwd(
   return {dx, dw};
 }
 
+// Stable counting sort of the token-major expert ids (A,): order (A,) the token-major index of each
+// expert-sorted row, pos (A,) its inverse, offs (E+1,) the row offsets. One pass to count, one to place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& expert_in, int64_t E) {
+  TORCH_CHECK(expert_in.dim() == 1 && !expert_in.is_floating_point() && !expert_in.is_complex(),
+              "moevision sort_by_expert: expert ids must be a 1-D integer tensor");
+  const auto expert = expert_in.to(at::kLong).contiguous();
+  const int64_t A = expert.numel();
+  const int64_t* ex = expert.data_ptr<int64_t>();
+  auto offs = at::zeros({E + 1}, expert.options());
+  auto order = at::empty({A}, expert.options());
+  auto pos = at::empty({A}, expert.options());
+  int64_t* o = offs.data_ptr<int64_t>();
+  for (int64_t a = 0; a < A; a++) {
+    TORCH_CHECK(ex[a] >= 0 && ex[a] < E, "moevision sort_by_expert: expert id ", ex[a], " out of [0, ", E, ")");
+    o[ex[a] + 1]++;
+  }
+  for (int64_t e = 0; e < E; e++) o[e + 1] += o[e];
+  std::vector<int64_t> next(o, o + E);
+  int64_t* op = order.data_ptr<int64_t>();
+  int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t a = 0; a < A; a++) {
+    const int64_t i = next[ex[a]]++;
+    op[i] = a;
+    pp[a] = i;
+  }
+  return {order, pos, offs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moevision_cpu, m) {
+  m.def("sort_by_expert(Tensor expert, int E) -> (Tensor, Tensor, Tensor)");
   m.def("router_fwd(Tensor x, Tensor w, Tensor? noise, int K) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("router_bwd(Tensor x, Tensor w, Tensor probs, Tensor top_i, Tensor? g_logits, Tensor? g_probs, "
         "Tensor? g_topv, bool need_x, bool need_w) -> (Tensor, Tensor)");
@@ -436,4 +465,5 @@ TORCH_LIBRARY_IMPL(moevision_cpu, CPU, m) {
   m.impl("expert_mlp_bwd", &expert_mlp_bwd);
   m.impl("router_fwd", &router_fwd);
   m.impl("router_bwd", &router_bwd);
+  m.impl("sort_by_expert", &sort_by_expert);
 }
