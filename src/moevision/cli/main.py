@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -84,9 +85,23 @@ def _parser() -> argparse.ArgumentParser:
     for mod in _plugin_modules():
         COMMANDS.update(mod.register(sub))
 
-    b = sub.add_parser("bench", help="benchmarks: MoE layer vs dense FFN, MoE-ViT step vs dense twin")
-    b.add_argument("what", choices=["moe-layer", "model"])
-    b.add_argument("--device", default="cpu")
+    from ..bench import CPU_SHAPES, GPU_SHAPES
+
+    b = sub.add_parser(
+        "bench", help="benchmarks: MoE layer vs dense FFN, MoE-ViT step vs dense twin",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "moe-layer: forward and forward+backward of every dispatch implementation (and, on CPU, cpu_fused "
+            "with its native C++ kernels off, as an A/B) against a dense FFN on the T*k routed tokens, the same "
+            "active FLOPs; ratios to it, measured interleaved in one process.", 100)
+                    + "\n" + textwrap.fill("model: a training step (AdamW) of the MoE ViT over its dense twin.", 100)
+                    + "\n\n"
+                    "shapes (--shapes takes a name or its first word, e.g. vit-ti):\n"
+                    + "\n".join(f"  cpu: {s.name}" for s in CPU_SHAPES)
+                    + "\n" + "\n".join(f"  cuda: {s.name}" for s in GPU_SHAPES)
+                    + "\n\nResults: docs/performance.md.")
+    b.add_argument("what", choices=["moe-layer", "model"], help="what to time (see above)")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     b.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     b.add_argument("--shapes", default=None, help="comma-separated shape names (default: all for the device)")
     b.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
