@@ -8,6 +8,7 @@ baselines of ../shared/anchors. ``model``: one training step (AdamW) of an MoE V
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -178,47 +179,33 @@ def _moe_fns(moe, x, triton: bool = True, native: bool = True):
     xr = x.clone().requires_grad_()
 
     def fwd():
-        with torch.no_grad(), _triton(kernels, triton), _native(kernels, native):
+        with torch.no_grad(), _switched(kernels.use_triton, triton, kernels.TRITON_AVAILABLE), \
+                _switched(kernels.use_native, native, True):
             return moe(x).out
 
     def fb():
         moe.zero_grad(set_to_none=True)
         xr.grad = None
-        with _triton(kernels, triton), _native(kernels, native):
+        with _switched(kernels.use_triton, triton, kernels.TRITON_AVAILABLE), \
+                _switched(kernels.use_native, native, True):
             o = moe(xr)
             (o.out.sum() + o.aux_loss).backward()
 
     return fwd, fb
 
 
-class _native:
-    """Context: ``cpu_fused`` with or without its native C++ kernels."""
-
-    def __init__(self, kernels, on: bool):
-        self.kernels, self.on = kernels, on
-
-    def __enter__(self):
-        if not self.on:
-            self.kernels.use_native(False)
-
-    def __exit__(self, *exc):
-        if not self.on:
-            self.kernels.use_native(True)
-
-
-class _triton:
-    """Context: the fused path with or without its Triton kernel."""
-
-    def __init__(self, kernels, on: bool):
-        self.kernels, self.on = kernels, on
-
-    def __enter__(self):
-        if not self.on:
-            self.kernels.use_triton(False)
-
-    def __exit__(self, *exc):
-        if not self.on:
-            self.kernels.use_triton(self.kernels.TRITON_AVAILABLE)
+@contextlib.contextmanager
+def _switched(switch, on: bool, restore: bool):
+    """Context: run with a kernels switch (``use_triton`` / ``use_native``) off unless ``on``; afterwards set
+    it back to ``restore``."""
+    if on:
+        yield
+        return
+    switch(False)
+    try:
+        yield
+    finally:
+        switch(restore)
 
 
 def _interleaved(fns, device, repeats: int, warmup: int = 2) -> list[float]:
@@ -295,11 +282,8 @@ def _without_native(step):
     from . import kernels
 
     def run():
-        kernels.use_native(False)
-        try:
+        with _switched(kernels.use_native, False, True):
             return step()
-        finally:
-            kernels.use_native(True)
 
     return run
 
