@@ -219,6 +219,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     train_ds, test_ds = load_data(cfg)
     torch.manual_seed(tc.seed)
     model = par.prepare_model(build_model(cfg).to(device), tc.seed)
+    _kernels_note(model, device)  # builds the native CPU kernels now if needed, not inside a timed step
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
     augment = build_augment(cfg.data.augment)
     hooks = build_step_hooks(cfg, model)
@@ -379,7 +380,21 @@ def make_summary(cfg: RunConfig, model, ev: dict[str, Any], *, train_seconds: fl
         "params_total": model.num_params(), "params_active": model.num_active_params(),
         "moe_layers": ev["moe_layers"], "device": str(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.machine(), "moevision": __version__,
+        "kernels": _kernels_note(model, device),
     }
+
+
+def _kernels_note(model, device) -> str | None:
+    """Which MoE execution path ran, for the summary: on CPU whether the native kernels were in use."""
+    from ..kernels import native_status
+    from ..moe import MoE
+
+    if torch.device(device).type != "cpu" or not any(isinstance(m, MoE) for m in model.modules()):
+        return None
+    from ..kernels import native_ops
+
+    native_ops()  # loads (first call: builds) them, so the status is final
+    return native_status()
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -394,6 +409,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("train_seconds") is not None:
         lines.append(f"{'training':<22}{s['train_seconds']:.1f} s in steps, {s['steps']} steps, "
                      f"{s['images_per_s']:.0f} images/s on {s['device']} ({s['threads']} threads)")
+    if s.get("kernels"):
+        lines.append(f"{'kernels':<22}{s['kernels']}")
     if s.get("first_step_seconds") is not None:
         lines.append(f"{'torch.compile':<22}mode {s['compile']}: first step {s['first_step_seconds']:.1f} s "
                      f"(compilation), then {s['images_per_s_after_first']:.0f} images/s")

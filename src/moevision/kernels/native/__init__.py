@@ -27,11 +27,14 @@ ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 
 def _name() -> str:
-    """The extension's name carries a hash of its source and flags: a changed source builds afresh (and
-    says so) instead of silently rebuilding over the old one."""
+    """The extension's name carries a hash of its source, its path and the flags: a changed source builds
+    afresh (and says so) instead of silently rebuilding over the old one, and two checkouts do not rebuild
+    over each other (torch's builder keys a build directory by name but rebuilds when the source path
+    changes)."""
     import hashlib
 
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:10]
+    h = hashlib.sha256(SOURCE.read_bytes() + str(SOURCE.resolve()).encode() + " ".join(CFLAGS).encode())
+    h = h.hexdigest()[:10]
     return f"moevision_cpu_native_{h}"
 
 _lock = threading.Lock()
@@ -77,7 +80,7 @@ def ops():
             else:
                 try:
                     _state["ops"] = build()
-                    _state["reason"] = "built"
+                    _state["reason"] = "compiled on first use, cached"
                 except Exception as exc:  # no compiler / ninja / headers: fall back to the Python loop
                     msg = str(exc).strip().splitlines()
                     _state["reason"] = f"build failed: {type(exc).__name__}: {msg[-1] if msg else ''}"[:500]
