@@ -540,3 +540,52 @@ def test_top1_router_by_max_equals_topk_of_the_softmax():
     g = torch.autograd.grad(plan.gates.sum(), r.weight)[0]
     g_ref = torch.autograd.grad(((x @ r.weight.t()).softmax(-1).topk(1, dim=-1).values).sum(), r.weight)[0]
     assert torch.allclose(g, g_ref, atol=1e-12)
+
+
+def test_cosine_router_formula_clamp_and_init():
+    """SwinV2-MoE / Tutel cosine_top: logits = exp(min(t, ln 100)) * cos(P x, w_e); t starts at ln(1/0.5)."""
+    torch.manual_seed(0)
+    m = MoE(12, 24, 5, 2, router_logits="cosine", cosine_dim=7, noise_std=0.0).double()
+    r = m.router
+    assert r.weight.shape == (5, 7) and r.cosine_proj.weight.shape == (7, 12)
+    assert math.isclose(float(r.logit_scale.detach()), math.log(2.0), rel_tol=1e-6)
+    big = MoE(12, 24, 64, 2, router_logits="cosine")
+    assert 0.008 < float(big.router.weight.detach().std()) < 0.012  # N(0, 0.01)
+    x = torch.randn(3, 10, 12, dtype=torch.float64)
+    logits = r.logits(x)
+    p = F.normalize(x @ r.cosine_proj.weight.t() + r.cosine_proj.bias, dim=-1)
+    w = F.normalize(r.weight, dim=-1)
+    torch.testing.assert_close(logits, 2.0 * p @ w.t())
+    with torch.no_grad():
+        r.logit_scale.fill_(10.0)  # e^10 >> 100: clamped
+    logits = r.logits(x)
+    assert float(logits.abs().max()) <= 100.0 + 1e-9
+    torch.testing.assert_close(logits, 100.0 * p @ w.t())
+    logits.sum().backward()
+    assert float(r.logit_scale.grad) == 0.0  # beyond the clamp the scale gets no gradient
+
+
+def test_cosine_router_layer_trains_and_matches_the_loop_reference():
+    torch.manual_seed(0)
+    ref = MoE(12, 24, 4, 2, router_logits="cosine", cosine_dim=6, impl="loop", noise_std=0.0).double()
+    fast = MoE(12, 24, 4, 2, router_logits="cosine", cosine_dim=6, impl="cpu_fused", noise_std=0.0).double()
+    fast.load_state_dict(ref.state_dict())
+    assert {"router.cosine_proj.weight", "router.cosine_proj.bias", "router.logit_scale"} <= set(ref.state_dict())
+    x = torch.randn(40, 12, dtype=torch.float64)
+    outs = []
+    for m in (ref, fast):
+        xr = x.clone().requires_grad_()
+        o = m(xr)
+        (o.out.square().sum() + o.aux_loss).backward()
+        outs.append((o.out, xr.grad, m.router.cosine_proj.weight.grad, m.router.logit_scale.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    assert float(outs[0][3].abs()) > 0  # the temperature learns
+    from moevision.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs router='topk'"):
+        MoE(12, 24, 4, 1, router="expert_choice", router_logits="cosine")
+    with pytest.raises(ConfigError, match="task routing"):
+        MoE(12, 24, 4, 1, router_logits="cosine", task_routing="multi_gate", num_tasks=2)
+    with pytest.raises(ConfigError, match="logits must be one of"):
+        MoE(12, 24, 4, 1, router_logits="dot")

@@ -79,6 +79,7 @@ class ViTConfig:
     expert_init: str = "independent"
     importance_loss_weight: float = 0.005
     importance_on: str = "probs"  # "probs" (V-MoE) | "gates" (Shazeer / M³ViT): see moevision.MoE
+    router_logits: str = "linear"  # "linear" | "cosine" (SwinV2-MoE / Tutel cosine_top): see moevision.MoE
     load_loss_weight: float = 0.005
     switch_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
@@ -132,6 +133,10 @@ class ViTConfig:
                 "must be 'probs' or 'gates'")
         C.check(self.importance_on == "probs" or self.router == "topk", "model.importance_on",
                 self.importance_on, "'gates' needs model.router='topk'")
+        C.check(self.router_logits in ("linear", "cosine"), "model.router_logits", self.router_logits,
+                "must be 'linear' or 'cosine'")
+        C.check(self.router_logits == "linear" or self.router == "topk", "model.router_logits",
+                self.router_logits, "'cosine' needs model.router='topk'")
         C.check(self.task_routing in TASK_ROUTING, "model.task_routing", self.task_routing,
                 f"must be one of {TASK_ROUTING}")
         if self.task_routing != "none":
@@ -167,7 +172,7 @@ class ViTConfig:
             importance_loss_weight=self.importance_loss_weight, load_loss_weight=self.load_loss_weight,
             switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl,
             activation=self.mlp_act, task_routing=self.task_routing, num_tasks=self.num_tasks,
-            task_embed_dim=self.task_embed_dim, importance_on=self.importance_on)
+            task_embed_dim=self.task_embed_dim, importance_on=self.importance_on, router_logits=self.router_logits)
 
 
 # MLP activations by name; each is also an expert activation of ``moevision.MoE`` (same function)

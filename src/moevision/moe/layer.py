@@ -65,6 +65,9 @@ class MoE(nn.Module):
         importance_loss_weight, load_loss_weight: V-MoE aux losses (0.005 each; load needs noise > 0).
         importance_on: ``probs`` (V-MoE: CV² of the summed clean softmax, default) or ``gates`` (Shazeer
             et al. 2017 / M³ViT: CV² of the summed sparse top-k gates; ``topk`` router only).
+        router_logits: ``linear`` (x @ W^T, default) or ``cosine`` (SwinV2-MoE / Tutel ``cosine_top``:
+            a scaled cosine between a ``cosine_dim``-wide projection of x and each expert's vector, scale
+            learnable and clamped at 100; ``topk`` router only).
         switch_loss_weight: Switch/GShard balance loss weight (0). z_loss_weight: router z-loss (0).
         switch_use_all_k: count all top-k choices in the Switch loss's f_e (default: top-1 only).
         random_eval_mode: ``random`` router in eval: ``hash`` (deterministic, default) or ``random``.
@@ -120,6 +123,8 @@ class MoE(nn.Module):
         task_embed_dim: int | None = None,
         task_init_std: float | None = None,
         importance_on: str = "probs",
+        router_logits: str = "linear",
+        cosine_dim: int = 256,
     ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
@@ -146,6 +151,8 @@ class MoE(nn.Module):
         if impl != "auto":
             get_dispatch(impl)  # validates the name
         noise = _DEFAULT_NOISE.get(router, 0.0) if noise_std is None else noise_std
+        if router_logits != "linear" and router != "topk":
+            raise ConfigError(f"router_logits={router_logits!r} needs router='topk', got router={router!r}")
         if importance_on != "probs" and router != "topk":
             raise ConfigError(f"importance_on={importance_on!r} needs router='topk', got router={router!r}")
         if (task_routing != "none" or num_tasks) and router != "topk":
@@ -164,7 +171,8 @@ class MoE(nn.Module):
                 load_loss_weight=load_loss_weight, switch_loss_weight=switch_loss_weight,
                 switch_use_all_k=switch_use_all_k, z_loss_weight=z_loss_weight, init_std=router_init_std,
                 num_tasks=num_tasks, task_routing=task_routing, task_embed_dim=task_embed_dim,
-                task_init_std=task_init_std, importance_on=importance_on)
+                task_init_std=task_init_std, importance_on=importance_on, logits=router_logits,
+                cosine_dim=cosine_dim)
         elif router == "expert_choice":
             self.router = ExpertChoiceRouter(
                 dim, num_experts, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,

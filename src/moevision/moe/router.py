@@ -15,6 +15,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import losses as L
@@ -140,6 +141,7 @@ class _LinearRouter(nn.Module):
 
 
 TASK_ROUTING = ("none", "multi_gate", "task_conditioned")
+ROUTER_LOGITS = ("linear", "cosine")
 
 
 class TopKRouter(_LinearRouter):
@@ -169,6 +171,13 @@ class TopKRouter(_LinearRouter):
     zero, which leaves routing task-independent at step 0). ``from_single_gate`` in
     ``moevision.techniques.multitask`` builds either form from a trained single gate without changing
     the function.
+
+    Cosine router (SwinV2-MoE, as in Tutel's ``cosine_top`` gate; spec §2(b)8), ``logits="cosine"``:
+    ``logits = exp(min(t, ln max_scale)) * <normalize(P x), normalize(w_e)>`` with a projection
+    ``cosine_proj`` = Linear(D, ``cosine_dim``=256), ``weight`` (E, cosine_dim) initialised N(0, 0.01), and
+    a learnable log-scale ``logit_scale`` t initialised ln(1 / ``cosine_init_temperature``) = ln(1/0.5);
+    the clamp keeps the scale <= ``cosine_max_scale`` = 100, so |logits| <= 100. Everything downstream
+    (softmax, top-k, capacity, losses) is unchanged.
     """
 
     def __init__(
@@ -198,7 +207,23 @@ class TopKRouter(_LinearRouter):
         task_embed_dim: int | None = None,
         task_init_std: float | None = None,
         importance_on: str = "probs",
+        logits: str = "linear",
+        cosine_dim: int = 256,
+        cosine_init_temperature: float = 0.5,
+        cosine_max_scale: float = 100.0,
     ):
+        if logits not in ROUTER_LOGITS:
+            raise ConfigError(f"logits must be one of {ROUTER_LOGITS}, got {logits!r}")
+        if logits == "cosine":
+            if task_routing != "none":
+                raise ConfigError("logits='cosine' does not combine with task routing (task_routing must be 'none')")
+            if not isinstance(cosine_dim, int) or cosine_dim < 1:
+                raise ConfigError(f"cosine_dim must be a positive integer, got {cosine_dim!r}")
+            if not cosine_init_temperature > 0 or not cosine_max_scale > 0:
+                raise ConfigError(f"cosine_init_temperature and cosine_max_scale must be > 0, got "
+                                  f"{cosine_init_temperature!r} and {cosine_max_scale!r}")
+        self.logit_type, self.cosine_dim = logits, cosine_dim
+        self.cosine_init_temperature, self.cosine_max_scale = cosine_init_temperature, cosine_max_scale
         if importance_on not in ("probs", "gates"):
             raise ConfigError(f"importance_on must be 'probs' or 'gates', got {importance_on!r}")
         self.importance_on = importance_on
@@ -234,9 +259,19 @@ class TopKRouter(_LinearRouter):
     def _weight_shape(self) -> tuple[int, ...]:
         if self.task_routing == "multi_gate":
             return (self.num_tasks, self.num_experts, self.dim)
+        if self.logit_type == "cosine":
+            return (self.num_experts, self.cosine_dim)
         return (self.num_experts, self.dim)
 
     def reset_parameters(self) -> None:
+        if self.logit_type == "cosine":
+            if not hasattr(self, "cosine_proj"):
+                self.cosine_proj = nn.Linear(self.dim, self.cosine_dim, device=self.weight.device)
+                self.logit_scale = nn.Parameter(torch.empty((), device=self.weight.device))
+            self.cosine_proj.reset_parameters()
+            nn.init.normal_(self.weight, std=0.01 if self.init_std is None else self.init_std)
+            nn.init.constant_(self.logit_scale, math.log(1.0 / self.cosine_init_temperature))
+            return
         super().reset_parameters()
         if self.task_routing != "task_conditioned":
             return
@@ -258,6 +293,11 @@ class TopKRouter(_LinearRouter):
         if self.task_routing == "none":
             if task is not None:
                 raise ValueError("task= was given but this router does not route by task (task_routing='none')")
+            if self.logit_type == "cosine":
+                proj = F.normalize(F.linear(x_GSD, _fp32(self.cosine_proj.weight), _fp32(self.cosine_proj.bias)), dim=-1)
+                w = F.normalize(_fp32(self.weight), dim=-1)
+                scale = _fp32(self.logit_scale).clamp(max=math.log(self.cosine_max_scale)).exp()
+                return (proj @ w.t()) * scale
             return x_GSD @ _fp32(self.weight).t()
         if task is None:
             raise ValueError(f"this router routes by task (task_routing={self.task_routing!r}); pass task=<id>")
@@ -287,7 +327,7 @@ class TopKRouter(_LinearRouter):
         E, K = self.num_experts, self.top_k
         sigma = self.noise_std / E if (self.training and self.noise_std > 0) else 0.0
         ops = None
-        if (expert_mask_GSE is None and task is None and self.task_routing == "none"
+        if (expert_mask_GSE is None and task is None and self.task_routing == "none" and self.logit_type == "linear"
                 and type(self).logits is _LinearRouter.logits and type(self)._logits is TopKRouter._logits):
             ops = _native_router_ops(x_GSD)
         w = _fp32(self.weight)
