@@ -176,6 +176,49 @@ def _resume_worker(rank: int, W: int, ep: int, run_dir: str) -> None:
     _probe_worker(rank, W, ep, run_dir)
 
 
+def _two_dh_worker(rank: int, W: int) -> None:
+    """2DH (2 nodes x 2 local ranks) equals the flat exchange, forward and backward, alone and inside the
+    padded expert-parallel layer."""
+    import torch.distributed as dist
+
+    from moevision import distributed as mvd
+    from moevision.distributed import all_to_all as A
+    from moevision.moe import MoE
+
+    intra, inter, nodes = A.hierarchical_groups(list(range(W)), 2)
+    assert nodes == 2 and dist.get_world_size(intra) == 2 and dist.get_world_size(inter) == 2
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(W * 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(W * 3, 5, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
+    flat = A.all_to_all(x, [3] * W, [3] * W)
+    two = A.all_to_all_2dh(x, nodes, 2, intra, inter)
+    torch.testing.assert_close(two, flat, atol=0, rtol=0)
+    (gx_flat,) = torch.autograd.grad((flat * w).sum(), x)
+    (gx_two,) = torch.autograd.grad((two * w).sum(), x)
+    torch.testing.assert_close(gx_two, gx_flat, atol=0, rtol=0)
+    # inside the layer: the padded layout with and without 2DH
+    mesh = mvd.build_mesh(W)
+    torch.manual_seed(0)
+    ref = MoE(D, F, E, top_k=2, capacity_factor=1.0, noise_std=0.0).double()
+    outs = []
+    for use in (False, True):
+        model = mvd.shard_experts(copy.deepcopy(ref), mesh, layout="padded", force=True)
+        if use:
+            mvd.enable_2dh(model, mesh, local=2)
+        xi = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(rank), dtype=torch.float64,
+                         requires_grad=True)
+        o = model(xi)
+        (o.out.square().sum() + o.aux_loss).backward()
+        assert model.experts.last_mode == "tokens" and (model.experts.a2a_2dh is not None) == use
+        outs.append((o.out.detach(), xi.grad, model.experts.w1.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_two_dim_hierarchical_all_to_all_equals_flat_on_4_ranks(worlds):
+    worlds(4).run(_two_dh_worker)
+
+
 def test_checkpoint_4_ranks_to_2_and_1_and_training_equals_single_process(worlds, tmp_path, capsys):
     from safetensors.torch import load_file
 

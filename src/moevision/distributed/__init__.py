@@ -25,6 +25,7 @@ from .checkpoint import (
 from .expert_parallel import (
     ShardedExperts,
     dispatch_expert_parallel,
+    enable_2dh,
     expert_parameters,
     is_sharded,
     shard_experts,
@@ -33,7 +34,7 @@ from .mesh import Mesh, build_mesh, init_distributed, is_main_process, launched
 from .training import DistributedRun, SingleProcess, clip_grad_norm_, reduce_gradients, setup_parallel
 
 __all__ = [
-    "Mesh", "build_mesh", "init_distributed", "is_main_process", "launched", "ShardedExperts", "shard_experts",
+    "Mesh", "build_mesh", "init_distributed", "is_main_process", "launched", "ShardedExperts", "shard_experts", "enable_2dh",
     "dispatch_expert_parallel", "expert_parameters", "is_sharded", "reduce_gradients", "clip_grad_norm_",
     "full_model", "full_model_state", "shard_model_state", "load_full_state", "save_pretrained",
     "save_checkpoint_distributed", "load_checkpoint_distributed", "setup_parallel", "DistributedRun",

@@ -93,3 +93,119 @@ def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
+
+
+# -- 2DH all-to-all (Tutel, spec §2(b)4) --------------------------------------------------------------
+#
+# W = n nodes x m local ranks; rank r = a * m + u is local rank u of node a. A flat all-to-all with equal
+# chunks sends chunk d of every rank to rank d. The two-dimensional hierarchical (2DH) form gives the same
+# result with every inter-node message m times larger (each rank sends n - 1 inter-node messages instead
+# of W - m):
+#   1. stride copy: group this rank's chunks by destination *local* index v   -> [v, b, c]
+#   2. all-to-all among the m ranks of the node (block v to local rank v)      -> [u', b, c]
+#   3. stride copy: group by destination node b                                -> [b, u', c]
+#   4. all-to-all among the n ranks with this local index (block b to node b) -> [a, u', c]
+# which is chunk order by source rank (a, u'), as the flat exchange leaves it. Tutel runs the inter-node
+# exchange first and fixes the order with a view/transpose; the permutation is the same.
+
+
+def _two_dh(x: torch.Tensor, nodes: int, local: int, intra, inter) -> torch.Tensor:
+    """The 2DH permutation of ``x`` (W * c rows, destination-major) with the exchanges ``intra(t)`` and
+    ``inter(t)`` (equal-split all-to-alls over the node and over the same-local-index ranks)."""
+    W = nodes * local
+    if x.shape[0] % W:
+        raise ValueError(f"2DH all-to-all needs equal chunks: {x.shape[0]} rows do not split over {W} ranks")
+    c, rest = x.shape[0] // W, tuple(x.shape[1:])
+    y = x.reshape(nodes, local, c, *rest).transpose(0, 1).reshape(W * c, *rest)  # 1: by local index
+    y = intra(y)  # 2
+    y = y.reshape(local, nodes, c, *rest).transpose(0, 1).reshape(W * c, *rest)  # 3: by node
+    return inter(y)  # 4
+
+
+def _equal_a2a(group):
+    def run(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t.contiguous(), group=group)
+        return out
+    return run
+
+
+class _AllToAll2DH(torch.autograd.Function):
+    """The equal-chunk all-to-all is its own inverse (chunk (s -> d) goes back d -> s), so the backward is
+    the same 2DH exchange of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, nodes, local, intra_group, inter_group):
+        ctx.args = (nodes, local, intra_group, inter_group)
+        return _two_dh(x, nodes, local, _equal_a2a(intra_group), _equal_a2a(inter_group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        nodes, local, intra_group, inter_group = ctx.args
+        return _AllToAll2DH.apply(grad.contiguous(), nodes, local, intra_group, inter_group), None, None, None, None
+
+
+def all_to_all_2dh(x: torch.Tensor, nodes: int, local: int, intra_group, inter_group) -> torch.Tensor:
+    """Differentiable equal-chunk all-to-all along dim 0 in Tutel's two-dimensional hierarchical form;
+    the same result as ``all_to_all(x, [c] * W, [c] * W)`` over the W = nodes * local ranks. Groups from
+    ``hierarchical_groups``."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _AllToAll2DH.apply(x, nodes, local, intra_group, inter_group)
+    return _two_dh(x, nodes, local, _equal_a2a(intra_group), _equal_a2a(inter_group))
+
+
+def hierarchical_groups(ranks: list[int], local: int):
+    """(intra_group, inter_group, nodes) for this rank, from the global ``ranks`` of a group laid out
+    node-major (``ranks[a * local + u]`` = local rank u of node a). ``dist.new_group`` is collective:
+    every process of the world must call this with the same arguments."""
+    W = len(ranks)
+    if local < 1 or W % local:
+        raise ValueError(f"2DH: a group of {W} ranks does not split into nodes of {local} ranks")
+    nodes, me = W // local, dist.get_rank()
+    intra = inter = None
+    for a in range(nodes):
+        g = dist.new_group([ranks[a * local + u] for u in range(local)])
+        if me in ranks[a * local:(a + 1) * local]:
+            intra = g
+    for u in range(local):
+        members = [ranks[a * local + u] for a in range(nodes)]
+        g = dist.new_group(members)
+        if me in members:
+            inter = g
+    return intra, inter, nodes
+
+
+def simulate_all_to_all(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Flat equal-chunk all-to-all over W simulated ranks (list index = rank): rank d receives chunk d
+    of every rank, in source order."""
+    W = len(xs)
+    chunks = [x.chunk(W) for x in xs]
+    return [torch.cat([chunks[s][d] for s in range(W)]) for d in range(W)]
+
+
+def simulate_2dh(xs: list[torch.Tensor], nodes: int, local: int) -> list[torch.Tensor]:
+    """The 2DH exchange on simulated ranks, step by step (the oracle of ``all_to_all_2dh``'s steps)."""
+    W = nodes * local
+    if len(xs) != W:
+        raise ValueError(f"{len(xs)} ranks given for {nodes} x {local}")
+    state = list(xs)
+
+    def exchange(members: list[int], tensors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        out = simulate_all_to_all([tensors[r] for r in members])
+        return dict(zip(members, out))
+
+    def step(kind: str, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        new = list(ys)
+        groups = ([[a * local + u for u in range(local)] for a in range(nodes)] if kind == "intra"
+                  else [[a * local + u for a in range(nodes)] for u in range(local)])
+        for members in groups:
+            for r, t in exchange(members, {r: ys[r] for r in members}).items():
+                new[r] = t
+        return new
+
+    c = xs[0].shape[0] // W
+    rest = tuple(xs[0].shape[1:])
+    state = [x.reshape(nodes, local, c, *rest).transpose(0, 1).reshape(W * c, *rest) for x in state]
+    state = step("intra", state)
+    state = [y.reshape(local, nodes, c, *rest).transpose(0, 1).reshape(W * c, *rest) for y in state]
+    return step("inter", state)

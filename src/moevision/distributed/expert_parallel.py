@@ -78,6 +78,7 @@ class ShardedExperts(Experts):
         self.expert_offset = ep_rank * L
         self.param_mode = "tokens"  # padded exchange: "tokens" (all-to-all), "weights" (gather) or "adaptive"
         self.last_mode = None  # what the last padded call did ("tokens" / "weights"), for tests and logs
+        self.a2a_2dh = None  # (nodes, local, intra_group, inter_group): padded exchanges in 2DH form
 
     @classmethod
     def from_full(cls, full: Experts, *, ep_rank: int, ep_size: int, group=None) -> "ShardedExperts":
@@ -186,10 +187,16 @@ def padded_exchange(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
     ex.last_mode = "tokens"
     if R_max > R:
         x_ECD = F.pad(x_ECD, (0, 0, 0, R_max - R))
-    recv = A.all_to_all(x_ECD.reshape(E * R_max, D), [L * R_max] * P, [L * R_max] * P, ex.group)
+    if ex.a2a_2dh is not None:  # Tutel's 2DH form of the same equal-chunk exchange (enable_2dh)
+        def a2a(t):
+            return A.all_to_all_2dh(t, *ex.a2a_2dh)
+    else:
+        def a2a(t):
+            return A.all_to_all(t, [L * R_max] * P, [L * R_max] * P, ex.group)
+    recv = a2a(x_ECD.reshape(E * R_max, D))
     x_LCD = recv.view(P, L, R_max, D).transpose(0, 1).reshape(L, P * R_max, D)
     y = ex.local_padded(x_LCD).view(L, P, R_max, D).transpose(0, 1).reshape(E * R_max, D)
-    back = A.all_to_all(y, [L * R_max] * P, [L * R_max] * P, ex.group).view(E, R_max, D)
+    back = a2a(y).view(E, R_max, D)
     return back[:, :R] if R_max > R else back
 
 
@@ -297,3 +304,26 @@ def is_sharded(model: nn.Module) -> bool:
 def expert_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters that are expert shards (their gradients are reduced over DP only)."""
     return {id(p) for _, m in sharded_modules(model) for p in m.parameters(recurse=False)}
+
+
+def enable_2dh(model: nn.Module, mesh, local: int) -> nn.Module:
+    """Run the padded expert exchanges (layouts ``padded``, ``gather``'s token mode, ``adaptive``) of a
+    sharded model in Tutel's two-dimensional hierarchical form (spec §2(b)4): each EP group of ``mesh.ep``
+    consecutive ranks is ``mesh.ep // local`` nodes of ``local`` ranks; the result is the same as the flat
+    all-to-all, with larger and fewer inter-node messages. Collective (it creates process groups): every
+    rank calls it with the same arguments. The ``ragged`` layout (uneven splits) keeps the flat exchange."""
+    if not isinstance(local, int) or local < 1 or mesh.ep % local:
+        raise ConfigError(f"2DH: local={local!r} ranks per node must divide parallel.ep={mesh.ep}")
+    mods = sharded_modules(model)
+    if not mods:
+        raise ConfigError("enable_2dh needs a model sharded with shard_experts first")
+    mine = None
+    for i in range(mesh.world_size // mesh.ep):  # every EP group's sub-groups, in the same order everywhere
+        ranks = [i * mesh.ep + j for j in range(mesh.ep)]
+        groups = A.hierarchical_groups(ranks, local)
+        if mesh.rank in ranks:
+            mine = groups
+    intra, inter, nodes = mine
+    for _, ex in mods:
+        ex.a2a_2dh = (nodes, local, intra, inter)
+    return model
