@@ -28,13 +28,14 @@ from .expert_parallel import (
     enable_2dh,
     expert_parameters,
     is_sharded,
+    set_overlap_degree,
     shard_experts,
 )
 from .mesh import Mesh, build_mesh, init_distributed, is_main_process, launched
 from .training import DistributedRun, SingleProcess, clip_grad_norm_, reduce_gradients, setup_parallel
 
 __all__ = [
-    "Mesh", "build_mesh", "init_distributed", "is_main_process", "launched", "ShardedExperts", "shard_experts", "enable_2dh",
+    "Mesh", "build_mesh", "init_distributed", "is_main_process", "launched", "ShardedExperts", "shard_experts", "enable_2dh", "set_overlap_degree",
     "dispatch_expert_parallel", "expert_parameters", "is_sharded", "reduce_gradients", "clip_grad_norm_",
     "full_model", "full_model_state", "shard_model_state", "load_full_state", "save_pretrained",
     "save_checkpoint_distributed", "load_checkpoint_distributed", "setup_parallel", "DistributedRun",

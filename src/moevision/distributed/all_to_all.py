@@ -209,3 +209,29 @@ def simulate_2dh(xs: list[torch.Tensor], nodes: int, local: int) -> list[torch.T
     state = step("intra", state)
     state = [y.reshape(local, nodes, c, *rest).transpose(0, 1).reshape(W * c, *rest) for y in state]
     return step("inter", state)
+
+
+# -- asynchronous equal-chunk all-to-all (for the pipelined padded exchange, spec §2(b)6) -------------
+
+class _AllToAllAsync(torch.autograd.Function):
+    """Starts an equal-split all-to-all and returns its output buffer at once; the work handle goes into
+    ``handles`` and must be waited on before the output is read. The backward is a blocking all-to-all
+    of the gradient (the exchange is its own inverse)."""
+
+    @staticmethod
+    def forward(ctx, x, group, handles):
+        ctx.group = group
+        out = torch.empty_like(x)
+        handles.append(dist.all_to_all_single(out, x.contiguous(), group=group, async_op=True))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
+        return out, None, None
+
+
+def all_to_all_async(x: torch.Tensor, group, handles: list) -> torch.Tensor:
+    """Differentiable equal-split all-to-all along dim 0, started asynchronously (see ``_AllToAllAsync``)."""
+    return _AllToAllAsync.apply(x, group, handles)

@@ -79,6 +79,7 @@ class ShardedExperts(Experts):
         self.param_mode = "tokens"  # padded exchange: "tokens" (all-to-all), "weights" (gather) or "adaptive"
         self.last_mode = None  # what the last padded call did ("tokens" / "weights"), for tests and logs
         self.a2a_2dh = None  # (nodes, local, intra_group, inter_group): padded exchanges in 2DH form
+        self.overlap_degree = 1  # padded exchanges pipelined in this many capacity chunks (set_overlap_degree)
 
     @classmethod
     def from_full(cls, full: Experts, *, ep_rank: int, ep_size: int, group=None) -> "ShardedExperts":
@@ -187,6 +188,9 @@ def padded_exchange(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
     ex.last_mode = "tokens"
     if R_max > R:
         x_ECD = F.pad(x_ECD, (0, 0, 0, R_max - R))
+    d = ex.overlap_degree
+    if d > 1 and ex.a2a_2dh is None:
+        return _pipelined_exchange(ex, x_ECD, R, R_max, d)
     if ex.a2a_2dh is not None:  # Tutel's 2DH form of the same equal-chunk exchange (enable_2dh)
         def a2a(t):
             return A.all_to_all_2dh(t, *ex.a2a_2dh)
@@ -304,6 +308,47 @@ def is_sharded(model: nn.Module) -> bool:
 def expert_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters that are expert shards (their gradients are reduced over DP only)."""
     return {id(p) for _, m in sharded_modules(model) for p in m.parameters(recurse=False)}
+
+
+def _pipelined_exchange(ex: ShardedExperts, x_ECD: torch.Tensor, R: int, R_max: int, d: int) -> torch.Tensor:
+    """Tutel's adaptive pipelining with overlap degree d (spec §2(b)6): the (E, R_max, D) buffers are cut
+    along the capacity axis into d chunks (R_max padded up to a multiple of d); every chunk's dispatch
+    all-to-all is started at once, and while chunk i's tokens run through the local experts the later
+    chunks are still in flight, and chunk i's results travel back while chunk i+1 computes. Each expert
+    sees the same rows as without chunking (a row's result does not depend on the others), so the output
+    is the same for every d."""
+    E, _, D = x_ECD.shape
+    P, L = ex.ep_size, ex.num_local_experts
+    Rc = -(-R_max // d)
+    if Rc * d > x_ECD.shape[1]:  # x_ECD already holds R_max rows per expert
+        x_ECD = F.pad(x_ECD, (0, 0, 0, Rc * d - x_ECD.shape[1]))
+    chunks = x_ECD.split(Rc, dim=1)
+    sends: list = []
+    recv = [A.all_to_all_async(c.reshape(E * Rc, D), ex.group, sends) for c in chunks]
+    backs: list = []
+    outs = []
+    for i in range(d):
+        sends[i].wait()
+        x_LCD = recv[i].view(P, L, Rc, D).transpose(0, 1).reshape(L, P * Rc, D)
+        y = ex.local_padded(x_LCD).view(L, P, Rc, D).transpose(0, 1).reshape(E * Rc, D)
+        outs.append(A.all_to_all_async(y, ex.group, backs))
+    for h in backs:
+        h.wait()
+    return torch.cat([o.view(E, Rc, D) for o in outs], dim=1)[:, :R]
+
+
+def set_overlap_degree(model: nn.Module, degree: int) -> nn.Module:
+    """Pipeline the padded expert exchanges of a sharded model in ``degree`` chunks (Tutel's
+    ``a2a_ffn_overlap_degree``; 1 = no pipelining). Same outputs for every degree; not combined with 2DH
+    (the 2DH exchange stays unchunked)."""
+    if not isinstance(degree, int) or not 1 <= degree <= 32:
+        raise ConfigError(f"overlap degree must be an integer in [1, 32] (Tutel's limit), got {degree!r}")
+    mods = sharded_modules(model)
+    if not mods:
+        raise ConfigError("set_overlap_degree needs a model sharded with shard_experts first")
+    for _, ex in mods:
+        ex.overlap_degree = degree
+    return model
 
 
 def enable_2dh(model: nn.Module, mesh, local: int) -> nn.Module:
