@@ -120,5 +120,5 @@ def main(argv=None) -> int:
         print(f"native CPU kernels: build failed ({type(exc).__name__}: {exc}); moevision will use its "
               "Python loop instead. Needs a C++ compiler (apt-get install g++) and ninja (pip install ninja).")
         return 1
-    print("native CPU kernels: built")
+    print("native CPU kernels: ready (built once, then loaded from the cache)")
     return 0
