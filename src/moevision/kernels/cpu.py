@@ -67,18 +67,19 @@ class _ExpertMLP(torch.autograd.Function):
     """out[t] = sum_j gates[t*K+j] * MLP_{e(t,j)}(x[t]) for the A = T*K token-major assignments."""
 
     @staticmethod
-    def forward(ctx, x_TD, gates_A, w1, b1, w2, b2, w3, order, pos, counts, k, act):
+    def forward(ctx, x_TD, gates_A, w1, b1, w2, b2, w3, order, pos, counts, k, act, offs=None):
         T, D = x_TD.shape
         tok_sorted = torch.div(order, k, rounding_mode="floor") if k > 1 else order
         nat = _native.ops() if x_TD.device.type == "cpu" else None
-        offs = None
         g = gates_A.to(x_TD.dtype).contiguous()
         if nat is not None:  # the grouped C++ op (kernels/native): same function, one parallel region
-            offs = torch.tensor([0] + counts, dtype=torch.int64).cumsum_(0)
+            if offs is None:
+                offs = torch.tensor([0] + counts, dtype=torch.int64).cumsum_(0)
             out, xs, h, h3, a, y = nat.expert_mlp_fwd(x_TD.contiguous(), tok_sorted, g, pos, k, w1, b1, w2, b2, w3,
                                                       offs, _native.ACT_CODES[act])
             h3 = h3 if w3 is not None else None
         else:
+            offs = None  # the backward then runs the loop too
             xs, h, h3, a, y = _expert_mlp_loop(x_TD, tok_sorted, w1, b1, w2, b2, w3, counts, act)
             y_tok = y.index_select(0, pos)  # token-major
             if k == 1:
@@ -112,7 +113,7 @@ class _ExpertMLP(torch.autograd.Function):
                 t if t.numel() else None for t in (gx, grad_gates, gw1, gb1, gw2, gb2, gw3))
             if grad_gates is not None:
                 grad_gates = grad_gates.to(ctx.gates_dtype)
-            return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None
+            return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None, None
         gy = g_TD.contiguous().index_select(0, tok_sorted)  # (A, D) grad-out of each sorted row
         grad_gates = None
         if need_g:  # d out / d gate = the expert's output row
@@ -124,7 +125,7 @@ class _ExpertMLP(torch.autograd.Function):
             gx = gxs.index_select(0, pos)
             if k > 1:
                 gx = gx.view(T, k, D).sum(1)
-        return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None
+        return gx, grad_gates, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None, None
 
 
 def _expert_mlp_loop(x_TD, tok_sorted, w1, b1, w2, b2, w3, counts, act):
@@ -241,6 +242,7 @@ def _dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts,
         order = sort_by_expert(exp, E)
         pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(exp, minlength=E).tolist()  # host read: free on a CPU
+        offs = None
     dt = _compute_dtype(x_TD, experts)
     with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit
         b1 = _w(experts.b1, dt) if experts.has_bias else None
@@ -248,4 +250,4 @@ def _dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts,
         w3 = _w(experts.w3, dt) if experts.swiglu else None
         act = "silu" if experts.swiglu else experts.activation
         return _ExpertMLP.apply(_w(x_TD, dt), plan.gates, _w(experts.w1, dt), b1, _w(experts.w2, dt), b2, w3,
-                                order, pos, counts, K, act)
+                                order, pos, counts, K, act, offs)

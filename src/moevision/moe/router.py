@@ -331,12 +331,13 @@ class TopKRouter(_LinearRouter):
                 and type(self).logits is _LinearRouter.logits and type(self)._logits is TopKRouter._logits):
             ops = _native_router_ops(x_GSD)
         w = _fp32(self.weight)
-        if ops is not None and _fp32(x_GSD).dtype == w.dtype:  # the fused native core (same function; the
-            # eager form below is its reference). The noise draws the same numbers as randn_like there
+        x32 = _fp32(x_GSD) if ops is not None else None
+        if ops is not None and x32.dtype == w.dtype:  # the fused native core (same function; the eager form
+            # below is its reference). The noise draws the same numbers as randn_like there
             noise = sigma * torch.randn(G, S, E, dtype=w.dtype) if sigma > 0 else None
             with torch.autocast("cpu", enabled=False):
                 logits, probs, top_v, top_i = _NativeRouterCore.apply(
-                    _fp32(x_GSD).reshape(G * S, D), w, None if noise is None else noise.view(G * S, E), K, ops)
+                    x32.reshape(G * S, D), w, None if noise is None else noise.view(G * S, E), K, ops)
             logits, probs = logits.view(G, S, E), probs.view(G, S, E)
             top_v, top_i = top_v.view(G, S, K), top_i.view(G, S, K)
             noisy = logits + noise if sigma > 0 else logits
