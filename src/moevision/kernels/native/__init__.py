@@ -37,6 +37,7 @@ def _name() -> str:
     h = h.hexdigest()[:10]
     return f"moevision_cpu_native_{h}"
 
+
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ops": None, "reason": "not built yet", "enabled": True}
 
