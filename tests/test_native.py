@@ -173,10 +173,12 @@ def test_native_ops_reject_inconsistent_arguments():
         OPS.router_fwd(p["x"], torch.randn(4, 6, dtype=torch.float64), None, 5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_native_router_core_equals_eager(k):
+def test_native_router_core_equals_eager(k, threads):
     """Logits, softmax (with noise), top-k (ties: lower index first, as ``max``) and the backward from grads
-    of all three outputs, against autograd on the eager formula."""
+    of all three outputs, against autograd on the eager formula; 1-3 thread blocks (each its own logits
+    GEMM, and a partial w-gradient summed after the region)."""
     g = torch.Generator().manual_seed(k)
     x = torch.randn(90, 7, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
@@ -191,11 +193,29 @@ def test_native_router_core_equals_eager(k):
     assert torch.equal(top_i[1:], ref_i[1:]) and torch.allclose(top_v, ref_v, atol=1e-13)
     assert top_i[0].tolist() == list(range(k))
     gl, gp, gv = torch.randn_like(ref_l), torch.randn_like(ref_p), torch.randn(90, k, dtype=torch.float64)
-    ((ref_l * gl).sum() + (ref_p * gp).sum() + (ref_p.gather(1, top_i) * gv).sum()).backward()
+    ((ref_l * gl).sum() + (ref_p * gp).sum() + (ref_p.gather(1, top_i) * gv).sum()).backward(retain_graph=True)
     dx, dw = OPS.router_bwd(x.detach(), w.detach(), probs, top_i, gl, gp, gv, True, True)
     assert torch.allclose(dx, x.grad, atol=1e-12) and torch.allclose(dw, w.grad, atol=1e-12)
     dx2, dw2 = OPS.router_bwd(x.detach(), w.detach(), probs, top_i, None, None, gv, False, True)
     assert dx2.numel() == 0 and dw2.shape == w.shape
+    # the grads autograd hands over may be broadcast (a loss on a sum over tokens) or transposed views:
+    # read through their strides
+    gp_row = torch.randn(1, 5, dtype=torch.float64, generator=g).expand(90, 5)
+    gl_t = torch.randn(5, 90, dtype=torch.float64, generator=g).t()
+    gv_b = torch.randn((), dtype=torch.float64, generator=g).expand(90, k)
+    x.grad = w.grad = None
+    ((ref_l * gl_t).sum() + (ref_p * gp_row).sum() + (ref_p.gather(1, top_i) * gv_b).sum()).backward()
+    dx3, dw3 = OPS.router_bwd(x.detach(), w.detach(), probs, top_i, gl_t, gp_row, gv_b, True, True)
+    assert torch.allclose(dx3, x.grad, atol=1e-12) and torch.allclose(dw3, w.grad, atol=1e-12)
+
+
+def test_native_router_core_single_rows_and_bad_grads():
+    """Fewer rows than a thread block (one block), and a gradient of the wrong shape is refused."""
+    x, w = torch.randn(3, 4), torch.randn(6, 4)
+    logits, probs, top_v, top_i = OPS.router_fwd(x, w, None, 2)
+    assert torch.allclose(probs, (x @ w.t()).softmax(-1), atol=1e-6)
+    with pytest.raises(RuntimeError, match="wrong shape"):
+        OPS.router_bwd(x, w, probs, top_i, None, torch.randn(3, 5), None, True, True)
 
 
 def test_switched_off_the_layer_runs_the_python_path(monkeypatch):

@@ -352,67 +352,115 @@ void topk_rows(const scalar_t* probs, scalar_t* top_v, int64_t* top_i, int64_t E
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_fwd(
-    const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& noise_opt, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "moevision router: x (T, D) and w (E, D) "
-              "must agree on D, got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+    const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& noise_opt, int64_t K) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "moevision router: x (T, D) and w "
+              "(E, D) must agree on D, got ", x_in.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x_in.scalar_type() == w.scalar_type() &&
+              (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble),
               "moevision router: x and w must both be float32 or float64");
+  const auto x = x_in.contiguous();
   const int64_t T = x.size(0), E = w.size(0);
   TORCH_CHECK(K >= 1 && K <= E, "moevision router: top_k must be in [1, E = ", E, "], got ", K);
-  auto logits = at::mm(x, w.t());
   at::Tensor noise;
   if (noise_opt.has_value() && noise_opt->defined()) {
     noise = noise_opt->contiguous();
-    TORCH_CHECK(noise.sizes() == logits.sizes() && noise.scalar_type() == x.scalar_type(),
+    TORCH_CHECK(noise.dim() == 2 && noise.size(0) == T && noise.size(1) == E && noise.scalar_type() == x.scalar_type(),
                 "moevision router: noise must be (T, E) in x's dtype");
   }
-  // softmax by ATen's vectorised elementwise kernels (max-shifted exp over its sum): a scalar exp per
-  // element in the row loop cost ~3x more at E = 8
-  auto probs = noise.defined() ? logits + noise : logits.clone();
-  probs.sub_(std::get<0>(probs.max(1, true))).exp_();
-  probs.div_(probs.sum(1, true));
+  const auto wt = w.t();
+  auto logits = at::empty({T, E}, x.options());
+  auto probs = at::empty({T, E}, x.options());
   auto top_v = at::empty({T, K}, x.options());
   auto top_i = at::empty({T, K}, x.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "moevision_router_fwd", [&] {
-    const scalar_t* pp = probs.data_ptr<scalar_t>();
-    scalar_t* vp = top_v.data_ptr<scalar_t>();
-    int64_t* ip = top_i.data_ptr<int64_t>();
-    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) { topk_rows(pp, vp, ip, E, K, t0, t1); });
+  // One parallel region: each thread takes a block of rows and runs its logits GEMM (single-threaded),
+  // the max-shifted exp (ATen's vectorised kernel on the block: a scalar exp per element cost ~3x more
+  // at E = 8), the normalisation and the top-k while the block is in cache.
+  for_blocks(T, threads_for(T), [&](int, int64_t lo, int64_t hi) {
+    if (hi <= lo) return;
+    auto lb = logits.narrow(0, lo, hi - lo), pb = probs.narrow(0, lo, hi - lo);
+    at::mm_out(lb, x.narrow(0, lo, hi - lo), wt);
+    if (noise.defined()) at::add_out(pb, lb, noise.narrow(0, lo, hi - lo)); else pb.copy_(lb);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "moevision_router_fwd", [&] {
+      scalar_t* pp = pb.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < hi - lo; t++) {
+        scalar_t* r = pp + t * E;
+        scalar_t m = r[0];
+        for (int64_t e = 1; e < E; e++) m = std::max(m, r[e]);
+        for (int64_t e = 0; e < E; e++) r[e] -= m;
+      }
+      pb.exp_();
+      for (int64_t t = 0; t < hi - lo; t++) {
+        scalar_t* r = pp + t * E;
+        scalar_t sum = 0;
+        for (int64_t e = 0; e < E; e++) sum += r[e];
+        const scalar_t inv = scalar_t(1) / sum;
+        for (int64_t e = 0; e < E; e++) r[e] *= inv;
+      }
+      topk_rows(probs.data_ptr<scalar_t>(), top_v.data_ptr<scalar_t>(), top_i.data_ptr<int64_t>(), E, K, lo, hi);
+    });
   });
   return {logits, probs, top_v, top_i};
 }
 
-// dlogits = p * (dp - <dp, p>) + g_logits, with dp = g_probs + the grads of top_v scattered to top_i.
+// dlogits = p * (dp - <dp, p>) + g_logits, with dp = g_probs + the grads of top_v scattered to top_i; then
+// dx = dlogits @ w and dw = dlogits^T @ x. One parallel region over row blocks (each thread its block's
+// dlogits, its dx rows and a partial dw, summed after the region). The incoming grads may be broadcast
+// views (a loss on a sum over tokens sends a stride-0 grad): read through their strides, never copied.
 std::tuple<at::Tensor, at::Tensor> router_bwd(
-    const at::Tensor& x, const at::Tensor& w, const at::Tensor& probs, const at::Tensor& top_i,
+    const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& probs, const at::Tensor& top_i,
     const c10::optional<at::Tensor>& g_logits_opt, const c10::optional<at::Tensor>& g_probs_opt,
     const c10::optional<at::Tensor>& g_topv_opt, bool need_x, bool need_w) {
   const int64_t T = probs.size(0), E = probs.size(1), K = top_i.size(1);
+  TORCH_CHECK(probs.is_contiguous() && top_i.is_contiguous(), "moevision router: probs and top_i must be contiguous");
+  const auto x = x_in.contiguous();
   auto dl = at::empty_like(probs);
-  auto get = [](const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor(); };
-  const auto gl = get(g_logits_opt), gp = get(g_probs_opt), gv = get(g_topv_opt);
-  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "moevision_router_bwd", [&] {
-    const scalar_t* p = probs.data_ptr<scalar_t>();
-    const int64_t* ti = top_i.data_ptr<int64_t>();
-    const scalar_t* glp = gl.defined() ? gl.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gpp = gp.defined() ? gp.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
-    scalar_t* d = dl.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; t++) {
+  auto get = [&](const c10::optional<at::Tensor>& t, int64_t cols) {
+    if (!(t.has_value() && t->defined())) return at::Tensor();
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == T && t->size(1) == cols && t->scalar_type() == probs.scalar_type(),
+                "moevision router: a gradient has the wrong shape or dtype");
+    return *t;
+  };
+  const auto gl = get(g_logits_opt, E), gp = get(g_probs_opt, E), gv = get(g_topv_opt, K);
+  const int nt = threads_for(T);
+  auto dx = need_x ? at::empty({T, w.size(1)}, x.options()) : at::empty({0}, x.options());
+  auto dw = need_w ? at::zeros_like(w) : at::empty({0}, x.options());
+  std::vector<at::Tensor> dw_part(nt);
+  for_blocks(T, nt, [&](int tid, int64_t lo, int64_t hi) {
+    if (hi <= lo) return;
+    AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "moevision_router_bwd", [&] {
+      const scalar_t* p = probs.data_ptr<scalar_t>();
+      const int64_t* ti = top_i.data_ptr<int64_t>();
+      const scalar_t* glp = gl.defined() ? gl.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gpp = gp.defined() ? gp.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
+      const int64_t gl0 = gl.defined() ? gl.stride(0) : 0, gl1 = gl.defined() ? gl.stride(1) : 0;
+      const int64_t gp0 = gp.defined() ? gp.stride(0) : 0, gp1 = gp.defined() ? gp.stride(1) : 0;
+      const int64_t gv0 = gv.defined() ? gv.stride(0) : 0, gv1 = gv.defined() ? gv.stride(1) : 0;
+      scalar_t* d = dl.data_ptr<scalar_t>();
+      for (int64_t t = lo; t < hi; t++) {
         scalar_t* dr = d + t * E;
         const scalar_t* pr = p + t * E;
-        for (int64_t e = 0; e < E; e++) dr[e] = gpp ? gpp[t * E + e] : scalar_t(0);
+        for (int64_t e = 0; e < E; e++) dr[e] = gpp ? gpp[t * gp0 + e * gp1] : scalar_t(0);
         if (gvp)
-          for (int64_t j = 0; j < K; j++) dr[ti[t * K + j]] += gvp[t * K + j];
+          for (int64_t j = 0; j < K; j++) dr[ti[t * K + j]] += gvp[t * gv0 + j * gv1];
         scalar_t dot = 0;
         for (int64_t e = 0; e < E; e++) dot += dr[e] * pr[e];
-        for (int64_t e = 0; e < E; e++) dr[e] = pr[e] * (dr[e] - dot) + (glp ? glp[t * E + e] : scalar_t(0));
+        for (int64_t e = 0; e < E; e++) dr[e] = pr[e] * (dr[e] - dot) + (glp ? glp[t * gl0 + e * gl1] : scalar_t(0));
       }
     });
+    auto db = dl.narrow(0, lo, hi - lo);
+    if (need_x) {
+      auto dxb = dx.narrow(0, lo, hi - lo);
+      at::mm_out(dxb, db, w);
+    }
+    if (need_w) {
+      if (nt == 1) at::mm_out(dw, db.t(), x.narrow(0, lo, hi - lo));
+      else dw_part[tid] = at::mm(db.t(), x.narrow(0, lo, hi - lo));
+    }
   });
-  auto dx = need_x ? at::mm(dl, w) : at::empty({0}, x.options());
-  auto dw = need_w ? at::mm(dl.t(), x) : at::empty({0}, x.options());
+  if (need_w && nt > 1)
+    for (int t = 0; t < nt; t++)
+      if (dw_part[t].defined()) dw.add_(dw_part[t]);
   return {dx, dw};
 }
 
