@@ -81,6 +81,9 @@ for cfg in (dict(top_k=2), dict(top_k=1), dict(top_k=2, capacity_factor=1.0),
     runs = [(i, d, True, False, False) for i in ("einsum", "sorted", "padded", "grouped", "fused", "cpu_fused")
             for d in (torch.float32, torch.bfloat16)]
     runs += [("fused", torch.bfloat16, False, False, False), ("fused", torch.float32, True, True, False)]
+    if kernels.TRITON_AVAILABLE:  # the gather/scatter-fused Triton grouped GEMMs (impl="triton")
+        runs += [("triton", torch.float32, True, False, False), ("triton", torch.bfloat16, True, False, False),
+                 ("triton", torch.float32, True, True, False)]
     if k == 2 and not set(cfg) - {"capacity_factor"}:  # torch.compile of fused (one graph): dropless, capacity
         runs += [("fused", torch.bfloat16, True, False, True)]
     refs = {}  # bf16 runs are checked against the loop reference run in bf16 (same routing decisions)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check for issue 4 (at most 570 s: run it with a 600 s limit on one H100/H200): correctness (every path, the Triton kernels,
+# The prepared GPU check for issue 4 (at most 570 s: run it with a 600 s limit on one H100/H200): correctness (every path, the Triton kernels
+# and impl="triton", the gather/scatter-fused Triton grouped GEMMs,
 # torch.compile of the fused layer), then the two target shapes - dense vs grouped vs fused, eager, CUDA
 # graph, torch.compile and torch.compile replayed from a CUDA graph - then the ViT-B/16 vs V-MoE-B/16
 # training step, eager, compiled and compiled with CUDA graphs (reduce-overhead). Each part has its own timeout and writes as it goes (to $OUT or runs/).
@@ -23,7 +24,7 @@ from moevision.bench import bench_layer, GPU_SHAPES
 dev = torch.device("cuda")
 out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layer": []}
 for s in GPU_SHAPES[:3:2]:  # ViT-B E8 k2 and ViT-S E8 k1
-    rows = bench_layer(s, dev, torch.bfloat16, 20, impls=("grouped", "fused"), compile=True)
+    rows = bench_layer(s, dev, torch.bfloat16, 20, impls=("grouped", "fused", "triton"), compile=True)
     out["layer"].append({"shape": s.name, "rows": rows})
     print(f"## {s.name}  (fwd+bwd time over dense: eager / CUDA graph / compiled / compiled + CUDA graph)")
     for r in rows:
@@ -40,7 +41,9 @@ from moevision.bench import bench_model
 dev = torch.device("cuda")
 out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 for compiled in (False, "default", "reduce-overhead"):  # eager, compiled, compiled + CUDA graphs
-    rows = bench_model(dev, torch.bfloat16, 10, compile=compiled, impls=("fused",))
+    from moevision import kernels
+    extra = ("triton",) if kernels.TRITON_AVAILABLE and not compiled else ()  # the Triton grouped GEMMs: eager
+    rows = bench_model(dev, torch.bfloat16, 10, compile=compiled, impls=("fused",) + extra)
     tag = compiled or "eager"
     out[tag] = rows
     for r in rows:

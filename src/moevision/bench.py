@@ -51,7 +51,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-LAYER_IMPLS = ("loop", "einsum", "sorted", "padded", "grouped", "fused", "cpu_fused")
+LAYER_IMPLS = ("loop", "einsum", "sorted", "padded", "grouped", "fused", "triton", "cpu_fused")
 
 
 def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPLS, compile: bool = False):
@@ -89,6 +89,8 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
     for impl in impls:
         if impl == "cpu_fused" and device.type == "cuda":
             continue  # reads the segment sizes on the host: a CPU path
+        if impl == "triton" and (device.type != "cuda" or not kernels.TRITON_AVAILABLE):
+            continue  # Triton kernels: a GPU path (on CPU only in Triton's interpreter, far too slow to time)
         if impl == "einsum" and T * T * K > 7e8:
             continue  # the (T, E, C) one-hot tensors (T*T*K elements) would not fit in memory
         moe = MoE(D, Fh, E, K, impl=impl, noise_std=0.0).to(device=device, dtype=dtype)

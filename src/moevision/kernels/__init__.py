@@ -15,6 +15,9 @@ and backward, random inputs). Registered names:
 ``grouped`` sort + ``torch._grouped_mm`` (the torchtitan-style baseline)
 ``fused``   fast path: grouped GEMMs, scatter-free permute/combine, fused bias + activation (Triton on
             CUDA when installed), no host sync when dropless (``kernels.fused``)
+``triton``  opt-in GPU path: Triton grouped GEMMs that gather the tokens in their loads and scatter the
+            gate-weighted rows in their epilogue; bias, activation, its backward and the gate gradient
+            fused too (``kernels/triton/grouped.py``; needs Triton; not chosen by ``auto`` until measured)
 ==========  ============================================================================================
 
 ``MoE(impl="auto")`` (the default) asks ``resolve_impl`` at run time: the name given to ``set_impl``
@@ -33,10 +36,11 @@ from . import fused as _fused
 from . import native as _native
 from . import triton as _triton
 from .cpu import dispatch_cpu_fused
-from .fused import dispatch_fused
+from .fused import dispatch_fused, dispatch_triton
 
 register_dispatch("fused", dispatch_fused)
 register_dispatch("cpu_fused", dispatch_cpu_fused)
+register_dispatch("triton", dispatch_triton)
 if _triton.AVAILABLE:
     _fused._triton_bias_act, _fused._triton_combine = _triton.bias_act_triton, _triton.combine_triton
 

@@ -104,3 +104,53 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
         if _triton_combine is not None and y.is_cuda and not torch.compiler.is_compiling():
             return _triton_combine(y, gates, pos, order, b2, exp, e_sorted)
         return ops.combine_rows(y, gates, pos, order, b2, exp if b2 is not None else None)
+
+
+_TRITON_DISABLED: dict = {}  # the torch.compiler.disable'd dispatch, made on first use under compile
+
+
+def dispatch_triton(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
+    """``impl="triton"``: the expert MLP as Triton grouped GEMMs that gather the tokens in their loads and
+    scatter the gate-weighted rows in their epilogue (``kernels/triton/grouped.py``). Same routing front
+    as ``fused`` (sync-free sort and offsets). SwiGLU experts, activations the kernels do not know and float64 take
+    ``fused``; expert choice takes ``grouped``. Runs on CUDA tensors, or on CPU tensors in Triton's
+    interpreter (``TRITON_INTERPRET=1``, what the tests use). Under ``torch.compile`` the call runs
+    eagerly (dynamo does not trace the kernel launches) and the rest of the model compiles."""
+    from . import triton as _tr
+
+    if not _tr.AVAILABLE:
+        from ..errors import ConfigError
+        raise ConfigError(f"impl='triton' needs Triton (pip install triton): {_tr.REASON}")
+    if torch.compiler.is_compiling():
+        fn = _TRITON_DISABLED.get("fn")
+        if fn is None:
+            fn = _TRITON_DISABLED["fn"] = torch.compiler.disable(_dispatch_triton)
+        return fn(x_TD, plan, experts, **kw)
+    return _dispatch_triton(x_TD, plan, experts, **kw)
+
+
+def _dispatch_triton(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
+    from .triton import grouped as _g
+
+    if plan.top_k == 0:
+        from ..moe.dispatch import dispatch_grouped
+        return dispatch_grouped(x_TD, plan, experts, **kw)
+    dt = _compute_dtype(x_TD, experts)
+    if experts.swiglu or experts.activation not in _g.ACT_IDS or dt not in _g.BLOCKS:
+        return dispatch_fused(x_TD, plan, experts, **kw)  # SwiGLU, other activations, float64
+    if not (x_TD.is_cuda or _g.interpreted()):
+        from ..errors import ConfigError
+        raise ConfigError("impl='triton' runs on CUDA tensors (or in Triton's CPU interpreter, TRITON_INTERPRET=1); "
+                          "on a CPU use impl='cpu_fused' (or 'auto')")
+    K, E = plan.top_k, experts.num_experts
+    exp = plan.expert_idx  # (A,) token-major
+    order = sort_by_expert(exp, E)
+    e_sorted = exp.index_select(0, order)
+    offs = torch.zeros(E + 1, dtype=torch.int64, device=exp.device)
+    offs[1:] = torch.searchsorted(e_sorted, torch.arange(E, device=exp.device), right=True)
+    tok = torch.div(order, K, rounding_mode="floor") if K > 1 else order
+    with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit
+        b1 = _w(experts.b1, dt) if experts.has_bias else None
+        b2 = _w(experts.b2, dt) if experts.has_bias else None
+        return _g.expert_mlp_triton(_w(x_TD, dt), plan.gates, _w(experts.w1, dt), b1, _w(experts.w2, dt), b2,
+                                    tok, order, offs, K, experts.activation)
