@@ -102,7 +102,9 @@ def test_bench_moe_layer_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text())["native"].startswith("native CPU kernels:")
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ratio"] > 0 for r in rows)
     code, _, err = _run(["bench", "moe-layer", "--shapes", "nope"], capsys)
-    assert code == 2 and "matches no shape" in err
+    assert code == 2 and "no shape named 'nope'" in err and "vit-ti" in err
+    code, _, err = _run(["bench", "moe-layer", "--shapes", "tiny,fmnist"], capsys)  # one typo among good names
+    assert code == 2 and "'fmnist'" in err and "fmnist-hybrid" in err
 
 
 _FAULTS = """

@@ -324,8 +324,11 @@ def run_bench(args) -> int:
             wanted = {s.strip() for s in args.shapes.split(",")}
             pool = {s.name: s for s in GPU_SHAPES + CPU_SHAPES + TEST_SHAPES}.values()
             shapes = [s for s in pool if s.name in wanted or s.name.split(" ")[0] in wanted]
-            if not shapes:
-                raise MoEVisionError(f"--shapes {args.shapes!r} matches no shape")
+            unknown = sorted(w for w in wanted if not any(w in (s.name, s.name.split(" ")[0]) for s in pool))
+            if unknown:  # every name must match: a typo would otherwise drop a shape silently
+                known = ", ".join(dict.fromkeys(s.name.split(" ")[0] for s in pool))
+                raise MoEVisionError(f"--shapes: no shape named {', '.join(map(repr, unknown))}; known: {known} "
+                                     f"(or a full name, see moevision bench --help)")
         result["shapes"] = []
         for s in shapes:
             rows = bench_layer(s, device, dtype, repeats, compile=getattr(args, "compile", False))
