@@ -89,6 +89,16 @@ def test_triton_grouped_gemms_equal_the_loop_reference_in_interpreter():
         ref = MoE(16, 32, 4, 2, impl="loop", noise_std=0.0).double()
         ref.load_state_dict(m.state_dict())
         assert torch.allclose(m(x).out, ref(x).out, atol=1e-12)
+        # inside torch.func transforms (no functorch rule for the kernels' autograd.Function) it takes grouped
+        from torch.func import functional_call, grad
+        m = MoE(16, 32, 4, 2, impl="triton", noise_std=0.0)
+        ref = MoE(16, 32, 4, 2, impl="loop", noise_std=0.0)
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(8, 16)
+        gx = grad(lambda xx: functional_call(m, dict(m.named_parameters()), (xx,)).out.sum())(x)
+        xr = x.clone().requires_grad_()
+        ref(xr).out.sum().backward()
+        assert torch.allclose(gx, xr.grad, atol=1e-5)
         print("TRITON-GROUPED-OK")
     """)
     paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]

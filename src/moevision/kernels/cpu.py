@@ -48,7 +48,7 @@ from ..moe.dispatch import dispatch_sorted  # noqa: F401  (re-exported: the othe
 from ..moe.dispatch import sort_by_expert
 from ..moe.experts import Experts
 from ..moe.types import RoutingPlan
-from .fused import _compute_dtype, _w
+from .fused import _compute_dtype, _w, eager_under_compile
 from .fused import dispatch_fused  # noqa: F401
 from . import native as _native
 from .ops import act_backward, act_forward
@@ -217,12 +217,7 @@ def dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, 
     data-dependent and dynamo would re-specialise on every pattern of empty experts; the call runs
     eagerly and the rest of the model compiles. (``torch.compiler.disable`` is applied on first use,
     not at import: it imports dynamo, ~0.9 s.)"""
-    if torch.compiler.is_compiling():
-        fn = _DISABLED.get("fn")
-        if fn is None:
-            fn = _DISABLED["fn"] = torch.compiler.disable(_dispatch_cpu_fused)
-        return fn(x_TD, plan, experts, **kw)
-    return _dispatch_cpu_fused(x_TD, plan, experts, **kw)
+    return eager_under_compile(_DISABLED, _dispatch_cpu_fused, x_TD, plan, experts, **kw)
 
 
 def _dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:

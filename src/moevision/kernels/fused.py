@@ -109,11 +109,23 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
 _TRITON_DISABLED: dict = {}  # the torch.compiler.disable'd dispatch, made on first use under compile
 
 
+def eager_under_compile(cache: dict, fn, *args, **kw):
+    """``fn(*args, **kw)``, kept out of dynamo's trace when compiling (the eager call inside a compiled
+    model). ``torch.compiler.disable`` is applied on first use and kept in ``cache``, not at import: it
+    imports dynamo (~0.9 s)."""
+    if torch.compiler.is_compiling():
+        g = cache.get("fn")
+        if g is None:
+            g = cache["fn"] = torch.compiler.disable(fn)
+        return g(*args, **kw)
+    return fn(*args, **kw)
+
+
 def dispatch_triton(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
     """``impl="triton"``: the expert MLP as Triton grouped GEMMs that gather the tokens in their loads and
     scatter the gate-weighted rows in their epilogue (``kernels/triton/grouped.py``). Same routing front
     as ``fused`` (sync-free sort and offsets). SwiGLU experts, activations the kernels do not know and float64 take
-    ``fused``; expert choice takes ``grouped``. Runs on CUDA tensors, or on CPU tensors in Triton's
+    ``fused``; expert choice and calls inside ``torch.func`` transforms take ``grouped``. Runs on CUDA tensors, or on CPU tensors in Triton's
     interpreter (``TRITON_INTERPRET=1``, what the tests use). Under ``torch.compile`` the call runs
     eagerly (dynamo does not trace the kernel launches) and the rest of the model compiles."""
     from . import triton as _tr
@@ -121,18 +133,13 @@ def dispatch_triton(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **k
     if not _tr.AVAILABLE:
         from ..errors import ConfigError
         raise ConfigError(f"impl='triton' needs Triton (pip install triton): {_tr.REASON}")
-    if torch.compiler.is_compiling():
-        fn = _TRITON_DISABLED.get("fn")
-        if fn is None:
-            fn = _TRITON_DISABLED["fn"] = torch.compiler.disable(_dispatch_triton)
-        return fn(x_TD, plan, experts, **kw)
-    return _dispatch_triton(x_TD, plan, experts, **kw)
+    return eager_under_compile(_TRITON_DISABLED, _dispatch_triton, x_TD, plan, experts, **kw)
 
 
 def _dispatch_triton(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw) -> torch.Tensor:
     from .triton import grouped as _g
 
-    if plan.top_k == 0:
+    if plan.top_k == 0 or torch._C._are_functorch_transforms_active():  # expert choice; torch.func (no rule)
         from ..moe.dispatch import dispatch_grouped
         return dispatch_grouped(x_TD, plan, experts, **kw)
     dt = _compute_dtype(x_TD, experts)
