@@ -2,7 +2,9 @@
 loads and scatter the gate-weighted rows in their epilogue equal the per-expert ``loop`` reference,
 forward and every gradient, in Triton's CPU interpreter (fp32; the interpreter's bf16 ``tl.dot`` is not
 usable, so bf16 is checked on a GPU: the ``gpu`` test here and benchmarks/gpu_correctness.py); the tile
-table covers every row exactly once; off a GPU and outside the interpreter the impl says what to use."""
+table covers every row exactly once; every launch compiles ahead of time for an H100 (sm_90) to tensor-core
+(wgmma) GEMMs with pipelined asynchronous loads, within its shared memory; off a GPU and outside the
+interpreter the impl says what to use."""
 
 import importlib.util
 import os
@@ -105,6 +107,89 @@ def test_triton_grouped_gemms_equal_the_loop_reference_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert "TRITON-GROUPED-OK" in r.stdout, r.stderr[-3000:]
+
+
+_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _aot_compile(fn, args, kw, target):
+    """Compile one recorded launch of a Triton kernel ahead of time for a GPU target, specialised the way a
+    launch specialises (16-aligned pointers and ints divisible by 16 get the divisibility hint; ints equal to 1
+    become constants), with no GPU: Triton's own AOT path (``triton.tools.compile``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    vals = dict(zip(names, args))
+    vals.update({k: v for k, v in kw.items() if k in names})
+    opts = {k: v for k, v in kw.items() if k not in names}
+    sig, consts, attrs = {}, {}, {}
+    for i, (n, p) in enumerate(zip(names, fn.params)):
+        v = vals[n]
+        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+            sig[n], consts[n] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[n], attrs[(i,)] = "*" + _TT[v.dtype], [["tt.divisibility", 16]]
+        else:
+            sig[n] = "i32" if abs(v) < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", *target),
+                          options=opts)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (optional extra)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_launch_compiles_for_hopper_with_tensor_cores_and_pipelined_loads(monkeypatch, dtype):
+    """No GPU here, but the kernels can still be compiled for one: the launches of a forward+backward
+    (recorded, not run) at a ViT-B-like width are compiled for sm_90 as a launch would specialise them.
+    Every GEMM must use Hopper's tensor-core instruction (wgmma) and asynchronous, pipelined loads
+    (cp.async): without them the kernels would be correct and several times slower."""
+    from moevision.kernels.triton import grouped as g
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.fn, args, kw))
+
+    monkeypatch.setattr(g, "_gmm_kernel", Recorder(g._gmm_kernel))
+    monkeypatch.setattr(g, "_wgrad_kernel", Recorder(g._wgrad_kernel))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # the GPU block sizes
+    T, D, F, E = 512, 768, 3072, 8
+    torch.manual_seed(0)
+    for k in (1, 2):
+        x = torch.randn(T, D, dtype=dtype, requires_grad=True)
+        gates = torch.rand(T * k, requires_grad=True)
+        w1 = torch.randn(E, D, F, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(E, F, D, dtype=dtype, requires_grad=True)
+        b1 = torch.zeros(E, F, dtype=dtype, requires_grad=True)
+        b2 = torch.zeros(E, D, dtype=dtype, requires_grad=True)
+        exp = torch.randint(0, E, (T * k,))
+        order = torch.argsort(exp, stable=True)
+        offs = torch.zeros(E + 1, dtype=torch.int64)
+        offs[1:] = torch.bincount(exp, minlength=E).cumsum(0)
+        tok = torch.div(order, k, rounding_mode="floor")
+        out = g.expert_mlp_triton(x, gates, w1, b1, w2, b2, tok, order, offs, k, "gelu")
+        out.float().sum().backward()
+    seen = {}
+    for fn, args, kw in calls:  # one compile per distinct specialisation
+        key = (fn.fn.__name__ if hasattr(fn, "fn") else str(fn), tuple(sorted((n, v) for n, v in kw.items())),
+               tuple(a.dtype if isinstance(a, torch.Tensor) else a % 16 == 0 for a in args))
+        seen.setdefault(key, (fn, args, kw))
+    assert len(seen) >= 5  # first GEMM, second GEMM, backward GEMMs, the weight gradients
+    for fn, args, kw in seen.values():
+        compiled = _aot_compile(fn, args, kw, (90, 32))
+        ptx = compiled.asm["ptx"]
+        name = fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__
+        assert compiled.metadata.shared <= 227 * 1024, (name, compiled.metadata.shared)  # an H100 block's limit
+        if dtype == torch.bfloat16:
+            assert "wgmma" in ptx, name
+        assert "cp.async" in ptx, name
 
 
 @pytest.mark.gpu
