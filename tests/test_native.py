@@ -270,3 +270,21 @@ def test_native_counting_sort_is_the_stable_argsort(E):
     assert torch.equal(offs, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(exp, minlength=E).cumsum(0)]))
     with pytest.raises(RuntimeError, match="out of"):
         OPS.sort_by_expert(torch.tensor([0, E]), E)
+
+
+def test_cpu_floor_benchmark_compares_the_same_function(monkeypatch):
+    """benchmarks/cpu_floor.py: the native op with every expert holding the dense weights is checked equal
+    to the dense FFN (output and grad of x) before it is timed, for E=1, equal and routed segments."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_floor.py"
+    spec = importlib.util.spec_from_file_location("cpu_floor", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(mod.SHAPES, "tiny", (96, 16, 32, 4, 2))
+    r = mod.run("tiny", repeats=1)
+    assert set(r["ratio"]) == {"dense", "native E=1", "native E=4, equal", "native E=4, routed", "layer (cpu_fused)"}
+    assert r["ratio"]["dense"] == 1.0 and all(v > 0 for v in r["ms"].values())
+    assert sum(r["routed_counts"]) == 96 * 2 and r["equal_counts"] == [48] * 4
+    assert set(r["gemm_us_per_row_1thread"]) == {48, 96 * 2 // torch.get_num_threads()}
