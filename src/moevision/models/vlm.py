@@ -79,6 +79,7 @@ class VLMConfig:
     eval_capacity_factor: float | None = 2.0
     router_aux_loss_coef: float = 0.01
     normalize_after_drop: bool = True
+    second_expert_noise: str = "none"  # "gumbel": DeepSpeed's sampled 2nd expert in training (MoE-LLaVA's code)
     image_experts: int = 0  # MoMa: experts [0, n) take image tokens, [n, E) text tokens; 0 = off
     moe_impl: str = "sorted"
     adapter: str = "none"  # none | pill (PILL's MAG + MoMAE adapters on a frozen LM)
@@ -108,6 +109,10 @@ class VLMConfig:
         for k in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, k)
             C.check(v is None or v > 0, f"model.{k}", v, "must be > 0, or none for dropless")
+        C.check(self.second_expert_noise in ("none", "gumbel"), "model.second_expert_noise", self.second_expert_noise,
+                "none | gumbel")
+        C.check(self.second_expert_noise == "none" or self.top_k >= 2, "model.second_expert_noise",
+                self.second_expert_noise, f"'gumbel' samples the 2nd expert: it needs top_k >= 2 (got {self.top_k})")
         C.check(self.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", self.router_aux_loss_coef, ">= 0")
         n = self.image_experts
         C.check(n == 0 or (self.top_k <= n and self.top_k <= self.num_experts - n), "model.image_experts", n,
@@ -246,7 +251,7 @@ class DecoderLayer(nn.Module):
                            normalize_topk=True, normalize_after_drop=cfg.normalize_after_drop, activation="swiglu",
                            bias=False, noise_std=0.0, importance_loss_weight=0.0, load_loss_weight=0.0,
                            switch_loss_weight=cfg.router_aux_loss_coef, capacity_multiple_of=None,
-                           impl=cfg.moe_impl, record_routing=True)
+                           impl=cfg.moe_impl, record_routing=True, second_expert_noise=cfg.second_expert_noise)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 

@@ -68,6 +68,10 @@ class MoE(nn.Module):
         router_logits: ``linear`` (x @ W^T, default) or ``cosine`` (SwinV2-MoE / Tutel ``cosine_top``:
             a scaled cosine between a ``cosine_dim``-wide projection of x and each expert's vector, scale
             learnable and clamped at 100; ``topk`` router only).
+        second_expert_noise: ``none`` (default) or ``gumbel`` (DeepSpeed / MoE-LLaVA top-2: choices 2..K
+            sampled by the Gumbel-max trick on the logits, the first kept the argmax; ``topk`` router,
+            K >= 2). In training only unless ``second_expert_noise_in_eval`` (older DeepSpeed). See
+            ``TopKRouter``.
         switch_loss_weight: Switch/GShard balance loss weight (0). z_loss_weight: router z-loss (0).
         switch_use_all_k: count all top-k choices in the Switch loss's f_e (default: top-1 only).
         random_eval_mode: ``random`` router in eval: ``hash`` (deterministic, default) or ``random``.
@@ -125,6 +129,8 @@ class MoE(nn.Module):
         importance_on: str = "probs",
         router_logits: str = "linear",
         cosine_dim: int = 256,
+        second_expert_noise: str = "none",
+        second_expert_noise_in_eval: bool = False,
     ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
@@ -155,6 +161,9 @@ class MoE(nn.Module):
             raise ConfigError(f"router_logits={router_logits!r} needs router='topk', got router={router!r}")
         if importance_on != "probs" and router != "topk":
             raise ConfigError(f"importance_on={importance_on!r} needs router='topk', got router={router!r}")
+        if second_expert_noise != "none" and (router != "topk" or top_k < 2):
+            raise ConfigError(f"second_expert_noise={second_expert_noise!r} picks the 2nd..K-th experts of the 'topk' "
+                              f"router: it needs router='topk' and top_k >= 2, got router={router!r}, top_k={top_k}")
         if (task_routing != "none" or num_tasks) and router != "topk":
             raise ConfigError(f"task_routing={task_routing!r} needs router='topk', got router={router!r}")
 
@@ -172,7 +181,8 @@ class MoE(nn.Module):
                 switch_use_all_k=switch_use_all_k, z_loss_weight=z_loss_weight, init_std=router_init_std,
                 num_tasks=num_tasks, task_routing=task_routing, task_embed_dim=task_embed_dim,
                 task_init_std=task_init_std, importance_on=importance_on, logits=router_logits,
-                cosine_dim=cosine_dim)
+                cosine_dim=cosine_dim, second_expert_noise=second_expert_noise,
+                second_expert_noise_in_eval=second_expert_noise_in_eval)
         elif router == "expert_choice":
             self.router = ExpertChoiceRouter(
                 dim, num_experts, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,

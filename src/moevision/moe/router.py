@@ -141,6 +141,7 @@ class _LinearRouter(nn.Module):
 
 
 TASK_ROUTING = ("none", "multi_gate", "task_conditioned")
+SECOND_EXPERT_NOISE = ("none", "gumbel")
 ROUTER_LOGITS = ("linear", "cosine")
 
 
@@ -159,6 +160,13 @@ class TopKRouter(_LinearRouter):
     top-k gates with ``bpr_score="sum"``, [R]) instead of position; ties keep position order.
     All first choices are placed before any second choice, so a top-1 choice is never displaced by a
     top-2 choice.
+
+    ``second_expert_noise="gumbel"`` (DeepSpeed's top-2 gating, used by MoE-LLaVA; spec
+    multimodal_compression_systems.md §0.2): the first expert is the argmax of the clean probabilities;
+    choices 2..K are the top-(K-1) of the logits plus Gumbel(0, 1) noise, the first choice masked - the
+    Gumbel-max trick, so the second expert is *sampled* from the softmax over the remaining experts. The
+    gates stay the clean probabilities of the chosen experts. Training only, unless
+    ``second_expert_noise_in_eval`` (older DeepSpeed versions also sampled in eval).
 
     Task-dependent routing (M³ViT, Liang et al., NeurIPS 2022; vision_moe.md §10), with ``num_tasks`` > 0:
     ``task_routing="multi_gate"`` gives each task its own gate: ``weight`` is (num_tasks, E, D) and task t
@@ -211,7 +219,12 @@ class TopKRouter(_LinearRouter):
         cosine_dim: int = 256,
         cosine_init_temperature: float = 0.5,
         cosine_max_scale: float = 100.0,
+        second_expert_noise: str = "none",
+        second_expert_noise_in_eval: bool = False,
     ):
+        if second_expert_noise not in SECOND_EXPERT_NOISE:
+            raise ConfigError(f"second_expert_noise must be one of {SECOND_EXPERT_NOISE}, got {second_expert_noise!r}")
+        self.second_expert_noise, self.second_expert_noise_in_eval = second_expert_noise, bool(second_expert_noise_in_eval)
         if logits not in ROUTER_LOGITS:
             raise ConfigError(f"logits must be one of {ROUTER_LOGITS}, got {logits!r}")
         if logits == "cosine":
@@ -326,8 +339,11 @@ class TopKRouter(_LinearRouter):
         G, S, D = x_GSD.shape
         E, K = self.num_experts, self.top_k
         sigma = self.noise_std / E if (self.training and self.noise_std > 0) else 0.0
+        gumbel = (self.second_expert_noise == "gumbel" and K > 1
+                  and (self.training or self.second_expert_noise_in_eval))
         ops = None
-        if (expert_mask_GSE is None and task is None and self.task_routing == "none" and self.logit_type == "linear"
+        if (not gumbel and expert_mask_GSE is None and task is None and self.task_routing == "none"
+                and self.logit_type == "linear"
                 and type(self).logits is _LinearRouter.logits and type(self)._logits is TopKRouter._logits):
             ops = _native_router_ops(x_GSD)
         w = _fp32(self.weight)
@@ -349,7 +365,13 @@ class TopKRouter(_LinearRouter):
                 logits = logits.masked_fill(~expert_mask_GSE, float("-inf"))
             noisy = logits + sigma * torch.randn_like(logits) if sigma > 0 else logits
             probs = _softmax(noisy)
-            if expert_mask_GSE is None and K == 1:  # max, not topk: 27 vs 47 us on an H200 at T=25216,
+            if gumbel:  # DeepSpeed: 1st = argmax; the rest by the Gumbel-max trick on the logits
+                top1 = (probs if expert_mask_GSE is None else noisy).argmax(-1, keepdim=True)
+                g = -torch.empty_like(noisy).exponential_().log()  # Gumbel(0, 1): -log Exp(1)
+                rest = (noisy + g).scatter(-1, top1, float("-inf")).topk(K - 1, dim=-1).indices
+                top_i = torch.cat([top1, rest], dim=-1)
+                top_v = probs.gather(-1, top_i)
+            elif expert_mask_GSE is None and K == 1:  # max, not topk: 27 vs 47 us on an H200 at T=25216,
                 top_v, top_i = probs.max(dim=-1, keepdim=True)  # 0.12 vs 0.36 ms on CPU (T=6400); ties -> first
             elif expert_mask_GSE is None:
                 top_v, top_i = probs.topk(K, dim=-1)  # (G, S, K); top-k of probs == top-k of logits
