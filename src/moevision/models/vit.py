@@ -80,6 +80,7 @@ class ViTConfig:
     importance_loss_weight: float = 0.005
     importance_on: str = "probs"  # "probs" (V-MoE) | "gates" (Shazeer / M³ViT): see moevision.MoE
     router_logits: str = "linear"  # "linear" | "cosine" (SwinV2-MoE / Tutel cosine_top): see moevision.MoE
+    second_expert_noise: str = "none"  # "none" | "gumbel" (DeepSpeed's sampled 2nd expert): see moevision.MoE
     load_loss_weight: float = 0.005
     switch_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
@@ -137,6 +138,10 @@ class ViTConfig:
                 "must be 'linear' or 'cosine'")
         C.check(self.router_logits == "linear" or self.router == "topk", "model.router_logits",
                 self.router_logits, "'cosine' needs model.router='topk'")
+        C.check(self.second_expert_noise in ("none", "gumbel"), "model.second_expert_noise", self.second_expert_noise,
+                "none | gumbel")
+        C.check(self.second_expert_noise == "none" or (self.router == "topk" and self.top_k >= 2),
+                "model.second_expert_noise", self.second_expert_noise, "'gumbel' needs model.router='topk' and top_k >= 2")
         C.check(self.task_routing in TASK_ROUTING, "model.task_routing", self.task_routing,
                 f"must be one of {TASK_ROUTING}")
         if self.task_routing != "none":
@@ -172,7 +177,8 @@ class ViTConfig:
             importance_loss_weight=self.importance_loss_weight, load_loss_weight=self.load_loss_weight,
             switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl,
             activation=self.mlp_act, task_routing=self.task_routing, num_tasks=self.num_tasks,
-            task_embed_dim=self.task_embed_dim, importance_on=self.importance_on, router_logits=self.router_logits)
+            task_embed_dim=self.task_embed_dim, importance_on=self.importance_on, router_logits=self.router_logits,
+            second_expert_noise=self.second_expert_noise)
 
 
 # MLP activations by name; each is also an expert activation of ``moevision.MoE`` (same function)
