@@ -246,6 +246,84 @@ def test_pipelined_exchange_gives_the_same_layer_for_every_overlap_degree(worlds
         mvd.set_overlap_degree(torch.nn.Linear(2, 2), 0)
 
 
+def _auto_overlap_worker(rank: int, W: int) -> None:
+    """degree='auto' (Tutel's strategy cache): the first calls of a capacity bucket try every candidate,
+    each gives the fixed-degree outputs and gradients, and both ranks keep the same choice."""
+    import torch.distributed as dist
+
+    from moevision import distributed as mvd
+    from moevision.moe import MoE
+
+    mesh = mvd.build_mesh(W)
+    torch.manual_seed(0)
+    ref = MoE(D, F, E, top_k=2, capacity_factor=1.0, noise_std=0.0).double()
+    fixed = mvd.shard_experts(copy.deepcopy(ref), mesh, layout="padded", force=True)
+    auto = mvd.set_overlap_degree(mvd.shard_experts(copy.deepcopy(ref), mesh, layout="padded", force=True),
+                                  "auto", candidates=(1, 2, 3), trials=1)
+    seen = []
+    for step, batch in enumerate((2, 2, 2, 2, 2, 6)):  # batch 6: a larger capacity, a new bucket
+        xi = torch.randn(batch + rank % 2, 6, D, generator=torch.Generator().manual_seed(10 * step + rank),
+                         dtype=torch.float64)
+        got = []
+        for model in (fixed, auto):
+            model.zero_grad(set_to_none=True)
+            x = xi.clone().requires_grad_()
+            o = model(x)
+            (o.out.square().sum() + o.aux_loss).backward()
+            got.append((o.out.detach(), x.grad, model.experts.w1.grad))
+        for a, b in zip(*got):
+            torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+        seen.append(auto.experts.last_overlap)
+    assert seen[:3] == [(1, "linear"), (2, "linear"), (3, "linear")]  # the trials, in order
+    table = mvd.overlap_choices(auto)["experts"]
+    assert len(table) == 2, table  # two capacity buckets
+    first = table[min(table)]
+    best = first["best"]
+    assert best == min(first["ms"], key=first["ms"].get) and seen[3] == seen[4] == best
+    assert table[max(table)]["best"] is None and seen[5] == (1, "linear")  # the new bucket starts its trials
+    picks = [None] * W
+    dist.all_gather_object(picks, (best, sorted(first["ms"].items())))
+    assert all(p == picks[0] for p in picks), picks  # every rank recorded the same times and choice
+
+
+def test_overlap_degree_auto_tries_each_candidate_then_keeps_the_fastest_on_2_ranks(worlds):
+    worlds(2).run(_auto_overlap_worker)
+
+
+def test_overlap_tuner_picks_the_fastest_best_trial_per_bucket():
+    from moevision import distributed as mvd
+
+    t = mvd.OverlapTuner((1, 2, 4), trials=2)
+    times = {(1, "linear"): [5.0, 4.0], (2, "linear"): [3.0, 3.5], (4, "linear"): [9.0, 2.5]}
+    calls = []
+    while True:
+        c, timed = t.choose(16)
+        if not timed:
+            break
+        calls.append(c)
+        t.record(16, c, times[c][sum(x == c for x in calls) - 1])
+    assert calls == [(1, "linear")] * 2 + [(2, "linear")] * 2 + [(4, "linear")] * 2
+    assert t.choose(16) == ((4, "linear"), False)  # best single trial: 2.5
+    assert t.table()[16]["ms"][(1, "linear")] == 4000.0
+    assert t.choose(32, two_dh=True) == ((1, "linear"), True)  # another bucket searches afresh
+    t2 = mvd.OverlapTuner((1,), trials=1)
+    assert t2.choose(8, two_dh=True) == ((1, "linear"), True)
+    t2.record(8, (1, "linear"), 2.0)
+    assert 8 not in t2.best and t2.choose(8, two_dh=True) == ((1, "2dh"), True)  # 2DH is a candidate too
+    t2 = mvd.OverlapTuner((1, 2), trials=1)
+    for c in [(1, "linear"), (2, "linear"), (1, "2dh")]:
+        assert t2.choose(8, two_dh=True) == (c, True)
+        t2.record(8, c, {"linear": 3.0, "2dh": 1.0}[c[1]])
+    assert t2.choose(8, two_dh=True) == ((1, "2dh"), False)
+    for bad in ((0,), (33,), (), (1.5,), (True,)):
+        with pytest.raises(ConfigError, match="overlap candidates"):
+            mvd.OverlapTuner(bad)
+    with pytest.raises(ConfigError, match="trials"):
+        mvd.OverlapTuner((1,), trials=0)
+    with pytest.raises(ConfigError, match="overlap degree"):
+        mvd.set_overlap_degree(torch.nn.Linear(2, 2), "fast")
+
+
 def test_two_dim_hierarchical_all_to_all_equals_flat_on_4_ranks(worlds):
     worlds(4).run(_two_dh_worker)
 

@@ -29,6 +29,8 @@ from .expert_parallel import (
     expert_parameters,
     is_sharded,
     set_overlap_degree,
+    overlap_choices,
+    OverlapTuner,
     shard_experts,
 )
 from .mesh import Mesh, build_mesh, init_distributed, is_main_process, launched
@@ -36,6 +38,7 @@ from .training import DistributedRun, SingleProcess, clip_grad_norm_, reduce_gra
 
 __all__ = [
     "Mesh", "build_mesh", "init_distributed", "is_main_process", "launched", "ShardedExperts", "shard_experts", "enable_2dh", "set_overlap_degree",
+    "overlap_choices", "OverlapTuner",
     "dispatch_expert_parallel", "expert_parameters", "is_sharded", "reduce_gradients", "clip_grad_norm_",
     "full_model", "full_model_state", "shard_model_state", "load_full_state", "save_pretrained",
     "save_checkpoint_distributed", "load_checkpoint_distributed", "setup_parallel", "DistributedRun",

@@ -67,6 +67,13 @@ def all_reduce_max(value: int, device: torch.device, group=None) -> int:
     return int(t.item())
 
 
+def all_reduce_max_float(value: float, device: torch.device, group=None) -> float:
+    """The maximum of a float over the group (one fp64 scalar all-reduce; a host sync on GPUs)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
 class _AllGather(torch.autograd.Function):
     """Concatenate equal-shaped shards along dim 0; backward sums the gradient over the group and keeps
     this rank's slice (a reduce-scatter, written as all-reduce + slice because gloo lacks it)."""

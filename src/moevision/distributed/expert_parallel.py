@@ -40,6 +40,8 @@ G groups, C capacity, R = G*C buffer rows per expert.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,6 +82,8 @@ class ShardedExperts(Experts):
         self.last_mode = None  # what the last padded call did ("tokens" / "weights"), for tests and logs
         self.a2a_2dh = None  # (nodes, local, intra_group, inter_group): padded exchanges in 2DH form
         self.overlap_degree = 1  # padded exchanges pipelined in this many capacity chunks (set_overlap_degree)
+        self.overlap_tuner = None  # OverlapTuner: the degree (and 2DH or not) picked per capacity by timing
+        self.last_overlap = None  # (degree, "linear" | "2dh") of the last token exchange, for tests and logs
 
     @classmethod
     def from_full(cls, full: Experts, *, ep_rank: int, ep_size: int, group=None) -> "ShardedExperts":
@@ -179,8 +183,7 @@ def gathered_padded(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
 
 def padded_exchange(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
     """(E, R, D) buffers -> the experts' ranks -> (L, P*R, D) batched matmul -> back to (E, R, D)."""
-    E, R, D = x_ECD.shape
-    P, L = ex.ep_size, ex.num_local_experts
+    R = x_ECD.shape[1]
     R_max = A.all_reduce_max(R, x_ECD.device, ex.group)  # the one sync of the fixed-shape layout
     if ex.param_mode == "weights" or (ex.param_mode == "adaptive" and weights_cheaper(ex, R_max)):
         ex.last_mode = "weights"
@@ -188,10 +191,36 @@ def padded_exchange(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
     ex.last_mode = "tokens"
     if R_max > R:
         x_ECD = F.pad(x_ECD, (0, 0, 0, R_max - R))
-    d = ex.overlap_degree
-    if d > 1 and ex.a2a_2dh is None:
+    tuner = ex.overlap_tuner
+    if tuner is None:
+        return _token_exchange(ex, x_ECD, R, R_max, ex.overlap_degree, ex.a2a_2dh is not None)
+    choice, timed = tuner.choose(R_max, two_dh=ex.a2a_2dh is not None)
+    if not timed:
+        return _token_exchange(ex, x_ECD, R, R_max, choice[0], choice[1] == "2dh")
+    _device_sync(x_ECD.device)
+    t0 = time.perf_counter()
+    out = _token_exchange(ex, x_ECD, R, R_max, choice[0], choice[1] == "2dh")
+    _device_sync(x_ECD.device)
+    # every rank records the slowest rank's time, so all of them pick the same candidate
+    tuner.record(R_max, choice, A.all_reduce_max_float(time.perf_counter() - t0, x_ECD.device, ex.group))
+    return out
+
+
+def _device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _token_exchange(ex: ShardedExperts, x_ECD: torch.Tensor, R: int, R_max: int, d: int,
+                    use_2dh: bool) -> torch.Tensor:
+    """The (E, R_max, D) buffers to the experts' ranks and back: pipelined in d chunks, or in one exchange
+    (flat, or 2DH when ``use_2dh``)."""
+    E, _, D = x_ECD.shape
+    P, L = ex.ep_size, ex.num_local_experts
+    ex.last_overlap = (d if not use_2dh else 1, "2dh" if use_2dh else "linear")
+    if d > 1 and not use_2dh:
         return _pipelined_exchange(ex, x_ECD, R, R_max, d)
-    if ex.a2a_2dh is not None:  # Tutel's 2DH form of the same equal-chunk exchange (enable_2dh)
+    if use_2dh:  # Tutel's 2DH form of the same equal-chunk exchange (enable_2dh)
         def a2a(t):
             return A.all_to_all_2dh(t, *ex.a2a_2dh)
     else:
@@ -202,6 +231,54 @@ def padded_exchange(ex: ShardedExperts, x_ECD: torch.Tensor) -> torch.Tensor:
     y = ex.local_padded(x_LCD).view(L, P, R_max, D).transpose(0, 1).reshape(E * R_max, D)
     back = a2a(y).view(E, R_max, D)
     return back[:, :R] if R_max > R else back
+
+
+class OverlapTuner:
+    """Tutel's online strategy cache for adaptive pipelining (spec §2(b)6 [V]): for each capacity bucket
+    (the all-reduced R_max of a padded exchange) the first calls try every candidate, each ``trials``
+    times: overlap degrees ``degrees`` with the flat all-to-all, plus the unchunked 2DH exchange when
+    ``enable_2dh`` is on. A call's time is the forward exchange and expert compute, synchronised, and the
+    slowest rank's time is all-reduced to every rank, so the ranks record the same numbers and keep the
+    same choice (their control flow stays in lockstep). Once every candidate is timed, the fastest by its
+    best trial is kept for that bucket. Outputs are the same for every candidate, so the search changes
+    nothing but speed. ``table()`` reports the choices and timings."""
+
+    def __init__(self, degrees=(1, 2, 4, 8), trials: int = 2):
+        degrees = tuple(degrees)
+        if not degrees or any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 32 for d in degrees):
+            raise ConfigError(f"overlap candidates must be integers in [1, 32] (Tutel's limit), got {degrees!r}")
+        if not isinstance(trials, int) or trials < 1:
+            raise ConfigError(f"overlap trials must be a positive integer, got {trials!r}")
+        self.degrees, self.trials = tuple(dict.fromkeys(degrees)), trials
+        self.best: dict[int, tuple[int, str]] = {}
+        self.times: dict[int, dict[tuple[int, str], list[float]]] = {}
+        self._two_dh: dict[int, bool] = {}  # per bucket: whether the 2DH exchange is a candidate
+
+    def candidates(self, two_dh: bool) -> list[tuple[int, str]]:
+        return [(d, "linear") for d in self.degrees] + ([(1, "2dh")] if two_dh else [])
+
+    def choose(self, bucket: int, two_dh: bool = False) -> tuple[tuple[int, str], bool]:
+        """(candidate, whether this call is a timed trial) for a capacity bucket."""
+        if bucket in self.best:
+            return self.best[bucket], False
+        self._two_dh[bucket] = two_dh
+        seen = self.times.setdefault(bucket, {})
+        for c in self.candidates(two_dh):
+            if len(seen.get(c, ())) < self.trials:
+                return c, True
+        raise RuntimeError("overlap tuner: every candidate timed but no choice recorded")  # unreachable
+
+    def record(self, bucket: int, candidate: tuple[int, str], seconds: float) -> None:
+        seen = self.times.setdefault(bucket, {})
+        seen.setdefault(candidate, []).append(float(seconds))
+        cands = self.candidates(self._two_dh.get(bucket, False))
+        if all(len(seen.get(c, ())) >= self.trials for c in cands):
+            self.best[bucket] = min(cands, key=lambda c: (min(seen[c]), cands.index(c)))
+
+    def table(self) -> dict[int, dict]:
+        """{capacity bucket: {"best": (degree, form) or None while searching, "ms": {candidate: best ms}}}."""
+        return {b: {"best": self.best.get(b), "ms": {c: min(ts) * 1e3 for c, ts in seen.items()}}
+                for b, seen in self.times.items()}
 
 
 # -- the dispatcher ---------------------------------------------------------------------------------
@@ -337,18 +414,32 @@ def _pipelined_exchange(ex: ShardedExperts, x_ECD: torch.Tensor, R: int, R_max: 
     return torch.cat([o.view(E, Rc, D) for o in outs], dim=1)[:, :R]
 
 
-def set_overlap_degree(model: nn.Module, degree: int) -> nn.Module:
+def set_overlap_degree(model: nn.Module, degree: int | str, *, candidates=(1, 2, 4, 8), trials: int = 2) -> nn.Module:
     """Pipeline the padded expert exchanges of a sharded model in ``degree`` chunks (Tutel's
-    ``a2a_ffn_overlap_degree``; 1 = no pipelining). Same outputs for every degree; not combined with 2DH
-    (the 2DH exchange stays unchunked)."""
-    if not isinstance(degree, int) or not 1 <= degree <= 32:
-        raise ConfigError(f"overlap degree must be an integer in [1, 32] (Tutel's limit), got {degree!r}")
+    ``a2a_ffn_overlap_degree``; 1 = no pipelining). Same outputs for every degree. A fixed degree is not
+    combined with 2DH (the 2DH exchange stays unchunked). ``degree="auto"``: Tutel's online choice per
+    capacity bucket (``OverlapTuner``: each of ``candidates``, and the 2DH exchange when enabled, timed
+    ``trials`` times on the first calls, then the fastest kept; ``overlap_choices(model)`` reports it)."""
     mods = sharded_modules(model)
+    if degree == "auto":
+        OverlapTuner(candidates, trials)  # validates before anything changes
+        if not mods:
+            raise ConfigError("set_overlap_degree needs a model sharded with shard_experts first")
+        for _, ex in mods:  # one tuner per layer: layers see different capacities and widths
+            ex.overlap_tuner, ex.overlap_degree = OverlapTuner(candidates, trials), 1
+        return model
+    if isinstance(degree, bool) or not isinstance(degree, int) or not 1 <= degree <= 32:
+        raise ConfigError(f"overlap degree must be an integer in [1, 32] (Tutel's limit) or 'auto', got {degree!r}")
     if not mods:
         raise ConfigError("set_overlap_degree needs a model sharded with shard_experts first")
     for _, ex in mods:
-        ex.overlap_degree = degree
+        ex.overlap_degree, ex.overlap_tuner = degree, None
     return model
+
+
+def overlap_choices(model: nn.Module) -> dict[str, dict]:
+    """Per sharded layer with ``set_overlap_degree(model, "auto")``: its ``OverlapTuner.table()``."""
+    return {name: ex.overlap_tuner.table() for name, ex in sharded_modules(model) if ex.overlap_tuner is not None}
 
 
 def enable_2dh(model: nn.Module, mesh, local: int) -> nn.Module:
