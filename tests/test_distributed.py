@@ -290,6 +290,23 @@ def test_overlap_degree_auto_tries_each_candidate_then_keeps_the_fastest_on_2_ra
     worlds(2).run(_auto_overlap_worker)
 
 
+def _run_overlap_config_worker(rank: int, W: int) -> None:
+    from moevision import distributed as mvd
+    from moevision.train.engine import build_model
+
+    for degree in ("auto", 3):
+        cfg = _exact_cfg(**{"parallel.ep": 2, "parallel.overlap_degree": degree})
+        run = mvd.DistributedRun(cfg)
+        model = run.prepare_model(build_model(cfg), seed=0)
+        mods = [m for m in model.modules() if isinstance(m, mvd.ShardedExperts)]
+        assert mods and all((m.overlap_tuner is not None) == (degree == "auto") for m in mods)
+        assert all(m.overlap_degree == (1 if degree == "auto" else degree) for m in mods)
+
+
+def test_parallel_overlap_degree_reaches_every_sharded_layer(worlds):
+    worlds(2).run(_run_overlap_config_worker)
+
+
 def test_overlap_tuner_picks_the_fastest_best_trial_per_bucket():
     from moevision import distributed as mvd
 

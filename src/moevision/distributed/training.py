@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from .checkpoint import full_model, load_checkpoint_distributed, save_checkpoint_distributed, save_pretrained_distributed
-from .expert_parallel import expert_parameters, shard_experts
+from .expert_parallel import expert_parameters, set_overlap_degree, shard_experts
 from .mesh import Mesh, build_mesh, init_distributed, launched
 
 
@@ -128,7 +128,7 @@ class DistributedRun(SingleProcess):
         self.owns_group = not (dist.is_available() and dist.is_initialized())
         self.device = init_distributed(par.backend, cfg.train.device)
         self.mesh = build_mesh(par.ep)
-        self.layout = par.layout
+        self.layout, self.overlap_degree = par.layout, par.overlap_degree
         self.rank, self.world_size, self.is_main = self.mesh.rank, self.mesh.world_size, self.mesh.is_main
         self.data_shard = (self.rank, self.world_size)
         bs = cfg.data.batch_size
@@ -146,6 +146,8 @@ class DistributedRun(SingleProcess):
 
     def prepare_model(self, model, seed: int):
         model = shard_experts(model, self.mesh, layout=self.layout)
+        if self.overlap_degree != 1 and self.mesh.ep > 1:  # pipelines the padded exchanges only
+            set_overlap_degree(model, self.overlap_degree)
         torch.manual_seed(seed * 1_000_003 + 7919 * self.rank)  # decorrelate dropout / router noise
         return model
 

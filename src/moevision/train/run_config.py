@@ -117,12 +117,15 @@ class ParallelConfig:
     ``world_size // ep`` data-parallel replicas of that group); 1 = pure data parallel. ``backend``:
     auto (nccl on CUDA, gloo on CPU), gloo or nccl. ``layout``: the expert-parallel dispatch, auto
     (padded with a capacity, ragged when dropless), ragged, padded, gather (move the expert weights,
-    not the tokens: Tutel's r=0) or adaptive (per call, the cheaper of padded and gather). See
-    docs/distributed.md."""
+    not the tokens: Tutel's r=0) or adaptive (per call, the cheaper of padded and gather).
+    ``overlap_degree``: padded exchanges pipelined in this many capacity chunks (Tutel's
+    a2a_ffn_overlap_degree, 1-32), or "auto" (Tutel's online choice per capacity, timed on the first
+    calls). See docs/distributed.md."""
 
     ep: int = 1
     backend: str = "auto"
     layout: str = "auto"
+    overlap_degree: int | str = 1
 
     def validate(self) -> None:
         C.check(isinstance(self.ep, int) and self.ep >= 1, "parallel.ep", self.ep, "must be a positive integer")
@@ -130,6 +133,9 @@ class ParallelConfig:
                 "must be auto, gloo or nccl")
         C.check(self.layout in ("auto", "ragged", "padded", "gather", "adaptive"), "parallel.layout", self.layout,
                 "must be auto, ragged, padded, gather or adaptive")
+        od = self.overlap_degree
+        C.check(od == "auto" or (isinstance(od, int) and not isinstance(od, bool) and 1 <= od <= 32),
+                "parallel.overlap_degree", od, "must be an integer in [1, 32] or auto")
 
 
 @dataclass
