@@ -162,7 +162,7 @@ class TopKRouter(_LinearRouter):
     top-2 choice.
 
     ``second_expert_noise="gumbel"`` (DeepSpeed's top-2 gating, used by MoE-LLaVA; spec
-    multimodal_compression_systems.md §0.2): the first expert is the argmax of the clean probabilities;
+    multimodal_compression_systems.md §0.2): the first expert is the argmax of the probabilities (no Gumbel);
     choices 2..K are the top-(K-1) of the logits plus Gumbel(0, 1) noise, the first choice masked - the
     Gumbel-max trick, so the second expert is *sampled* from the softmax over the remaining experts. The
     gates stay the clean probabilities of the chosen experts. Training only, unless
@@ -367,7 +367,8 @@ class TopKRouter(_LinearRouter):
             probs = _softmax(noisy)
             if gumbel:  # DeepSpeed: 1st = argmax; the rest by the Gumbel-max trick on the logits
                 top1 = (probs if expert_mask_GSE is None else noisy).argmax(-1, keepdim=True)
-                g = -torch.empty_like(noisy).exponential_().log()  # Gumbel(0, 1): -log Exp(1)
+                # Gumbel(0, 1) = -log Exp(1); a zero draw would give +inf, and -inf + inf = nan on a masked expert
+                g = -torch.empty_like(noisy).exponential_().clamp_min_(1e-30).log()
                 rest = (noisy + g).scatter(-1, top1, float("-inf")).topk(K - 1, dim=-1).indices
                 top_i = torch.cat([top1, rest], dim=-1)
                 top_v = probs.gather(-1, top_i)
