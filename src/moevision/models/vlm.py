@@ -343,11 +343,16 @@ class VisionLanguageModel(nn.Module):
 
     # -- language side
     def forward(self, tokens_BL: torch.Tensor, lengths_B: torch.Tensor, labels_BL: torch.Tensor | None = None, *,
-                images: torch.Tensor | None = None, image_feats: torch.Tensor | None = None) -> VLMOutput:
+                images: torch.Tensor | None = None, image_feats: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None) -> VLMOutput:
         """Right-padded text ``tokens_BL`` with ``lengths_B`` real tokens each; the image (raw ``images`` or
-        cached ``image_feats`` from ``encode_images``; neither = text-only) goes in front. ``labels_BL``
-        holds the target token at answer positions and -100 elsewhere (the loss predicts each labelled
-        token from the positions before it)."""
+        cached ``image_feats`` from ``encode_images``; neither = text-only) goes in front. ``prefix``
+        instead of an image: (B, Np, dim) embeddings from another modality's connector (e.g. Uni-MoE's
+        speech aligner), put in front as they are; they count as the non-text ("image") positions for
+        MoMa groups, PILL and the routing statistics. ``labels_BL`` holds the target token at answer
+        positions and -100 elsewhere (the loss predicts each labelled token from the positions before it)."""
+        if prefix is not None and (images is not None or image_feats is not None):
+            raise ValueError("give either an image (images / image_feats) or a prefix, not both")
         if images is not None and image_feats is None:
             image_feats = self.encode_images(images)
         B, L = tokens_BL.shape
@@ -355,6 +360,11 @@ class VisionLanguageModel(nn.Module):
         Ni = 0 if image_feats is None else image_feats.shape[1]
         if Ni:
             x = torch.cat([self.projector(image_feats.to(x.dtype)), x], dim=1)
+        elif prefix is not None:
+            if prefix.dim() != 3 or prefix.shape[0] != B or prefix.shape[2] != self.config.dim:
+                raise ValueError(f"prefix must be (B={B}, Np, dim={self.config.dim}), got {tuple(prefix.shape)}")
+            Ni = prefix.shape[1]
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
         N = Ni + L
         if N > self.config.max_len:
             raise ValueError(f"sequence of {N} tokens ({Ni} image + {L} text) exceeds max_len={self.config.max_len}")
@@ -380,8 +390,10 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, images: torch.Tensor | None = None,
-                 image_feats: torch.Tensor | None = None, max_new_tokens: int = 4) -> list[list[int]]:
-        """Greedy decoding of each prompt (token ids, ending with ``<sep>``) until ``<eos>``."""
+                 image_feats: torch.Tensor | None = None, max_new_tokens: int = 4,
+                 prefix: torch.Tensor | None = None) -> list[list[int]]:
+        """Greedy decoding of each prompt (token ids, ending with ``<sep>``) until ``<eos>``; the image or
+        ``prefix`` as in ``forward``."""
         was = self.training
         self.eval()
         if images is not None and image_feats is None:
@@ -392,13 +404,13 @@ class VisionLanguageModel(nn.Module):
         buf = torch.full((B, int(lengths.max()) + max_new_tokens), tok.pad_id, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             buf[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        Ni = 0 if image_feats is None else image_feats.shape[1]
+        Ni = image_feats.shape[1] if image_feats is not None else (prefix.shape[1] if prefix is not None else 0)
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         rows = torch.arange(B, device=dev)
         for _ in range(max_new_tokens):
             L = int(lengths.max())
-            logits = self(buf[:, :L], lengths, image_feats=image_feats).logits
+            logits = self(buf[:, :L], lengths, image_feats=image_feats, prefix=prefix).logits
             nxt = logits[rows, Ni + lengths - 1].argmax(-1)
             for i in (~done).nonzero().flatten().tolist():
                 out[i].append(int(nxt[i]))
@@ -410,10 +422,12 @@ class VisionLanguageModel(nn.Module):
         self.train(was)
         return out
 
-    def answer(self, questions: list[str], *, images=None, image_feats=None, max_new_tokens: int = 4) -> list[str]:
+    def answer(self, questions: list[str], *, images=None, image_feats=None, max_new_tokens: int = 4,
+               prefix=None) -> list[str]:
         tok = self.tokenizer
         prompts = [tok.encode(q) + [tok.sep_id] for q in questions]
-        gen = self.generate(prompts, images=images, image_feats=image_feats, max_new_tokens=max_new_tokens)
+        gen = self.generate(prompts, images=images, image_feats=image_feats, max_new_tokens=max_new_tokens,
+                            prefix=prefix)
         return [tok.decode(g) for g in gen]
 
     # -- bookkeeping
