@@ -174,7 +174,7 @@ def test_miniature_pipeline_runs_and_reports_both_rows(tmp_path):
     S = UniMoESettings(seeds=1, train_scenes=40, test_scenes=8, dim=32, ffn_hidden=32, speech_width=16,
                        batch_size=8, vision_steps=2, lm_steps=2, stage1_steps=2, stage2_steps=2, stage3_steps=2)
     rep = run_unimoe(S, out=tmp_path / "u.md", work=tmp_path / "work", log=lambda s: None)
-    run = rep["runs"][0]
+    run = rep["results"][0]
     for row in ("unimoe", "dense"):
         for m in ("image", "speech"):
             assert 0.0 <= run["rows"][row][m]["all"] <= 1.0
@@ -185,6 +185,6 @@ def test_miniature_pipeline_runs_and_reports_both_rows(tmp_path):
     text = (tmp_path / "u.md").read_text()
     assert "Uni-MoE" in text and "dense twin" in text and (tmp_path / "u.json").is_file()
     again = run_unimoe(S, out=None, work=tmp_path / "work", log=lambda s: None)  # cached per seed
-    assert again["runs"][0]["rows"] == run["rows"]
+    assert again["results"][0]["rows"] == run["rows"]
     with pytest.raises(ConfigError, match="stage3_steps"):
         run_unimoe(UniMoESettings(stage3_steps=-1))
