@@ -497,10 +497,12 @@ def set_stage(model: VisionLanguageModel, stage: str | int, **kw) -> set[str]:
 
 @torch.no_grad()
 def upcycle(model: VisionLanguageModel, *, moe_layers="sparse", num_experts: int | None = None,
-            top_k: int | None = None, image_experts: int | None = None) -> VisionLanguageModel:
+            top_k: int | None = None, image_experts: int | None = None,
+            config_overrides: dict[str, Any] | None = None) -> VisionLanguageModel:
     """Sparse upcycling (MoE-LLaVA stage III init): a copy of ``model`` whose FFNs in ``moe_layers`` are
-    MoE layers with every expert an exact copy of that dense FFN and a freshly initialised router."""
-    over = {"moe_layers": moe_layers}
+    MoE layers with every expert an exact copy of that dense FFN and a freshly initialised router.
+    ``config_overrides``: further ``VLMConfig`` fields of the copy (e.g. the routing: capacity, aux loss)."""
+    over = {**(config_overrides or {}), "moe_layers": moe_layers}
     for k, v in (("num_experts", num_experts), ("top_k", top_k), ("image_experts", image_experts)):
         if v is not None:
             over[k] = v

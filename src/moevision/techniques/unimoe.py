@@ -14,8 +14,8 @@ The library part:
   the reparametrised weights, so the MoE kernels need no LoRA code. ``merge_lora`` folds them in.
 - **Mixtral routing** (the 4-expert release: top-2 logits -> softmax over the 2, no capacity, no aux loss)
   is the library's ``topk`` router with ``normalize_topk=True`` and no capacity. The softmax over all E
-  renormalised over the top 2 equals the softmax of the 2 logits. ``unimoe_vlm_config`` sets that on a
-  ``VisionLanguageModel``.
+  renormalised over the top 2 equals the softmax of the 2 logits. ``MIXTRAL_ROUTING`` holds those
+  ``VLMConfig`` fields.
 - **Speech connector** (``SpeechConnector``): a small 1-D conv encoder (the stand-in for Whisper's encoder)
   and an aligner, Q learnable queries through one Transformer decoder layer over the encoder's output
   (the stand-in for the Whisper decoder run as a Q-Former). Then a linear projector to the LLM's width.
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
 from ..errors import ConfigError
-from ..models.vlm import SwiGLU, VisionLanguageModel, VLMConfig
+from ..models.vlm import SwiGLU, VisionLanguageModel, upcycle
 
 
 class LoRADelta(nn.Module):
@@ -164,36 +164,30 @@ class SpeechConnector(nn.Module):
         return self.projector(self.aligner(q, h, memory_key_padding_mask=pad))
 
 
-def unimoe_vlm_config(dense: VLMConfig, *, moe_layers="all", num_experts: int = 4, top_k: int = 2) -> VLMConfig:
-    """The dense config with Uni-MoE 4e's MoE layers: Mixtral routing (top-2, gates renormalised over the
-    2, which is the softmax of the 2 logits), no capacity (nothing dropped), no auxiliary loss."""
-    depth = dense.depth
-    layers = list(range(depth)) if moe_layers == "all" else moe_layers
-    return VLMConfig.from_dict({**dense.to_dict(), "moe_layers": layers, "num_experts": num_experts, "top_k": top_k,
-                                "capacity_factor": None, "eval_capacity_factor": None, "router_aux_loss_coef": 0.0})
+# Uni-MoE 4e's MoE layers: Mixtral routing (top-2, gates renormalised over the 2, which is the softmax of the 2
+# logits), no capacity (nothing dropped), no auxiliary loss
+MIXTRAL_ROUTING = {"capacity_factor": None, "eval_capacity_factor": None, "router_aux_loss_coef": 0.0}
 
 
 @torch.no_grad()
 def moe_from_modality_experts(dense: VisionLanguageModel, experts: list[dict[int, SwiGLU] | None], *,
                               moe_layers="all", top_k: int = 2) -> VisionLanguageModel:
-    """A MoE copy of the dense ``dense`` model: every weight copied, and in each MoE layer i expert e
-    initialised from ``experts[e][i]`` (a dense FFN of that layer, e.g. the stage-2 image expert), or from
-    ``dense``'s own FFN where ``experts[e]`` is None (the base). Routers are fresh."""
+    """A MoE copy of the dense ``dense`` model with Mixtral routing (``MIXTRAL_ROUTING``): ``upcycle``'s copy,
+    then in each MoE layer i expert e set to ``experts[e][i]`` (a dense FFN of that layer, e.g. the stage-2
+    image expert), or left the dense model's own FFN where ``experts[e]`` is None (the base). Routers are
+    fresh."""
     if dense.moe_layers:
         raise ConfigError("moe_from_modality_experts takes a dense model")
-    cfg = unimoe_vlm_config(dense.config, moe_layers=moe_layers, num_experts=len(experts), top_k=top_k)
-    new = VisionLanguageModel(cfg)
-    missing, _ = new.load_state_dict(dense.state_dict(), strict=False)
-    assert all(".ffn." in k for k in missing), missing
+    new = upcycle(dense, moe_layers=moe_layers, num_experts=len(experts), top_k=top_k,
+                  config_overrides=MIXTRAL_ROUTING)
     for i in new.moe_layers:
         ex = new.layers[i].ffn.experts
         for e, src in enumerate(experts):
-            ffn = dense.layers[i].ffn if src is None else src[i]
-            ex.w1[e].copy_(ffn.gate_proj.weight.t())
-            ex.w3[e].copy_(ffn.up_proj.weight.t())
-            ex.w2[e].copy_(ffn.down_proj.weight.t())
-    new.model_name = getattr(dense, "model_name", None)
-    return new.to(next(dense.parameters()).device)
+            if src is not None:
+                ex.w1[e].copy_(src[i].gate_proj.weight.t())
+                ex.w3[e].copy_(src[i].up_proj.weight.t())
+                ex.w2[e].copy_(src[i].down_proj.weight.t())
+    return new
 
 
 def stage_parameters(model: nn.Module, stage: str | int, *, connector_prefixes: Iterable[str] = ("projector.",),
