@@ -323,7 +323,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "reprod
 # ``register(subparsers) -> {command: handler}``; handlers take the parsed args and return an exit code.
 PLUGIN_COMMANDS: tuple[str, ...] = ("upcycle", "analyze", "convert", "compress", "vqa", "reproduce_upcycling",
                                     "multitask", "advmoe", "shiftadd", "uoe", "imp", "merv",
-                                    "mova", "unimoe", "moai")
+                                    "mova", "unimoe", "moai", "mousi")
 
 
 def _plugin_modules():

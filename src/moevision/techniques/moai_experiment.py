@@ -108,12 +108,12 @@ class MoAISettings:
 
 
 # ---- data ---------------------------------------------------------------------------------------------
-def make_split(seed: int, n: int, split: str, image_noise: float) -> Split:
+def make_split(seed: int, n: int, split: str, image_noise: float, qtypes: tuple[str, ...] = QTYPES) -> Split:
     from ..train.vlm_data import cell_labels
 
     sw = ShapeWorld(seed * 7919 + (0 if split == "train" else 1), image_size=32, noise_std=image_noise)
     scenes = sw.scenes(n, split)
-    recs = sw.vqa_records(scenes, QTYPES)
+    recs = sw.vqa_records(scenes, qtypes)
     index = {sc["id"]: i for i, sc in enumerate(scenes)}
     return Split(torch.stack([sc["image"] for sc in scenes]) * 2 - 1, [caption_of(sc) for sc in scenes],
                  cell_labels(scenes), [r["question"] for r in recs], [r["answer"] for r in recs],
