@@ -1,4 +1,5 @@
-"""Arguments and checks shared by the seeded comparison commands (``multitask``, ``advmoe``)."""
+"""Arguments and checks shared by the seeded comparison commands (``multitask``, ``advmoe``)
+and by the seeded miniatures (``unimoe``, ``moai``, ``mousi``)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,29 @@ def grid_rows(args, known, counts: tuple[str, ...] = ("seeds", "epochs", "train_
         if getattr(args, name) < 1:
             raise MoEVisionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return rows
+
+
+def add_miniature_args(p, name: str) -> None:
+    """--seeds, --scale, --threads, --work-dir runs/NAME, --out docs/results/NAME.md."""
+    p.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every stage's steps and the number of training scenes (default 1.0)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--work-dir", default=f"runs/{name}", help="per-seed results (resumable)")
+    p.add_argument("--out", default=f"docs/results/{name}.md", help="the Markdown file to write (and .json)")
+
+
+def miniature_settings(args, settings_cls, scaled: tuple[str, ...]):
+    """``settings_cls(seeds=, threads=)`` from the checked arguments of ``add_miniature_args``, with the
+    ``scaled`` fields (step counts, scene counts) multiplied by --scale (at least 1 each)."""
+    if args.seeds < 1:
+        raise MoEVisionError(f"--seeds must be >= 1, got {args.seeds}")
+    if not args.scale > 0:
+        raise MoEVisionError(f"--scale must be > 0, got {args.scale}")
+    if args.threads < 0:
+        raise MoEVisionError(f"--threads must be >= 0, got {args.threads}")
+    S = settings_cls(seeds=args.seeds, threads=args.threads)
+    if args.scale != 1.0:
+        for k in scaled:
+            setattr(S, k, max(1, round(getattr(S, k) * args.scale)))
+    return S

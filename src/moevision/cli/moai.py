@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import MoEVisionError
+from ._experiment import add_miniature_args, miniature_settings
 
 DESCRIPTION = """MoAI on a CPU miniature: does a frozen vision-language model answer counting and existence
 questions better when MoAI's compressor and mixers feed it the verbalised output of an external "CV
@@ -33,32 +33,19 @@ def register(subparsers) -> dict:
     p = subparsers.add_parser("moai", help="MoAI miniature: verbalised detections through the compressor and mixers "
                               "of a frozen LVLM, over seeds -> docs/results/moai.md", description=DESCRIPTION,
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every stage's steps and the number of training scenes (default 1.0)")
+    add_miniature_args(p, "moai")
     p.add_argument("--image-noise", type=float, default=None, help="std of the pixel noise on the scenes, in [0, 1] "
                    "(default 0.1)")
     p.add_argument("--detector-noise", type=float, default=None, help="the noisy detector's per-object error rate "
                    "(default 0.1)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
-    p.add_argument("--work-dir", default="runs/moai", help="per-seed results (resumable)")
-    p.add_argument("--out", default="docs/results/moai.md", help="the Markdown file to write (and .json)")
     return {"moai": _cmd}
 
 
 def _cmd(args) -> int:
     from ..techniques.moai_experiment import MoAISettings, run_moai
 
-    if args.seeds < 1:
-        raise MoEVisionError(f"--seeds must be >= 1, got {args.seeds}")
-    if not args.scale > 0:
-        raise MoEVisionError(f"--scale must be > 0, got {args.scale}")
-    if args.threads < 0:
-        raise MoEVisionError(f"--threads must be >= 0, got {args.threads}")
-    S = MoAISettings(seeds=args.seeds, threads=args.threads)
-    if args.scale != 1.0:
-        for k in ("train_scenes", "vision_steps", "lm_steps", "base_steps", "step1_steps", "step2_steps"):
-            setattr(S, k, max(1, round(getattr(S, k) * args.scale)))
+    S = miniature_settings(args, MoAISettings, ("train_scenes", "vision_steps", "lm_steps", "base_steps",
+                                                "step1_steps", "step2_steps"))
     if args.image_noise is not None:
         S.image_noise = args.image_noise
     if args.detector_noise is not None:

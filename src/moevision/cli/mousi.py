@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import MoEVisionError
+from ._experiment import add_miniature_args, miniature_settings
 
 DESCRIPTION = """MouSi's poly-visual-expert fusion on a CPU miniature: does an LM fed by two frozen vision
 experts answer better than with either expert alone?
@@ -31,30 +31,16 @@ def register(subparsers) -> dict:
     p = subparsers.add_parser("mousi", help="MouSi miniature: two frozen vision experts fused vs each alone, over "
                               "seeds -> docs/results/mousi.md", description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every stage's steps and the number of training scenes (default 1.0)")
+    add_miniature_args(p, "mousi")
     p.add_argument("--image-noise", type=float, default=None, help="std of the pixel noise on the scenes, in [0, 1] "
                    "(default 0.1)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
-    p.add_argument("--work-dir", default="runs/mousi", help="per-seed results (resumable)")
-    p.add_argument("--out", default="docs/results/mousi.md", help="the Markdown file to write (and .json)")
     return {"mousi": _cmd}
 
 
 def _cmd(args) -> int:
     from ..techniques.mousi_experiment import ROWS, MouSiSettings, run_mousi
 
-    if args.seeds < 1:
-        raise MoEVisionError(f"--seeds must be >= 1, got {args.seeds}")
-    if not args.scale > 0:
-        raise MoEVisionError(f"--scale must be > 0, got {args.scale}")
-    if args.threads < 0:
-        raise MoEVisionError(f"--threads must be >= 0, got {args.threads}")
-    S = MouSiSettings(seeds=args.seeds, threads=args.threads)
-    if args.scale != 1.0:
-        for k in ("train_scenes", "expert_steps", "lm_steps", "vlm_steps"):
-            setattr(S, k, max(1, round(getattr(S, k) * args.scale)))
+    S = miniature_settings(args, MouSiSettings, ("train_scenes", "expert_steps", "lm_steps", "vlm_steps"))
     if args.image_noise is not None:
         S.image_noise = args.image_noise
     rep = run_mousi(S, out=Path(args.out), work=Path(args.work_dir))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import MoEVisionError
+from ._experiment import add_miniature_args, miniature_settings
 
 DESCRIPTION = """Uni-MoE's progressive recipe on a CPU miniature. ShapeWorld scenes come in two modalities: the
 image, and a noisy 1-D "speech" encoding of the scene's caption. A 2-layer LM answers existence, counting
@@ -33,30 +33,17 @@ def register(subparsers) -> dict:
     p = subparsers.add_parser("unimoe", help="Uni-MoE miniature: modality experts -> MoE vs a dense twin over seeds "
                               "-> docs/results/unimoe.md", description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every stage's steps and the number of training scenes (default 1.0)")
+    add_miniature_args(p, "unimoe")
     p.add_argument("--speech-noise", type=float, default=None, help="std of the noise on the speech frames "
                    "(default 0.8)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
-    p.add_argument("--work-dir", default="runs/unimoe", help="per-seed results (resumable)")
-    p.add_argument("--out", default="docs/results/unimoe.md", help="the Markdown file to write (and .json)")
     return {"unimoe": _cmd}
 
 
 def _cmd(args) -> int:
     from ..techniques.unimoe_experiment import UniMoESettings, run_unimoe
 
-    if args.seeds < 1:
-        raise MoEVisionError(f"--seeds must be >= 1, got {args.seeds}")
-    if not args.scale > 0:
-        raise MoEVisionError(f"--scale must be > 0, got {args.scale}")
-    if args.threads < 0:
-        raise MoEVisionError(f"--threads must be >= 0, got {args.threads}")
-    S = UniMoESettings(seeds=args.seeds, threads=args.threads)
-    if args.scale != 1.0:
-        for k in ("train_scenes", "vision_steps", "lm_steps", "stage1_steps", "stage2_steps", "stage3_steps"):
-            setattr(S, k, max(1, round(getattr(S, k) * args.scale)))
+    S = miniature_settings(args, UniMoESettings, ("train_scenes", "vision_steps", "lm_steps", "stage1_steps",
+                                                  "stage2_steps", "stage3_steps"))
     if args.speech_noise is not None:
         S.speech_noise = args.speech_noise
     rep = run_unimoe(S, out=Path(args.out), work=Path(args.work_dir))

@@ -67,6 +67,35 @@ def run_grid(settings, work: Path | None, compute: Callable[[str, int, Path | No
     return results
 
 
+def run_seeds(settings, work: Path | None, run_seed: Callable[[Any, int, Callable[[str], None]], dict],
+              log: Callable[[str], None] = print) -> list[dict]:
+    """``run_seed(settings, seed, log)`` for seed 0 .. settings.seeds - 1 (the miniatures whose rows share
+    a seed's pre-training), unless ``work/seed{seed}.json`` holds the result of the same settings (every
+    field but ``seeds`` and ``threads``); a cached result of other settings is recomputed. Sets torch's
+    thread count when ``settings.threads`` is non-zero."""
+    import torch
+
+    settings.validate()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    key = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("seeds", "threads")}
+    results = []
+    for seed in range(settings.seeds):
+        cache = None if work is None else Path(work) / f"seed{seed}.json"
+        res = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
+        if res is not None and res.get("settings") != key:
+            res = None  # another configuration: recompute
+        if res is None:
+            res = run_seed(settings, seed, log)
+            res["settings"] = key
+            if cache is not None:
+                write_json(cache, res)
+        else:
+            log(f"  seed {seed}: cached ({cache})")
+        results.append(res)
+    return results
+
+
 def write_report(settings, results: dict, out: Path | None, markdown: Callable[[dict], str],
                  extra: dict | None = None) -> dict:
     """{"settings", "results"} (+ ``extra`` fields); written to ``out`` (Markdown) and ``out`` with .json

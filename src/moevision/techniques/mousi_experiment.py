@@ -27,8 +27,6 @@ soft test: the multi-expert model at least as good as the best single-expert one
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,7 @@ from ..errors import ConfigError
 from ..models.vit import VisionTransformer, ViTConfig
 from ..models.vlm import VisionLanguageModel, VLMConfig, _vision
 from . import mousi as MS
-from ._experiment import mean_std, write_json, write_report
+from ._experiment import mean_std, run_seeds, write_report
 from .moai_experiment import make_split
 from .unimoe_experiment import Split, _encode, _train, build_vocab
 
@@ -251,24 +249,7 @@ def run_seed(S: MouSiSettings, seed: int, log: Callable[[str], None] = print) ->
 
 def run_mousi(S: MouSiSettings, out: Path | None = None, work: Path | None = None,
               log: Callable[[str], None] = print) -> dict:
-    S.validate()
-    if S.threads:
-        torch.set_num_threads(S.threads)
-    results = []
-    settings_key = {k: v for k, v in dataclasses.asdict(S).items() if k not in ("seeds", "threads")}
-    for seed in range(S.seeds):
-        cache = None if work is None else Path(work) / f"seed{seed}.json"
-        res = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
-        if res is not None and res.get("settings") != settings_key:
-            res = None  # another configuration: recompute
-        if res is None:
-            res = run_seed(S, seed, log)
-            res["settings"] = settings_key
-            if cache is not None:
-                write_json(cache, res)
-        else:
-            log(f"  seed {seed}: cached ({cache})")
-        results.append(res)
+    results = run_seeds(S, work, run_seed, log)
     return write_report(S, results, out, markdown, extra={"summary": summarise(results)})
 
 

@@ -37,8 +37,6 @@ a soft test.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import statistics
 import time
@@ -55,7 +53,7 @@ from ..errors import ConfigError
 from ..models.tokenizer import SPECIALS
 from ..models.vlm import IGNORE, VisionLanguageModel, VLMConfig, _vision
 from . import unimoe as U
-from ._experiment import mean_std, write_json, write_report
+from ._experiment import mean_std, run_seeds, write_report
 
 QTYPES = ("exist", "count", "colour_mcq")
 MODALITIES = ("image", "speech")
@@ -418,24 +416,7 @@ def run_seed(S: UniMoESettings, seed: int, log: Callable[[str], None] = print) -
 
 def run_unimoe(S: UniMoESettings, out: Path | None = None, work: Path | None = None,
                log: Callable[[str], None] = print) -> dict:
-    S.validate()
-    if S.threads:
-        torch.set_num_threads(S.threads)
-    results = []
-    for seed in range(S.seeds):
-        cache = None if work is None else Path(work) / f"seed{seed}.json"
-        settings_key = {k: v for k, v in dataclasses.asdict(S).items() if k not in ("seeds", "threads")}
-        res = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
-        if res is not None and res.get("settings") != settings_key:
-            res = None  # another configuration: recompute
-        if res is None:
-            res = run_seed(S, seed, log)
-            res["settings"] = settings_key
-            if cache is not None:
-                write_json(cache, res)
-        else:
-            log(f"  seed {seed}: cached ({cache})")
-        results.append(res)
+    results = run_seeds(S, work, run_seed, log)
     return write_report(S, results, out, markdown, extra={"summary": summarise(results)})
 
 
