@@ -141,8 +141,10 @@ def test_tune_malloc_stops_page_faulting_through_freed_tensors():
         return state.strip(), float(faults)
 
     # untuned, glibc's dynamic thresholds fault through ~9.7k pages per step in most runs (not all: the
-    # outcome depends on the heap's layout), so only the tuned side is asserted on faults
+    # outcome depends on the heap's layout), so only the tuned side is asserted on faults. Tuned it is ~0
+    # on a quiet machine; one run on a loaded one (three other processes on 2 cores) averaged 488 a step,
+    # so the bound is 2000: still 5x below one re-faulted step of these tensors.
     for _ in range(3):
         state, faults = run("tune")
-        assert state.startswith("tuned") and faults < 100
+        assert state.startswith("tuned") and faults < 2000
     assert run("tune", MOEVISION_MALLOC="default")[0] == "default (MOEVISION_MALLOC=default)"
