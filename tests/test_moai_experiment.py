@@ -43,7 +43,7 @@ def test_images_get_the_requested_pixel_noise():
 
 def test_moai_training_leaves_the_frozen_lvlm_alone():
     S = X.MoAISettings(train_scenes=30, dim=32, depth=2, heads=2, ffn_hidden=32, batch_size=8, vision_steps=1,
-                       base_steps=1, step1_steps=2, step2_steps=2, num_latents=4, compressor_heads=2,
+                       lm_steps=1, base_steps=1, step1_steps=2, step2_steps=2, num_latents=4, compressor_heads=2,
                        compressor_head_dim=8, rank=4, mixer_heads=2, every=2)
     S.validate()
     data = X.make_split(0, S.train_scenes, "train", 0.0)
@@ -68,8 +68,8 @@ def test_moai_training_leaves_the_frozen_lvlm_alone():
 
 def test_miniature_pipeline_runs_and_reports_every_row(tmp_path):
     S = X.MoAISettings(seeds=1, train_scenes=30, test_scenes=6, dim=32, depth=2, heads=2, ffn_hidden=32,
-                       batch_size=8, vision_steps=2, base_steps=2, step1_steps=2, step2_steps=2, num_latents=4,
-                       compressor_heads=2, compressor_head_dim=8, rank=4, mixer_heads=2, every=2)
+                       batch_size=8, vision_steps=2, lm_steps=2, base_steps=2, step1_steps=2, step2_steps=2,
+                       num_latents=4, compressor_heads=2, compressor_head_dim=8, rank=4, mixer_heads=2, every=2)
     rep = X.run_moai(S, out=tmp_path / "m.md", work=tmp_path / "work", log=lambda s: None)
     run = rep["results"][0]
     assert set(run["rows"]) == set(X.ROWS)
@@ -92,3 +92,13 @@ def test_miniature_pipeline_runs_and_reports_every_row(tmp_path):
         X.run_moai(X.MoAISettings(depth=4, every=8))
     with pytest.raises(ConfigError, match="image_noise"):
         X.run_moai(X.MoAISettings(image_noise=2.0))
+
+
+def test_exact_match_tally_by_hand():
+    from moevision.techniques._experiment import ExactMatch
+
+    s = ExactMatch(("exist", "count", "colour_mcq"))
+    s.add([" yes", "no", "2 "], ["yes", "yes", "2"], ["exist", "exist", "count"])
+    s.add(["3"], ["1"], ["count"])
+    r = s.result()
+    assert r == {"exist": 0.5, "count": 0.5, "colour_mcq": 0.0, "all": 0.5}

@@ -109,6 +109,25 @@ def write_report(settings, results: dict, out: Path | None, markdown: Callable[[
     return report
 
 
+class ExactMatch:
+    """Exact-match accuracy per question type over batches of generated answers (whitespace-stripped)."""
+
+    def __init__(self, qtypes):
+        self.counts = {q: [0, 0] for q in qtypes}
+
+    def add(self, preds, answers, qtypes) -> None:
+        for p, a, q in zip(preds, answers, qtypes):
+            c = self.counts[q]
+            c[0] += int(p.strip() == a)
+            c[1] += 1
+
+    def result(self) -> dict:
+        """{qtype: accuracy} and "all" (over every question), 0 where a type had none."""
+        out = {q: c[0] / max(1, c[1]) for q, c in self.counts.items()}
+        out["all"] = sum(c[0] for c in self.counts.values()) / max(1, sum(c[1] for c in self.counts.values()))
+        return out
+
+
 def mean_std(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
     """"mean ± std" (sample std; 0 for one value) of ``vals`` times ``scale``."""
     m = statistics.fmean(vals) * scale

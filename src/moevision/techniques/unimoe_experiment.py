@@ -53,7 +53,7 @@ from ..errors import ConfigError
 from ..models.tokenizer import SPECIALS
 from ..models.vlm import IGNORE, VisionLanguageModel, VLMConfig, _vision
 from . import unimoe as U
-from ._experiment import mean_std, run_seeds, write_report
+from ._experiment import ExactMatch, mean_std, run_seeds, write_report
 
 QTYPES = ("exist", "count", "colour_mcq")
 MODALITIES = ("image", "speech")
@@ -335,7 +335,7 @@ def evaluate(model: UniMoEModel, data: Split, speaker: Speaker, seed: int, bs: i
     tok = model.lm.tokenizer
     n = len(data.questions)
     for m in MODALITIES:
-        correct = {q: [0, 0] for q in QTYPES}
+        score = ExactMatch(QTYPES)
         load = None
         for i in range(0, n, bs):
             idx = list(range(i, min(n, i + bs)))
@@ -346,17 +346,13 @@ def evaluate(model: UniMoEModel, data: Split, speaker: Speaker, seed: int, bs: i
             else:
                 kw["frames"], kw["mask"] = speaker([data.captions[s] for s in scenes], g)
             pred = model.answer([data.questions[j] for j in idx], **kw)
-            for j, p in zip(idx, pred):
-                c = correct[data.qtypes[j]]
-                c[0] += int(p.strip() == data.answers[j])
-                c[1] += 1
+            score.add(pred, [data.answers[j] for j in idx], [data.qtypes[j] for j in idx])
             if model.lm.moe_layers:  # routing loads of the question prompts
                 t, lens, _ = _encode(tok, [data.questions[j] for j in idx], [""] * len(idx))
                 o = model(t, lens, **kw)
                 ld = torch.stack(o.modality_load).sum(0)  # (2, E)
                 load = ld if load is None else load + ld
-        out[m] = {q: c[0] / max(1, c[1]) for q, c in correct.items()}
-        out[m]["all"] = sum(c[0] for c in correct.values()) / max(1, sum(c[1] for c in correct.values()))
+        out[m] = score.result()
         if load is not None:
             out[m]["prefix_load"] = (load[0] / load[0].sum()).tolist()  # share of assignments per expert
             out[m]["text_load"] = (load[1] / load[1].sum()).tolist()
