@@ -95,7 +95,8 @@ def test_bench_moe_layer_writes_json(tmp_path, capsys):
     assert code == 0, err
     rows = json.loads(out.read_text())["shapes"][0]["rows"]
     from moevision import kernels
-    native = ["cpu_fused (python loop)"] if kernels.native_ops() is not None else []  # the A/B of the C++ op
+    native = (["cpu_fused (python loop)", "cpu_fused (router apart)"]  # the A/Bs of the C++ op and the folded router
+              if kernels.native_ops() is not None else [])
     assert [r["impl"] for r in rows] == ["dense (T*k tokens)", "loop", "einsum", "sorted", "padded", "grouped", "fused",
                                         "cpu_fused"] + native
     assert json.loads(out.read_text())["malloc"].startswith("tuned")  # bench tunes the heap by default

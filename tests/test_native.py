@@ -98,7 +98,17 @@ def _oracle(p, act):
     return out, x, params
 
 
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.fixture
+def split(request):
+    """The native op's thread split: whole experts where they balance (True, the default) or equal row
+    blocks, an expert straddling two blocks computed in two parts (False)."""
+    was = OPS.set_whole_experts(request.param)
+    yield request.param
+    OPS.set_whole_experts(was)
+
+
+@pytest.mark.parametrize("split", [True, False], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("case", [
     dict(T=50, K=1, counts=[20, 0, 30, 0], act=0),  # empty experts, one cut by the 2-thread block boundary
     dict(T=41, K=2, counts=None, act=1),
@@ -106,7 +116,7 @@ def _oracle(p, act):
     dict(T=7, K=2, counts=None, act=3),  # fewer rows than one thread's minimum: one block
     dict(T=40, K=2, counts=None, act=3, bias=False, glu=True),
 ])
-def test_native_ops_equal_the_plain_formula(case, threads):
+def test_native_ops_equal_the_plain_formula(case, threads, split):
     case = dict(case)
     act = case.pop("act")
     bias, glu = case.pop("bias", True), case.pop("glu", False)
@@ -288,3 +298,139 @@ def test_cpu_floor_benchmark_compares_the_same_function(monkeypatch):
     assert r["ratio"]["dense"] == 1.0 and all(v > 0 for v in r["ms"].values())
     assert sum(r["routed_counts"]) == 96 * 2 and r["equal_counts"] == [48] * 4
     assert set(r["gemm_us_per_row_1thread"]) == {48, 96 * 2 // torch.get_num_threads()}
+
+
+# -- the router folded into cpu_fused's node (kernels.cpu.topk_moe_fused)
+
+def _node(t):
+    """The name of the autograd node under t's view nodes."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__.startswith("ViewBackward"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__ if fn is not None else None
+
+def _fold_grads(m, x, fold: bool, seed: int = 1, x_grad: bool = True):
+    kernels.use_folded_router(fold)
+    try:
+        m.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(x_grad)
+        torch.manual_seed(seed)  # the same router noise both ways
+        o = m(xr)
+        name = _node(o.out)
+        w = torch.linspace(-1, 1, o.out.numel(), dtype=x.dtype).view_as(o.out)
+        ((o.out * w).sum() + o.out.square().sum() + 3.0 * o.aux_loss).backward()
+        st = o.stats
+        res = [o.out.detach(), o.aux_loss.detach(), xr.grad, st.tokens_per_expert, st.importance,
+               st.router_entropy] + [st.aux_losses[k] for k in sorted(st.aux_losses)] + [p.grad for p in m.parameters()]
+        return name, sorted(st.aux_losses), res
+    finally:
+        kernels.use_folded_router(True)
+
+
+FOLD_CASES = [
+    dict(top_k=1), dict(top_k=2), dict(top_k=3, activation="gelu_tanh", group_size=37),
+    dict(top_k=1, noise_std=0.0), dict(top_k=2, noise_std=0.0, group_size=37),
+    dict(top_k=2, importance_loss_weight=0.0), dict(top_k=2, load_loss_weight=0.0),
+    dict(top_k=1, importance_loss_weight=0.0, load_loss_weight=0.0),
+    dict(top_k=2, activation="swiglu", bias=False, load_loss_weight=0.3, importance_loss_weight=0.2),
+    dict(top_k=2, activation="relu", noise_std=3.0, load_loss_weight=1.0, group_size=3),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("cfg", FOLD_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_router_folded_in_equals_the_separate_router(cfg, threads):
+    """One autograd node for router + losses + experts (hand-written loss gradients, the router's x grad
+    added into the experts') against router -> plan -> dispatch with autograd: same output, aux loss,
+    statistics and every gradient, with noise, groups, the load loss and loss weights of 0."""
+    cfg = dict(cfg)
+    k = cfg.pop("top_k")
+    torch.manual_seed(0)
+    m = MoE(12, 20, 5, k, impl="cpu_fused", **cfg).double()
+    x = torch.randn(3, 37, 12, dtype=torch.float64)
+    n1, l1, fold = _fold_grads(m, x, True)
+    n0, l0, ref = _fold_grads(m, x, False)
+    assert n1 == "_TopKMoEBackward" and n0 != n1, (n1, n0)  # the folded node ran, and only when on
+    assert l1 == l0
+    for a, b in zip(fold, ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), (a - b).abs().max()
+
+
+def test_router_folded_in_frozen_parts_and_fp32():
+    torch.manual_seed(0)
+    m = MoE(16, 24, 4, 2, impl="cpu_fused", load_loss_weight=0.5)
+    x = torch.randn(2, 50, 16)
+    m.router.weight.requires_grad_(False)
+    _, _, fold = _fold_grads(m, x, True, x_grad=False)
+    _, _, ref = _fold_grads(m, x, False, x_grad=False)
+    for a, b in zip(fold, ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+    assert fold[2] is None and m.router.weight.grad is None
+
+
+def test_router_folded_in_steps_aside_for_hooks_capacity_and_eval_noise():
+    torch.manual_seed(0)
+    m = MoE(8, 12, 4, 2, impl="cpu_fused").double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    assert _node(m(x).out) == "_TopKMoEBackward"
+    seen = []
+    h = m.router.register_forward_hook(lambda mod, i, o: seen.append(o))
+    assert _node(m(x).out) != "_TopKMoEBackward" and len(seen) == 1  # the hook still runs
+    h.remove()
+    m.router.capacity_factor = 1.0
+    assert _node(m(x).out) != "_TopKMoEBackward"
+    m.eval()  # eval capacity None (dropless), no noise: folded again
+    assert m.router.current_capacity_factor() is None
+    assert _node(m(x).out) == "_TopKMoEBackward"
+
+
+def test_cv2_gradient_is_autograd_s():
+    from moevision.kernels.cpu import _cv2_grad
+    from moevision.moe.losses import cv_squared
+
+    v = torch.rand(3, 7, dtype=torch.float64, requires_grad=True)
+    cv, g = _cv2_grad(v.detach())
+    ref = cv_squared(v)
+    ref.sum().backward()
+    assert torch.allclose(cv, ref.detach()) and torch.allclose(g, v.grad)
+    # by hand: v = (1, 3): m = 2, var = 1, cv = 1/4; d/dv = (2(v - m) / (2 * 4)) - 1 * 2 * 2 / (2 * 16)
+    cv, g = _cv2_grad(torch.tensor([[1.0, 3.0]], dtype=torch.float64), eps=0.0)
+    assert cv.item() == 0.25 and torch.allclose(g, torch.tensor([[-0.25 - 0.125, 0.25 - 0.125]], dtype=torch.float64))
+
+
+def _ranges(counts, nt, whole=True):
+    offs = torch.zeros(len(counts) + 1, dtype=torch.long)
+    offs[1:] = torch.tensor(counts).cumsum(0)
+    return offs, OPS.expert_thread_ranges(offs, nt, whole).tolist()
+
+
+@pytest.mark.parametrize("counts,nt,whole_expected", [
+    ([776, 873, 829, 832, 802, 805, 802, 681], 2, True),  # a real router's ViT-Ti k1 counts
+    ([398, 397, 424, 406, 405, 407, 337, 426], 2, True),
+    ([5, 3, 9, 1, 7, 2], 3, True),  # 27 rows: LPT gives 9 | 8 (5+3) | 10 (7+2+1)... within 8 rows of 9
+    ([1000, 10, 10], 2, False),  # one expert holds most rows: no even split of whole experts, blocks
+    ([3, 0, 0, 5], 1, True),
+])
+def test_thread_split_covers_every_row_once_and_keeps_experts_whole_when_balanced(counts, nt, whole_expected):
+    offs, r = _ranges(counts, nt)
+    A = sum(counts)
+    rows = sorted((lo, hi) for _, lo, hi in r if hi > lo)
+    assert [lo for lo, _ in rows] == [0] + [hi for _, hi in rows[:-1]] and (not rows or rows[-1][1] == A)
+    load = [sum(hi - lo for t, lo, hi in r if t == i) for i in range(nt)]
+    starts = set(offs.tolist())
+    whole = all(lo in starts and hi in starts for _, lo, hi in r)
+    if whole_expected:
+        assert whole and max(load) * 100 <= (A // nt) * 101 + 800
+    else:
+        assert [hi - lo for _, lo, hi in r] == [(t + 1) * A // nt - t * A // nt for t in range(nt)]  # equal blocks
+    if nt == 2 and whole_expected:  # the subset-sum split is exact: the best split of these counts
+        best = min(abs(A - 2 * sum(c for c, b in zip(counts, bits) if b))
+                   for bits in __import__("itertools").product([0, 1], repeat=len(counts)))
+        assert max(load) - min(load) == best
+    _, blocks = _ranges(counts, nt, whole=False)
+    assert [hi - lo for _, lo, hi in blocks] == [(t + 1) * A // nt - t * A // nt for t in range(nt)]
+    assert all(hi == lo for _, lo, hi in _ranges([0, 0, 0, 0], 2)[1])  # no rows: nothing to run

@@ -35,7 +35,7 @@ from ..moe.dispatch import DISPATCH_IMPLS, get_dispatch, register_dispatch
 from . import fused as _fused
 from . import native as _native
 from . import triton as _triton
-from .cpu import dispatch_cpu_fused
+from .cpu import dispatch_cpu_fused, topk_moe_fused
 from .fused import dispatch_fused, dispatch_triton
 
 register_dispatch("fused", dispatch_fused)
@@ -96,6 +96,23 @@ def use_native(enabled: bool) -> None:
     _native.set_enabled(enabled)
 
 
+def use_folded_router(enabled: bool) -> None:
+    """Fold the top-k router into ``cpu_fused``'s autograd node where it applies (on by default; see
+    ``kernels.cpu.topk_moe_fused``), or keep it a separate module feeding a plan to the dispatch (A/B)."""
+    from . import cpu as _cpu
+
+    _cpu._FOLD_ROUTER["on"] = bool(enabled)
+
+
+def use_whole_expert_split(enabled: bool) -> None:
+    """Share whole experts out among the native op's threads when that balances them (on by default), or
+    always cut the sorted rows into equal blocks, an expert straddling two blocks computed in two parts
+    (A/B benchmarks, tests). No effect without the native kernels."""
+    ops = _native.ops()
+    if ops is not None:
+        ops.set_whole_experts(bool(enabled))
+
+
 def native_ops():
     """``torch.ops.moevision_cpu`` when the native kernels are on and built (building them on first
     call), else None."""
@@ -113,6 +130,8 @@ def use_k_major_weights(enabled: bool) -> None:
     _fused._k_major_weights = bool(enabled)
 
 
-__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "native_ops", "native_status",
+__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
+           "use_whole_expert_split",
+           "native_ops", "native_status",
            "use_k_major_weights",
            "register_dispatch", "get_dispatch", "TRITON_AVAILABLE"]

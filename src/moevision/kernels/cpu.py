@@ -246,3 +246,167 @@ def _dispatch_cpu_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts,
         act = "silu" if experts.swiglu else experts.activation
         return _ExpertMLP.apply(_w(x_TD, dt), plan.gates, _w(experts.w1, dt), b1, _w(experts.w2, dt), b2, w3,
                                 order, pos, counts, K, act, offs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The router folded in: top-k router core, V-MoE losses and expert MLP as one autograd node.
+
+def _cv2_grad(v_GE: torch.Tensor, eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """CV²(v) per row (``moe.losses.cv_squared``: population variance over mean² + eps) and its gradient
+    d CV² / d v, both from one pass: with m = mean(v), var = mean((v - m)²), n = m² + eps,
+    d/dv_e = 2 (v_e - m) / (E n) - var 2 m / (E n²) (the variance's m-term vanishes: sum(v - m) = 0)."""
+    E = v_GE.shape[-1]
+    m = v_GE.mean(-1, keepdim=True)
+    d = v_GE - m
+    var = d.square().mean(-1, keepdim=True)
+    n = m * m + eps
+    cv = (var / n).squeeze(-1)
+    grad = d * (2.0 / (E * n)) - var * (2.0 * m / (E * n * n))
+    return cv, grad
+
+
+class _TopKMoE(torch.autograd.Function):
+    """A top-k token-choice MoE layer in one autograd node: the router core (logits, softmax, top-k), the
+    V-MoE importance and load losses, the counting sort and the expert MLP forward; backward the expert
+    MLP, the losses' gradients written out (``_cv2_grad``, the normal density of the load loss), then
+    the router core, whose x gradient is added by its GEMM into the experts' x gradient buffer.
+
+    Inputs: x (T, D), the router weight (E, D), the expert parameters, the router noise (T, E) or None,
+    G routing groups of T / G tokens, K, the activation, the loss weights and the noise std sigma.
+    Outputs: out (T, D), the weighted aux loss, and (not differentiable) the unweighted importance and
+    load losses, the clean logits and probabilities (T, E), top_v and top_i (T, K)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_r, w1, b1, w2, b2, w3, noise_TE, G, K, act, w_imp, w_load, sigma, ops):
+        T, D = x_TD.shape
+        E = w_r.shape[0]
+        S = T // G
+        x = x_TD.contiguous()
+        logits, probs, top_v, top_i = ops.router_fwd(x, w_r, noise_TE, K)
+        clean = probs
+        if noise_TE is not None:  # the losses and the statistics read the clean softmax
+            clean = (logits - logits.amax(-1, keepdim=True)).exp_()
+            clean.div_(clean.sum(-1, keepdim=True))
+        imp_loss, load_loss = logits.new_zeros(()), logits.new_zeros(())
+        imp_grad = load_grad = z = None
+        if w_imp:
+            cv, imp_grad = _cv2_grad(clean.view(G, S, E).sum(1))
+            imp_loss = cv.mean()
+        if w_load and sigma > 0:  # p_e(x) = 1 - Phi((eta(x) - l_e(x)) / sigma), eta the K-th noisy logit
+            eta = (logits + noise_TE).gather(1, top_i[:, K - 1:K])
+            z = (eta - logits).div_(sigma)
+            p = torch.special.erfc(z * (0.5 ** 0.5)).mul_(0.5)
+            cv, load_grad = _cv2_grad(p.view(G, S, E).mean(1))
+            load_loss = cv.mean()
+        aux = w_imp * imp_loss + (w_load * load_loss if z is not None else 0.0)
+        order, pos, offs = ops.sort_by_expert(top_i.view(-1), E)
+        tok_sorted = torch.div(order, K, rounding_mode="floor") if K > 1 else order
+        g = top_v.view(-1)
+        out, xs, h, h3, a, y = ops.expert_mlp_fwd(x, tok_sorted, g, pos, K, w1, b1, w2, b2, w3, offs,
+                                                  _native.ACT_CODES[act])
+        ctx.save_for_backward(x, w_r, probs, clean, top_i, z, xs, h, h3 if w3 is not None else None, a, y, g,
+                              w1, w2, w3, order, pos, tok_sorted, offs)
+        ctx.imp_grad, ctx.load_grad = imp_grad, load_grad
+        ctx.G, ctx.K, ctx.act, ctx.ops, ctx.sigma = G, K, act, ops, sigma
+        ctx.w_imp, ctx.w_load = w_imp, (w_load if z is not None else 0.0)
+        ctx.noisy = noise_TE is not None
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        if not torch.is_tensor(aux) or not (ctx.w_imp or ctx.w_load):
+            aux = logits.new_zeros(())
+            ctx.mark_non_differentiable(aux)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(imp_loss, load_loss, logits, clean, top_v, top_i)
+        return out, aux, imp_loss, load_loss, logits, clean, top_v, top_i
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_aux, *_unused):
+        (x, w_r, probs, clean, top_i, z, xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted,
+         offs) = ctx.saved_tensors
+        need_x, need_wr, need_w1, need_b1, need_w2, need_b2, need_w3 = ctx.needs_input_grad[:7]
+        G, K, ops = ctx.G, ctx.K, ctx.ops
+        T, E = probs.shape
+        S = T // G
+        need_router = need_x or need_wr
+        empty = g.new_empty(0)
+        if g_out is None:  # only the aux loss reached the loss
+            g_out = x.new_zeros(x.shape)
+        gx, g_topv, gw1, gb1, gw2, gb2, gw3 = ops.expert_mlp_bwd(
+            g_out.contiguous(), tok_sorted, order, pos, g, K, xs, h, h3 if h3 is not None else empty, a, y, w1, w2,
+            w3, offs, _native.ACT_CODES[ctx.act], need_x, need_router, need_w1, need_b1 and ctx.has_b1, need_w2,
+            need_b2 and ctx.has_b2, need_w3 and w3 is not None)
+        gx, gw1, gb1, gw2, gb2, gw3 = (t if t.numel() else None for t in (gx, gw1, gb1, gw2, gb2, gw3))
+        gwr = None
+        if need_router:
+            g_logits = g_probs = None
+            scale = g_aux / G if g_aux is not None else None
+            if ctx.w_imp and scale is not None:  # d loss / d clean probs: one (E,) row per group
+                c = (ctx.imp_grad * (scale * ctx.w_imp)).view(G, 1, E)
+                if not ctx.noisy:
+                    g_probs = c.expand(G, S, E).reshape(T, E) if G > 1 else c.view(1, E).expand(T, E)
+                else:  # through the clean softmax: p * (c - <c, p>)
+                    c = c.expand(G, S, E).reshape(T, E)
+                    g_logits = clean * (c - (c * clean).sum(-1, keepdim=True))
+            if ctx.w_load and scale is not None:  # p = 1 - Phi(z), z = (eta - l) / sigma
+                c = (ctx.load_grad * (scale * ctx.w_load / S)).view(G, 1, E).expand(G, S, E).reshape(T, E)
+                q = z.square().mul_(-0.5).exp_().mul_(c * ((2 * torch.pi) ** -0.5 / ctx.sigma))  # dL/dl (T, E)
+                q.scatter_add_(1, top_i[:, K - 1:K], -q.sum(-1, keepdim=True))  # eta: the K-th noisy logit
+                g_logits = q if g_logits is None else g_logits.add_(q)
+            _, gwr = ops.router_bwd(x, w_r, probs, top_i, g_logits, g_probs, g_topv.view(T, K), need_x, need_wr,
+                                    gx if need_x else None)
+            gwr = gwr if need_wr else None
+        return gx, gwr, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None, None, None, None
+
+
+_FOLD_ROUTER = {"on": True}  # kernels.use_folded_router (A/B benchmarks, tests)
+
+
+def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
+    """``cpu_fused`` with the router folded in (``_TopKMoE``): (out (T, D), RoutingPlan), or None where it
+    does not apply and the layer takes the router -> plan -> dispatch path. It applies to the V-MoE-style
+    top-k router as it is by default - linear logits, softmax before top-k, dropless, no renormalisation,
+    importance loss on the probabilities, load loss, noise - on fp32/fp64 CPU tensors with the native
+    kernels, outside autocast, torch.compile and torch.func, and when no hook, subclass or override could
+    see the difference. Same function as the unfused path, same router noise (tests/test_native.py)."""
+    from ..moe.router import TopKRouter
+
+    r, ex = moe.router, moe.experts
+    if (not _FOLD_ROUTER["on"] or type(r) is not TopKRouter or x_TD.device.type != "cpu" or r.logit_type != "linear"
+            or r.task_routing != "none" or r.softmax_order != "before_topk" or r.normalize_topk
+            or r.importance_on != "probs" or r.weights["switch"] or r.weights["z"]
+            or r.current_capacity_factor() is not None
+            or (r.second_expert_noise == "gumbel" and r.top_k > 1
+                and (r.training or r.second_expert_noise_in_eval))):
+        return None
+    dt = x_TD.dtype
+    if (dt not in (torch.float32, torch.float64) or r.weight.dtype != dt or ex.w1.dtype != dt
+            or not isinstance(ex, Experts) or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+            or r._forward_hooks or r._forward_pre_hooks or "forward" in r.__dict__
+            or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks):
+        return None
+    ops = _native.ops()
+    if ops is None or not hasattr(ops, "router_bwd"):
+        return None
+    from ..moe.types import RoutingPlan
+
+    E, K, T = r.num_experts, r.top_k, x_TD.shape[0]
+    sigma = r.noise_std / E if (r.training and r.noise_std > 0) else 0.0
+    noise = sigma * torch.randn(G, S, E, dtype=dt) if sigma > 0 else None  # as TopKRouter draws it
+    w_imp, w_load = float(r.weights["importance"]), float(r.weights["load"])
+    act = "silu" if ex.swiglu else ex.activation
+    out, aux, imp, load, logits, clean, top_v, top_i = _TopKMoE.apply(
+        x_TD, r.weight, ex.w1, ex.b1 if ex.has_bias else None, ex.w2, ex.b2 if ex.has_bias else None,
+        ex.w3 if ex.swiglu else None, None if noise is None else noise.view(T, E), G, K, act, w_imp, w_load, sigma, ops)
+    aux_losses = {}
+    if w_imp:
+        aux_losses["importance"] = imp
+    if w_load and sigma > 0:
+        aux_losses["load"] = load
+    token_idx = torch.arange(T * K)
+    if K > 1:
+        token_idx = torch.div(token_idx, K, rounding_mode="floor")
+    plan = RoutingPlan(token_idx=token_idx, expert_idx=top_i.view(-1), gates=top_v.view(-1),
+                       kept=torch.ones(T * K, dtype=torch.bool), slot=None, probs_GSE=clean.view(G, S, E),
+                       logits_GSE=logits.view(G, S, E), capacity=None, aux_losses=aux_losses, aux_loss=aux, top_k=K)
+    return out, plan

@@ -270,6 +270,13 @@ class MoE(nn.Module):
             task_kw = {"task": self._task(task, lead, G, S)}
         else:
             task_kw = {}
+        if expert_mask is None and not task_kw and self.router_name == "topk":
+            impl = _kernels.resolve_impl(self.impl, x_TD, self.experts)
+            fused = _kernels.topk_moe_fused(self, x_TD, G, S) if impl == "cpu_fused" else None
+            if fused is not None:  # cpu_fused with the router in the same autograd node (kernels/cpu.py)
+                out, plan = fused
+                return MoEOutput(out=out.view(*lead, self.dim), aux_loss=plan.aux_loss,
+                                 stats=self._stats(plan, T, lead))
         if expert_mask is None:
             plan = self.router(x_TD.view(G, S, self.dim), **task_kw)
         else:

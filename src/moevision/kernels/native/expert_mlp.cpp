@@ -78,6 +78,76 @@ void for_blocks(int64_t A, int nt, const F& fn) {
   });
 }
 
+// The rows each thread runs, as ranges of the expert-sorted rows. Whole experts when they can be shared
+// out evenly - the heaviest thread within 1% (+8 rows) of A / nt - so that no expert's GEMMs are cut in
+// two and no weight gradient is summed from two parts; else equal contiguous blocks (an expert straddling
+// two blocks is then computed in two parts). Two threads: the exact subset-sum split (a table of E x A/2
+// bits, when that is small), more: largest expert first to the least-loaded thread.
+using Ranges = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
+
+Ranges thread_ranges(const std::vector<int64_t>& o, int64_t A, int nt, bool whole_experts) {
+  const int64_t E = static_cast<int64_t>(o.size()) - 1;
+  Ranges r(nt);
+  if (whole_experts && nt > 1 && E >= nt) {
+    std::vector<int> owner(E, 0);
+    std::vector<int64_t> load(nt, 0);
+    const int64_t half = A / 2;
+    if (nt == 2 && E * (half + 1) <= (int64_t(1) << 22)) {
+      // reach[e][s]: a subset of experts 0..e-1 sums to s rows (s <= A/2)
+      std::vector<std::vector<char>> reach(E + 1, std::vector<char>(half + 1, 0));
+      reach[0][0] = 1;
+      for (int64_t e = 0; e < E; e++) {
+        const int64_t c = o[e + 1] - o[e];
+        for (int64_t s = 0; s <= half; s++)
+          reach[e + 1][s] = reach[e][s] || (s >= c && reach[e][s - c]);
+      }
+      int64_t s = half;
+      while (!reach[E][s]) s--;
+      for (int64_t e = E; e > 0; e--) {  // walk back: expert e-1 is thread 1's when s is unreachable without it
+        if (!reach[e - 1][s]) {
+          owner[e - 1] = 1;
+          s -= o[e] - o[e - 1];
+        }
+      }
+      for (int64_t e = 0; e < E; e++) load[owner[e]] += o[e + 1] - o[e];
+    } else {
+      std::vector<int64_t> idx(E);
+      for (int64_t e = 0; e < E; e++) idx[e] = e;
+      std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return o[a + 1] - o[a] > o[b + 1] - o[b]; });
+      for (int64_t e : idx) {
+        const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+        owner[e] = t;
+        load[t] += o[e + 1] - o[e];
+      }
+    }
+    const int64_t heaviest = *std::max_element(load.begin(), load.end());
+    if (heaviest * 100 <= (A / nt) * 101 + 800) {
+      for (int64_t e = 0; e < E; e++) {
+        if (o[e] == o[e + 1]) continue;
+        auto& v = r[owner[e]];
+        if (!v.empty() && v.back().second == o[e]) v.back().second = o[e + 1];  // adjacent: one range
+        else v.emplace_back(o[e], o[e + 1]);
+      }
+      return r;
+    }
+  }
+  for (int t = 0; t < nt; t++) r[t].emplace_back(t * A / nt, (t + 1) * A / nt);
+  return r;
+}
+
+// Run fn(tid, lo, hi) for each of thread tid's row ranges, the threads in one parallel region.
+template <typename F>
+void for_ranges(const Ranges& r, const F& fn) {
+  const int nt = static_cast<int>(r.size());
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    for (int64_t t = b; t < e; t++)
+      for (const auto& lh : r[t]) fn(t, lh.first, lh.second);
+  });
+}
+
+bool whole_experts_enabled = true;  // set_whole_experts (A/B benchmarks, tests)
+
 int threads_for(int64_t A) {
   int nt = at::get_num_threads();
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, A / 16)));
@@ -174,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto a = at::empty({A, Fh}, x.options());
   auto y = at::empty({A, D}, x.options());
   const bool has_b1 = b1.has_value() && b1->defined(), has_b2 = b2.has_value() && b2->defined();
-  for_blocks(A, threads_for(A), [&](int64_t, int64_t lo, int64_t hi) {
+  for_ranges(thread_ranges(o, A, threads_for(A), whole_experts_enabled), [&](int64_t, int64_t lo, int64_t hi) {
     if (lo >= hi) return;
     auto xs_t = xs.narrow(0, lo, hi - lo);
     at::index_select_out(xs_t, x, 0, tok.narrow(0, lo, hi - lo));
@@ -258,7 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // per thread: the expert whose rows it holds but does not start (at most one), and its partial grads
   std::vector<int64_t> part_e(nt, -1);
   std::vector<std::vector<at::Tensor>> part(nt);
-  for_blocks(A, nt, [&](int64_t t, int64_t lo, int64_t hi) {
+  for_ranges(thread_ranges(o, A, nt, whole_experts_enabled), [&](int64_t t, int64_t lo, int64_t hi) {
+    if (lo >= hi) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gout.scalar_type(), "moevision_grad_rows", [&] {
       grad_rows(gy.data_ptr<scalar_t>(), need_g ? ggate.data_ptr<scalar_t>() : nullptr, gout.data_ptr<scalar_t>(),
                 y.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(),
@@ -416,10 +487,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_fwd(
 // dx = dlogits @ w and dw = dlogits^T @ x. One parallel region over row blocks (each thread its block's
 // dlogits, its dx rows and a partial dw, summed after the region). The incoming grads may be broadcast
 // views (a loss on a sum over tokens sends a stride-0 grad): read through their strides, never copied.
+// With ``dx_acc`` (a contiguous (T, D) buffer, e.g. the experts' grad of the same x) dx is added into it
+// by the GEMM itself (beta = 1; the returned dx is then empty): no separate (T, D) tensor and no later
+// pass to sum the two.
 std::tuple<at::Tensor, at::Tensor> router_bwd(
     const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& probs, const at::Tensor& top_i,
     const c10::optional<at::Tensor>& g_logits_opt, const c10::optional<at::Tensor>& g_probs_opt,
-    const c10::optional<at::Tensor>& g_topv_opt, bool need_x, bool need_w) {
+    const c10::optional<at::Tensor>& g_topv_opt, bool need_x, bool need_w,
+    const c10::optional<at::Tensor>& dx_acc_opt) {
   const int64_t T = probs.size(0), E = probs.size(1), K = top_i.size(1);
   TORCH_CHECK(probs.is_contiguous() && top_i.is_contiguous(), "moevision router: probs and top_i must be contiguous");
   const auto x = x_in.contiguous();
@@ -432,7 +507,12 @@ std::tuple<at::Tensor, at::Tensor> router_bwd(
   };
   const auto gl = get(g_logits_opt, E), gp = get(g_probs_opt, E), gv = get(g_topv_opt, K);
   const int nt = threads_for(T);
-  auto dx = need_x ? at::empty({T, w.size(1)}, x.options()) : at::empty({0}, x.options());
+  const bool acc = need_x && dx_acc_opt.has_value() && dx_acc_opt->defined();
+  if (acc)
+    TORCH_CHECK(dx_acc_opt->dim() == 2 && dx_acc_opt->size(0) == T && dx_acc_opt->size(1) == w.size(1) &&
+                dx_acc_opt->is_contiguous() && dx_acc_opt->scalar_type() == x.scalar_type(),
+                "moevision router: dx_acc must be a contiguous (T, D) tensor in x's dtype, got ", dx_acc_opt->sizes());
+  auto dx = acc ? *dx_acc_opt : (need_x ? at::empty({T, w.size(1)}, x.options()) : at::empty({0}, x.options()));
   auto dw = need_w ? at::zeros_like(w) : at::empty({0}, x.options());
   std::vector<at::Tensor> dw_part(nt);
   for_blocks(T, nt, [&](int tid, int64_t lo, int64_t hi) {
@@ -461,7 +541,7 @@ std::tuple<at::Tensor, at::Tensor> router_bwd(
     auto db = dl.narrow(0, lo, hi - lo);
     if (need_x) {
       auto dxb = dx.narrow(0, lo, hi - lo);
-      at::mm_out(dxb, db, w);
+      if (acc) dxb.addmm_(db, w); else at::mm_out(dxb, db, w);
     }
     if (need_w) {
       if (nt == 1) at::mm_out(dw, db.t(), x.narrow(0, lo, hi - lo));
@@ -471,6 +551,7 @@ std::tuple<at::Tensor, at::Tensor> router_bwd(
   if (need_w && nt > 1)
     for (int t = 0; t < nt; t++)
       if (dw_part[t].defined()) dw.add_(dw_part[t]);
+  if (acc) return {at::empty({0}, x.options()), dw};  // dx went into dx_acc (not returned: no output aliases an input)
   return {dx, dw};
 }
 
@@ -502,13 +583,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& 
   return {order, pos, offs};
 }
 
+// thread_ranges as a (R, 3) int64 tensor of (thread, first row, end row), for tests and diagnostics.
+at::Tensor expert_thread_ranges(const at::Tensor& offs, int64_t nt, bool whole_experts) {
+  TORCH_CHECK(nt >= 1, "moevision expert_thread_ranges: nt must be >= 1, got ", nt);
+  const int64_t E = offs.numel() - 1;
+  TORCH_CHECK(E >= 1, "moevision expert_thread_ranges: offsets need E + 1 >= 2 entries");
+  const auto o = read_offsets(offs, E);
+  const auto r = thread_ranges(o, o[E], static_cast<int>(nt), whole_experts);
+  std::vector<int64_t> flat;
+  for (int64_t t = 0; t < nt; t++)
+    for (const auto& lh : r[t]) flat.insert(flat.end(), {t, lh.first, lh.second});
+  return at::tensor(flat, at::kLong).view({-1, 3});
+}
+
+// Switch the whole-expert thread split on or off (returns the previous setting).
+bool set_whole_experts(bool on) {
+  const bool was = whole_experts_enabled;
+  whole_experts_enabled = on;
+  return was;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moevision_cpu, m) {
+  m.def("set_whole_experts(bool on) -> bool");
+  m.def("expert_thread_ranges(Tensor offs, int nt, bool whole_experts) -> Tensor");
   m.def("sort_by_expert(Tensor expert, int E) -> (Tensor, Tensor, Tensor)");
   m.def("router_fwd(Tensor x, Tensor w, Tensor? noise, int K) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("router_bwd(Tensor x, Tensor w, Tensor probs, Tensor top_i, Tensor? g_logits, Tensor? g_probs, "
-        "Tensor? g_topv, bool need_x, bool need_w) -> (Tensor, Tensor)");
+        "Tensor? g_topv, bool need_x, bool need_w, Tensor(a!)? dx_acc=None) -> (Tensor, Tensor)");
   m.def("expert_mlp_fwd(Tensor x, Tensor tok, Tensor gates, Tensor pos, int K, Tensor w1, Tensor? b1, "
         "Tensor w2, Tensor? b2, Tensor? w3, Tensor offs, int act) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -524,4 +627,9 @@ TORCH_LIBRARY_IMPL(moevision_cpu, CPU, m) {
   m.impl("router_fwd", &router_fwd);
   m.impl("router_bwd", &router_bwd);
   m.impl("sort_by_expert", &sort_by_expert);
+  m.impl("expert_thread_ranges", &expert_thread_ranges);
+}
+
+TORCH_LIBRARY_IMPL(moevision_cpu, CatchAll, m) {
+  m.impl("set_whole_experts", &set_whole_experts);
 }
