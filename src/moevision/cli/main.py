@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
             "moe-layer: forward and forward+backward of every dispatch implementation (and, on CPU, cpu_fused "
-            "with its native C++ kernels off, as an A/B) against a dense FFN on the T*k routed tokens, the same "
+            "with its native C++ kernels off and with the router kept apart, as A/Bs) against a dense FFN on the "
+            "T*k routed tokens, the same "
             "active FLOPs; ratios to it, measured interleaved in one process.", 100)
                     + "\n" + textwrap.fill("model: a training step (AdamW) of the MoE ViT over its dense twin.", 100)
                     + "\n\n"

@@ -132,6 +132,6 @@ def use_k_major_weights(enabled: bool) -> None:
 
 __all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
            "use_whole_expert_split",
-           "native_ops", "native_status",
+           "native_ops", "native_status", "topk_moe_fused",
            "use_k_major_weights",
            "register_dispatch", "get_dispatch", "TRITON_AVAILABLE"]

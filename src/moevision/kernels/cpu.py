@@ -35,6 +35,17 @@ CPU runs them in fp32: ``torch._grouped_mm`` is not an autocast op). The backwar
 (``once_differentiable``); inside ``torch.func`` transforms and ``torch.compile`` the path steps aside
 (see ``dispatch_cpu_fused``).
 
+The router folded in (``topk_moe_fused``, used by ``MoE.forward``): for the top-k router in its V-MoE
+form (linear logits, softmax before top-k, dropless, importance and load losses, noise) on CPU tensors
+with the native kernels, router core, losses and expert MLP are one autograd node (``_TopKMoE``) instead
+of the router module's nodes feeding a plan to this dispatch: the losses' gradients are written out
+(``_cv2_grad``, the load loss's normal density) rather than recorded op by op, and the router's x
+gradient is added by its GEMM into the experts' x gradient buffer instead of autograd summing two (T, D)
+tensors. Same function and same router noise as the separate router (``tests/test_native.py``); any
+other router option, a hook on the router, autocast, ``torch.compile`` or ``torch.func`` keeps them
+apart. ``kernels.use_folded_router(False)`` switches it off (the benchmark's A/B). Measured gain: ~1%
+of the layer (docs/performance.md, session 11).
+
 Shape legend: T tokens, K choices per token, A = T*K assignments, D width, F hidden, E experts.
 """
 

@@ -1,14 +1,16 @@
 // moevision CPU kernels: the whole expert MLP of an MoE layer (``cpu_fused``) as a grouped computation.
 //
-// The expert-sorted rows are cut into one contiguous block per thread (an equal share of the rows, so
-// the work is balanced whatever the expert counts are); each thread runs, for every expert segment
-// inside its block, the gather, both projections (bias fused), the activation and, in backward, the
-// four GEMMs, the bias sums and the activation backward, each GEMM single-threaded on its own rows.
+// The expert-sorted rows are shared out among the threads (``thread_ranges``): whole experts when that
+// balances the threads within 1% (on 2 threads the exact subset-sum split), else one contiguous block per
+// thread (an equal share of the rows, so the work is balanced whatever the expert counts are); each
+// thread runs, for every expert segment in its rows, the gather, both projections (bias fused), the
+// activation and, in backward, the four GEMMs, the bias sums and the activation backward, each GEMM
+// single-threaded on its own rows.
 // MKL's own threading splits every GEMM across the threads instead, and per-expert GEMMs of a few
 // hundred rows then pay its per-call split/pack overhead once per expert (measured ~5-10% over one
 // GEMM of the same total size on 2 threads, docs/performance.md); here there is one parallel region
-// per direction. An expert whose rows straddle two blocks has its weight gradient summed from two
-// partial GEMMs (the thread holding its first row writes, the other adds after the region).
+// per direction. In the block split an expert whose rows straddle two blocks has its weight gradient
+// summed from two partial GEMMs (the thread holding its first row writes, the other adds after the region).
 //
 // The reference is the Python loop of ``kernels/cpu.py`` (same function, tested equal).
 #include <torch/library.h>
@@ -92,19 +94,21 @@ Ranges thread_ranges(const std::vector<int64_t>& o, int64_t A, int nt, bool whol
     std::vector<int> owner(E, 0);
     std::vector<int64_t> load(nt, 0);
     const int64_t half = A / 2;
-    if (nt == 2 && E * (half + 1) <= (int64_t(1) << 22)) {
-      // reach[e][s]: a subset of experts 0..e-1 sums to s rows (s <= A/2)
-      std::vector<std::vector<char>> reach(E + 1, std::vector<char>(half + 1, 0));
-      reach[0][0] = 1;
+    if (nt == 2 && E * (half + 1) <= (int64_t(1) << 18)) {  // ~0.1 ms at most
+      // reach(e, s): a subset of experts 0..e-1 sums to s rows (s <= A/2)
+      const int64_t W = half + 1;
+      std::vector<unsigned char> reach((E + 1) * W, 0);
+      reach[0] = 1;
       for (int64_t e = 0; e < E; e++) {
         const int64_t c = o[e + 1] - o[e];
-        for (int64_t s = 0; s <= half; s++)
-          reach[e + 1][s] = reach[e][s] || (s >= c && reach[e][s - c]);
+        const unsigned char* prev = reach.data() + e * W;
+        unsigned char* cur = reach.data() + (e + 1) * W;
+        for (int64_t s = 0; s < W; s++) cur[s] = prev[s] | (s >= c ? prev[s - c] : 0);
       }
       int64_t s = half;
-      while (!reach[E][s]) s--;
+      while (!reach[E * W + s]) s--;
       for (int64_t e = E; e > 0; e--) {  // walk back: expert e-1 is thread 1's when s is unreachable without it
-        if (!reach[e - 1][s]) {
+        if (!reach[(e - 1) * W + s]) {
           owner[e - 1] = 1;
           s -= o[e] - o[e - 1];
         }
