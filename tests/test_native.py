@@ -320,7 +320,8 @@ def _fold_grads(m, x, fold: bool, seed: int = 1, x_grad: bool = True):
         w = torch.linspace(-1, 1, o.out.numel(), dtype=x.dtype).view_as(o.out)
         ((o.out * w).sum() + o.out.square().sum() + 3.0 * o.aux_loss).backward()
         st = o.stats
-        res = [o.out.detach(), o.aux_loss.detach(), xr.grad, st.tokens_per_expert, st.importance,
+        res = [o.out.detach(), o.aux_loss.detach(), xr.grad, st.tokens_per_expert, st.importance, st.dropped_fraction,
+               st.dropped_token_fraction, torch.tensor(float(st.capacity or -1)),
                st.router_entropy] + [st.aux_losses[k] for k in sorted(st.aux_losses)] + [p.grad for p in m.parameters()]
         return name, sorted(st.aux_losses), res
     finally:
@@ -334,6 +335,9 @@ FOLD_CASES = [
     dict(top_k=1, importance_loss_weight=0.0, load_loss_weight=0.0),
     dict(top_k=2, activation="swiglu", bias=False, load_loss_weight=0.3, importance_loss_weight=0.2),
     dict(top_k=2, activation="relu", noise_std=3.0, load_loss_weight=1.0, group_size=3),
+    dict(top_k=1, capacity_factor=1.0), dict(top_k=2, capacity_factor=0.5, group_size=37),
+    dict(top_k=2, capacity_factor=0.75, batch_priority=True, capacity_multiple_of=1),
+    dict(top_k=3, capacity_factor=0.6, batch_priority=True, bpr_score="sum", noise_std=0.0, group_size=3),
 ]
 
 
@@ -372,7 +376,7 @@ def test_router_folded_in_frozen_parts_and_fp32():
     assert fold[2] is None and m.router.weight.grad is None
 
 
-def test_router_folded_in_steps_aside_for_hooks_capacity_and_eval_noise():
+def test_router_folded_in_steps_aside_for_hooks_and_other_options():
     torch.manual_seed(0)
     m = MoE(8, 12, 4, 2, impl="cpu_fused").double()
     x = torch.randn(20, 8, dtype=torch.float64)
@@ -381,10 +385,10 @@ def test_router_folded_in_steps_aside_for_hooks_capacity_and_eval_noise():
     h = m.router.register_forward_hook(lambda mod, i, o: seen.append(o))
     assert _node(m(x).out) != "_TopKMoEBackward" and len(seen) == 1  # the hook still runs
     h.remove()
-    m.router.capacity_factor = 1.0
+    m.router.normalize_topk = True  # an option it does not fold
     assert _node(m(x).out) != "_TopKMoEBackward"
-    m.eval()  # eval capacity None (dropless), no noise: folded again
-    assert m.router.current_capacity_factor() is None
+    m.router.normalize_topk = False
+    m.eval()  # eval: no noise, folded too
     assert _node(m(x).out) == "_TopKMoEBackward"
 
 

@@ -36,7 +36,8 @@ CPU runs them in fp32: ``torch._grouped_mm`` is not an autocast op). The backwar
 (see ``dispatch_cpu_fused``).
 
 The router folded in (``topk_moe_fused``, used by ``MoE.forward``): for the top-k router in its V-MoE
-form (linear logits, softmax before top-k, dropless, importance and load losses, noise) on CPU tensors
+form (linear logits, softmax before top-k, dropless or with a capacity and batch priority, importance
+and load losses, noise) on CPU tensors
 with the native kernels, router core, losses and expert MLP are one autograd node (``_TopKMoE``) instead
 of the router module's nodes feeding a plan to this dispatch: the losses' gradients are written out
 (``_cv2_grad``, the load loss's normal density) rather than recorded op by op, and the router's x
@@ -283,12 +284,14 @@ class _TopKMoE(torch.autograd.Function):
     the router core, whose x gradient is added by its GEMM into the experts' x gradient buffer.
 
     Inputs: x (T, D), the router weight (E, D), the expert parameters, the router noise (T, E) or None,
-    G routing groups of T / G tokens, K, the activation, the loss weights and the noise std sigma.
+    G routing groups of T / G tokens, K, the activation, the loss weights, the noise std sigma, and with a
+    capacity ``slots(top_i, top_v) -> (slot, kept)`` (the router's buffer positions, (G, S, K)).
     Outputs: out (T, D), the weighted aux loss, and (not differentiable) the unweighted importance and
-    load losses, the clean logits and probabilities (T, E), top_v and top_i (T, K)."""
+    load losses, the clean logits and probabilities (T, E), the gates (top_v, 0 where dropped), top_i and
+    kept (T, K), and the slots (T, K) (empty without a capacity)."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_r, w1, b1, w2, b2, w3, noise_TE, G, K, act, w_imp, w_load, sigma, ops):
+    def forward(ctx, x_TD, w_r, w1, b1, w2, b2, w3, noise_TE, G, K, act, w_imp, w_load, sigma, ops, slots):
         T, D = x_TD.shape
         E = w_r.shape[0]
         S = T // G
@@ -312,11 +315,16 @@ class _TopKMoE(torch.autograd.Function):
         aux = w_imp * imp_loss + (w_load * load_loss if z is not None else 0.0)
         order, pos, offs = ops.sort_by_expert(top_i.view(-1), E)
         tok_sorted = torch.div(order, K, rounding_mode="floor") if K > 1 else order
+        kept = slot = None
         g = top_v.view(-1)
+        if slots is not None:  # a capacity: (slot, kept) per choice; dropped rows stay, with gate 0
+            slot, kept = slots(top_i.view(G, S, K), top_v.view(G, S, K))
+            slot, kept = slot.reshape(T, K), kept.reshape(T, K)
+            g = (top_v * kept).view(-1)
         out, xs, h, h3, a, y = ops.expert_mlp_fwd(x, tok_sorted, g, pos, K, w1, b1, w2, b2, w3, offs,
                                                   _native.ACT_CODES[act])
         ctx.save_for_backward(x, w_r, probs, clean, top_i, z, xs, h, h3 if w3 is not None else None, a, y, g,
-                              w1, w2, w3, order, pos, tok_sorted, offs)
+                              w1, w2, w3, order, pos, tok_sorted, offs, kept)
         ctx.imp_grad, ctx.load_grad = imp_grad, load_grad
         ctx.G, ctx.K, ctx.act, ctx.ops, ctx.sigma = G, K, act, ops, sigma
         ctx.w_imp, ctx.w_load = w_imp, (w_load if z is not None else 0.0)
@@ -326,14 +334,18 @@ class _TopKMoE(torch.autograd.Function):
             aux = logits.new_zeros(())
             ctx.mark_non_differentiable(aux)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(imp_loss, load_loss, logits, clean, top_v, top_i)
-        return out, aux, imp_loss, load_loss, logits, clean, top_v, top_i
+        if kept is None:
+            kept = torch.ones(T, K, dtype=torch.bool)
+            slot = kept.new_empty(0, dtype=torch.long)
+        gates = g.view(T, K) if slots is not None else top_v
+        ctx.mark_non_differentiable(imp_loss, load_loss, logits, clean, gates, top_i, kept, slot)
+        return out, aux, imp_loss, load_loss, logits, clean, gates, top_i, kept, slot
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_aux, *_unused):
         (x, w_r, probs, clean, top_i, z, xs, h, h3, a, y, g, w1, w2, w3, order, pos, tok_sorted,
-         offs) = ctx.saved_tensors
+         offs, kept) = ctx.saved_tensors
         need_x, need_wr, need_w1, need_b1, need_w2, need_b2, need_w3 = ctx.needs_input_grad[:7]
         G, K, ops = ctx.G, ctx.K, ctx.ops
         T, E = probs.shape
@@ -363,10 +375,13 @@ class _TopKMoE(torch.autograd.Function):
                 q = z.square().mul_(-0.5).exp_().mul_(c * ((2 * torch.pi) ** -0.5 / ctx.sigma))  # dL/dl (T, E)
                 q.scatter_add_(1, top_i[:, K - 1:K], -q.sum(-1, keepdim=True))  # eta: the K-th noisy logit
                 g_logits = q if g_logits is None else g_logits.add_(q)
-            _, gwr = ops.router_bwd(x, w_r, probs, top_i, g_logits, g_probs, g_topv.view(T, K), need_x, need_wr,
+            g_topv = g_topv.view(T, K)
+            if kept is not None:  # a dropped choice's gate is 0 whatever its probability
+                g_topv = g_topv * kept
+            _, gwr = ops.router_bwd(x, w_r, probs, top_i, g_logits, g_probs, g_topv, need_x, need_wr,
                                     gx if need_x else None)
             gwr = gwr if need_wr else None
-        return gx, gwr, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None, None, None, None
+        return gx, gwr, gw1, gb1, gw2, gb2, gw3, None, None, None, None, None, None, None, None, None
 
 
 _FOLD_ROUTER = {"on": True}  # kernels.use_folded_router (A/B benchmarks, tests)
@@ -375,7 +390,8 @@ _FOLD_ROUTER = {"on": True}  # kernels.use_folded_router (A/B benchmarks, tests)
 def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
     """``cpu_fused`` with the router folded in (``_TopKMoE``): (out (T, D), RoutingPlan), or None where it
     does not apply and the layer takes the router -> plan -> dispatch path. It applies to the V-MoE-style
-    top-k router as it is by default - linear logits, softmax before top-k, dropless, no renormalisation,
+    top-k router - linear logits, softmax before top-k, dropless or with a capacity (position or batch
+    priority), no renormalisation,
     importance loss on the probabilities, load loss, noise - on fp32/fp64 CPU tensors with the native
     kernels, outside autocast, torch.compile and torch.func, and when no hook, subclass or override could
     see the difference. Same function as the unfused path, same router noise (tests/test_native.py)."""
@@ -385,7 +401,6 @@ def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
     if (not _FOLD_ROUTER["on"] or type(r) is not TopKRouter or x_TD.device.type != "cpu" or r.logit_type != "linear"
             or r.task_routing != "none" or r.softmax_order != "before_topk" or r.normalize_topk
             or r.importance_on != "probs" or r.weights["switch"] or r.weights["z"]
-            or r.current_capacity_factor() is not None
             or (r.second_expert_noise == "gumbel" and r.top_k > 1
                 and (r.training or r.second_expert_noise_in_eval))):
         return None
@@ -399,6 +414,7 @@ def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
     ops = _native.ops()
     if ops is None or not hasattr(ops, "router_bwd"):
         return None
+    from ..moe.capacity import compute_capacity
     from ..moe.types import RoutingPlan
 
     E, K, T = r.num_experts, r.top_k, x_TD.shape[0]
@@ -406,9 +422,19 @@ def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
     noise = sigma * torch.randn(G, S, E, dtype=dt) if sigma > 0 else None  # as TopKRouter draws it
     w_imp, w_load = float(r.weights["importance"]), float(r.weights["load"])
     act = "silu" if ex.swiglu else ex.activation
-    out, aux, imp, load, logits, clean, top_v, top_i = _TopKMoE.apply(
+    cf = r.current_capacity_factor()
+    capacity = slots = None
+    if cf is not None:  # the router's own slot assignment (position or batch priority), in the forward
+        capacity = compute_capacity(S * K, E, cf, mode=r.capacity_mode, multiple_of=r.capacity_multiple_of)
+
+        def router_slots(top_i, top_v):
+            slot = r._slots(top_i, top_v)
+            return slot, slot < capacity
+        slots = router_slots
+    out, aux, imp, load, logits, clean, gates, top_i, kept, slot = _TopKMoE.apply(
         x_TD, r.weight, ex.w1, ex.b1 if ex.has_bias else None, ex.w2, ex.b2 if ex.has_bias else None,
-        ex.w3 if ex.swiglu else None, None if noise is None else noise.view(T, E), G, K, act, w_imp, w_load, sigma, ops)
+        ex.w3 if ex.swiglu else None, None if noise is None else noise.view(T, E), G, K, act, w_imp, w_load, sigma, ops,
+        slots)
     aux_losses = {}
     if w_imp:
         aux_losses["importance"] = imp
@@ -417,7 +443,7 @@ def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
     token_idx = torch.arange(T * K)
     if K > 1:
         token_idx = torch.div(token_idx, K, rounding_mode="floor")
-    plan = RoutingPlan(token_idx=token_idx, expert_idx=top_i.view(-1), gates=top_v.view(-1),
-                       kept=torch.ones(T * K, dtype=torch.bool), slot=None, probs_GSE=clean.view(G, S, E),
-                       logits_GSE=logits.view(G, S, E), capacity=None, aux_losses=aux_losses, aux_loss=aux, top_k=K)
+    plan = RoutingPlan(token_idx=token_idx, expert_idx=top_i.view(-1), gates=gates.reshape(-1), kept=kept.reshape(-1),
+                       slot=None if capacity is None else slot.reshape(-1), probs_GSE=clean.view(G, S, E),
+                       logits_GSE=logits.view(G, S, E), capacity=capacity, aux_losses=aux_losses, aux_loss=aux, top_k=K)
     return out, plan
