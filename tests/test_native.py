@@ -438,3 +438,23 @@ def test_thread_split_covers_every_row_once_and_keeps_experts_whole_when_balance
     _, blocks = _ranges(counts, nt, whole=False)
     assert [hi - lo for _, lo, hi in blocks] == [(t + 1) * A // nt - t * A // nt for t in range(nt)]
     assert all(hi == lo for _, lo, hi in _ranges([0, 0, 0, 0], 2)[1])  # no rows: nothing to run
+
+
+def test_router_folded_in_records_the_same_routing():
+    torch.manual_seed(0)
+    m = MoE(8, 12, 4, 2, impl="cpu_fused", capacity_factor=0.75, record_routing=True).double()
+    x = torch.randn(2, 30, 8, dtype=torch.float64)
+    got = {}
+    for fold in (True, False):
+        kernels.use_folded_router(fold)
+        try:
+            torch.manual_seed(3)
+            o = m(x)
+            assert (_node(o.out) == "_TopKMoEBackward") == fold
+            st = o.stats
+            got[fold] = [st.expert_idx, st.gates, st.kept, st.probs, st.tokens_per_expert, st.dropped_fraction]
+        finally:
+            kernels.use_folded_router(True)
+    assert not bool(got[True][2].all())  # the capacity drops some
+    for a, b in zip(got[True], got[False], strict=True):
+        assert a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=1e-12)
