@@ -458,3 +458,23 @@ def test_router_folded_in_records_the_same_routing():
     assert not bool(got[True][2].all())  # the capacity drops some
     for a, b in zip(got[True], got[False], strict=True):
         assert a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=1e-12)
+
+
+@pytest.mark.parametrize("switch", ["fold", "whole"])
+def test_cpu_ab_benchmark_checks_both_paths_agree(monkeypatch, switch):
+    """benchmarks/cpu_ab.py: a paired A/B of a switch; both paths are checked equal before timing, and
+    every switch is set back on afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_ab.py"
+    spec = importlib.util.spec_from_file_location("cpu_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(mod.SHAPES, "tiny", (96, 16, 32, 4, 2))
+    r = mod.run("tiny", switch, repeats=3)
+    assert set(r["ms"]) == {"on", "off", "dense"} and r["ratio_to_dense"]["dense"] == 1.0
+    assert 0 < r["paired_on_over_off"]["q25"] <= r["paired_on_over_off"]["median"] <= r["paired_on_over_off"]["q75"]
+    assert OPS.set_whole_experts(True) is True  # left on
+    from moevision.kernels import cpu
+    assert cpu._FOLD_ROUTER["on"]
