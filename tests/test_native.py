@@ -415,7 +415,7 @@ def _ranges(counts, nt, whole=True):
 @pytest.mark.parametrize("counts,nt,whole_expected", [
     ([776, 873, 829, 832, 802, 805, 802, 681], 2, True),  # a real router's ViT-Ti k1 counts
     ([398, 397, 424, 406, 405, 407, 337, 426], 2, True),
-    ([5, 3, 9, 1, 7, 2], 3, True),  # 27 rows: LPT gives 9 | 8 (5+3) | 10 (7+2+1)... within 8 rows of 9
+    ([5, 3, 9, 1, 7, 2], 3, True),  # 27 rows on 3 threads: largest first gives 9 | 7+2 | 5+3+1
     ([1000, 10, 10], 2, False),  # one expert holds most rows: no even split of whole experts, blocks
     ([3, 0, 0, 5], 1, True),
 ])

@@ -405,8 +405,10 @@ def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
                 and (r.training or r.second_expert_noise_in_eval))):
         return None
     dt = x_TD.dtype
-    if (dt not in (torch.float32, torch.float64) or r.weight.dtype != dt or ex.w1.dtype != dt
-            or not isinstance(ex, Experts) or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+    if not isinstance(ex, Experts):
+        return None
+    w1 = ex.w1  # read once: a parametrised weight (LoRA) is computed on each access
+    if (dt not in (torch.float32, torch.float64) or r.weight.dtype != dt or w1.dtype != dt or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active()
             or r._forward_hooks or r._forward_pre_hooks or "forward" in r.__dict__
             or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks):
@@ -432,7 +434,7 @@ def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
             return slot, slot < capacity
         slots = router_slots
     out, aux, imp, load, logits, clean, gates, top_i, kept, slot = _TopKMoE.apply(
-        x_TD, r.weight, ex.w1, ex.b1 if ex.has_bias else None, ex.w2, ex.b2 if ex.has_bias else None,
+        x_TD, r.weight, w1, ex.b1 if ex.has_bias else None, ex.w2, ex.b2 if ex.has_bias else None,
         ex.w3 if ex.swiglu else None, None if noise is None else noise.view(T, E), G, K, act, w_imp, w_load, sigma, ops,
         slots)
     aux_losses = {}

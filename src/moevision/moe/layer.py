@@ -270,9 +270,9 @@ class MoE(nn.Module):
             task_kw = {"task": self._task(task, lead, G, S)}
         else:
             task_kw = {}
-        if expert_mask is None and not task_kw and self.router_name == "topk":
-            impl = _kernels.resolve_impl(self.impl, x_TD, self.experts)
-            fused = _kernels.topk_moe_fused(self, x_TD, G, S) if impl == "cpu_fused" else None
+        impl = _kernels.resolve_impl(self.impl, x_TD, self.experts)
+        if expert_mask is None and not task_kw and self.router_name == "topk" and impl == "cpu_fused":
+            fused = _kernels.topk_moe_fused(self, x_TD, G, S)
             if fused is not None:  # cpu_fused with the router in the same autograd node (kernels/cpu.py)
                 out, plan = fused
                 return MoEOutput(out=out.view(*lead, self.dim), aux_loss=plan.aux_loss,
@@ -290,7 +290,6 @@ class MoE(nn.Module):
         if isinstance(plan, SoftRoutingPlan):
             out, stats = self._soft(x_TD.view(G, S, self.dim), plan, lead)
         else:
-            impl = _kernels.resolve_impl(self.impl, x_TD, self.experts)
             out = get_dispatch(impl)(x_TD, plan, self.experts, num_groups=G, group_size=S)
             stats = self._stats(plan, T, lead)
         return MoEOutput(out=out.view(*lead, self.dim), aux_loss=plan.aux_loss, stats=stats)
