@@ -84,6 +84,11 @@ def test_triton_grouped_gemms_equal_the_loop_reference_in_interpreter():
         r = check(1, empty=True)
         check(2, empty=True, E=6)
         check(2, frozen=True)                # only x, the gates and the router get gradients
+        assert not g.ROWDOT_IN_KERNEL        # the default: the gate gradient's row dot in PyTorch (a bf16 GPU
+        g.ROWDOT_IN_KERNEL = True            # miscompile, see grouped.py); the in-kernel one, still a switch:
+        check(2, capacity_factor=0.5)
+        check(1, empty=True)
+        g.ROWDOT_IN_KERNEL = False
         # float64 and SwiGLU take the fused path (same function)
         check(2, "swiglu", bias=False)
         x = torch.randn(24, 16, dtype=torch.float64)

@@ -24,7 +24,9 @@ of the at most ``cdiv(A, BM) + E`` row tiles its expert and first row - is built
 device ops (``_tile_table``); the grid has that static size and the tiles past the end do no work.
 The weight-gradient kernel has one program per (expert, K tile, N tile) and walks its expert's rows.
 
-Status: opt-in (``MoE(impl="triton")`` or ``kernels.set_impl("triton")``). Tested equal to the
+Status: opt-in (``MoE(impl="triton")`` or ``kernels.set_impl("triton")``); measured slower than ``fused``
+on an H200 (ViT-B/16 E8 k2 forward+backward, session 12: the GEMMs reach 1/4-1/2 of cuBLAS's rate, the
+weight-gradient kernel ~1/4). Tested equal to the
 ``loop`` reference in Triton's CPU interpreter (``TRITON_INTERPRET=1``; tests/test_triton_grouped.py),
 forward and backward, K = 1-3, every activation, with and without biases, with empty experts and with
 dropped assignments. Its GPU speed against ``fused`` is measured by ``moevision bench moe-layer``
@@ -44,12 +46,22 @@ from .bias_act import ACT_IDS, _act, _dact
 
 # (BM, BN, BK, num_warps, num_stages) of the row-tile GEMM and (BM, BK, BN, warps, stages) of the wgrad
 # kernel, per compute dtype on a GPU; the interpreter (CPU tensors) uses the smallest tiles tl.dot takes.
+# The bf16/fp16 weight-gradient tile (64, 128, 64, 4 warps, 4 stages) was measured on an H200 (session 12,
+# benchmarks/gpu_triton_diag.py): the expert MLP's forward+backward at ViT-B/16 E8 k2 5.02 -> 3.98 ms
+# against (64, 128, 128, 8, 3); the row-tile GEMM's (128, 128, 64, 8, 3) was the best of the 7 swept.
 BLOCKS = {
-    torch.bfloat16: ((128, 128, 64, 8, 3), (64, 128, 128, 8, 3)),
-    torch.float16: ((128, 128, 64, 8, 3), (64, 128, 128, 8, 3)),
+    torch.bfloat16: ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4)),
+    torch.float16: ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4)),
     torch.float32: ((64, 64, 32, 4, 2), (32, 64, 64, 4, 2)),
 }
 _INTERP_BLOCKS = ((16, 16, 16, 1, 1), (16, 16, 16, 1, 1))
+# The gate gradient <g_out[tok], y>: a separate gather + row sum in PyTorch (False, the default), or a row
+# dot accumulated inside the backward GEMM from its A operand (True). True is correct in Triton's
+# interpreter and on a GPU with 1-stage fp32 tiles, but on an H200 (Triton 3.x, torch 2.11) with the bf16
+# tiles (128, 128, 64, 8 warps, 3 stages) it corrupts that GEMM's output gh (relative error 0.42 against
+# fp32; the row dot itself stays right): reusing a pipelined wgmma operand in registers is miscompiled.
+# Measured by benchmarks/gpu_triton_diag.py ("gh"); the PyTorch row dot costs ~0.15 ms of 5 ms there.
+ROWDOT_IN_KERNEL = False
 
 
 def interpreted() -> bool:
@@ -275,13 +287,17 @@ class _TritonExpertMLP(torch.autograd.Function):
         g_out = g_out.contiguous().to(x.dtype)
         gx = ggate = gw1 = gb1 = gw2 = gb2 = None
         need_gh = need_x or need_w1 or need_b1
-        rd = torch.empty(A, device=x.device, dtype=torch.float32) if need_g else None
+        in_kernel = need_g and ROWDOT_IN_KERNEL
+        rd = torch.empty(A, device=x.device, dtype=torch.float32) if in_kernel else None
         gh = None
-        if need_gh or need_g:  # gh = (gate * g_out[tok] @ W2^T) * act'(h); the gate grad as a row dot
+        if need_gh or in_kernel:  # gh = (gate * g_out[tok] @ W2^T) * act'(h); the gate grad as a row dot
             gh = _gmm(g_out, w2, offs, tiles, A, a_idx=tok, scale=gate_s, hact=h, act_grad=ACT_IDS[ctx.act],
-                      y=y if need_g else None, rd=rd, rd_idx=order if need_g else None, transpose_w=True,
+                      y=y if in_kernel else None, rd=rd, rd_idx=order if in_kernel else None, transpose_w=True,
                       blocks=blocks)
         if need_g:
+            if not in_kernel:  # token-major: rd[order[row]] = <g_out[tok[row]], y[row]>
+                dots = (g_out.index_select(0, tok).float() * y.float()).sum(1)
+                rd = torch.empty(A, device=x.device, dtype=torch.float32).index_copy_(0, order, dots)
             ggate = rd.to(ctx.gates_dtype)
         if need_w2 or (need_b2 and ctx.has_b2):
             gw2 = torch.empty_like(w2)
