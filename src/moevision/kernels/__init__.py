@@ -16,8 +16,9 @@ and backward, random inputs). Registered names:
 ``fused``   fast path: grouped GEMMs, scatter-free permute/combine, fused bias + activation (Triton on
             CUDA when installed), no host sync when dropless (``kernels.fused``)
 ``triton``  opt-in GPU path: Triton grouped GEMMs that gather the tokens in their loads and scatter the
-            gate-weighted rows in their epilogue; bias, activation, its backward and the gate gradient
-            fused too (``kernels/triton/grouped.py``; needs Triton; not chosen by ``auto`` until measured)
+            gate-weighted rows in their epilogue; bias, activation and its backward fused too
+            (``kernels/triton/grouped.py``; needs Triton; not chosen by ``auto``: slower than ``fused``
+            on an H200, docs/performance.md)
 ==========  ============================================================================================
 
 ``MoE(impl="auto")`` (the default) asks ``resolve_impl`` at run time: the name given to ``set_impl``

@@ -11,8 +11,9 @@ forward   h = x[tok] @ W1[e] + b1[e] and a = act(h)        (A rows gathered in t
                                                               then the K rows of a token summed)
 backward  gh = (gate * g_out[tok] @ W2[e]^T) * act'(h)      (grad-out gathered in the loads, the gate
           grad_gate = <g_out[tok], y>                        scale and the activation backward in the
-                                                              epilogue, the gate gradient a row dot
-                                                              accumulated by the same loads)
+                                                              epilogue; the gate gradient a gather +
+                                                              row sum in PyTorch, or a row dot on the
+                                                              same loads: ROWDOT_IN_KERNEL, off)
           gW2[e] = a_e^T @ (gate * g_out[tok])_e, gb2 = column sums    (one "wgrad" kernel: the rows of
           gW1[e] = x[tok]_e^T @ gh_e,             gb1 = column sums     each expert's segment, gathered)
           gx[tok] = gh @ W1[e]^T                              (K = 1 scattered in place; K > 1 summed)
