@@ -85,17 +85,23 @@ def gh_check():
         print(f"gh {blocks}:", " ".join(f"{n}={v:.1e}" for n, v in r.items()), flush=True)
 
 
-def layer_time():
-    """impl="triton" expert MLP fwd+bwd at ViT-B/16 E8 k2 under block variants, against fused's layer."""
-    bf = torch.bfloat16
-    T, D, F, E, k = 12608, 768, 3072, 8, 2
-    A = T * k
+def vitb_routing(A, E, k):
+    """Uniformly random expert ids for A token-major assignments: the expert-sorted order, the (E+1)
+    segment offsets and the token of each sorted row."""
     torch.manual_seed(0)
     exp = torch.randint(0, E, (A,), device=dev)
     order = torch.sort(exp, stable=True).indices
     offs = torch.zeros(E + 1, dtype=torch.int64, device=dev)
     offs[1:] = torch.bincount(exp, minlength=E).cumsum(0)
-    tok = order // k
+    return order, offs, order // k
+
+
+def layer_time():
+    """impl="triton" expert MLP fwd+bwd at ViT-B/16 E8 k2 under block variants, against fused's layer."""
+    bf = torch.bfloat16
+    T, D, F, E, k = 12608, 768, 3072, 8, 2
+    A = T * k
+    order, offs, tok = vitb_routing(A, E, k)
     x = torch.randn(T, D, device=dev, dtype=bf, requires_grad=True)
     gates = torch.rand(A, device=dev, requires_grad=True)
     w1 = (torch.randn(E, D, F, device=dev, dtype=bf) / 30).requires_grad_()
@@ -205,12 +211,7 @@ def timing():
     T, D, F, E, k = 12608, 768, 3072, 8, 2
     A = T * k
     bf = torch.bfloat16
-    torch.manual_seed(0)
-    exp = torch.randint(0, E, (A,), device=dev)
-    order = torch.sort(exp, stable=True).indices
-    offs = torch.zeros(E + 1, dtype=torch.int64, device=dev)
-    offs[1:] = torch.bincount(exp, minlength=E).cumsum(0)
-    tok = order // k
+    order, offs, tok = vitb_routing(A, E, k)
     x = torch.randn(T, D, device=dev, dtype=bf)
     w1 = torch.randn(E, D, F, device=dev, dtype=bf) / 30
     w2 = torch.randn(E, F, D, device=dev, dtype=bf) / 50
