@@ -240,12 +240,87 @@ def test_triton_kernels_equal_references_in_interpreter():
                 assert torch.allclose(a, c, atol=1e-3, rtol=1e-4), K
         v = torch.randn(90, 40); e = torch.randint(0, 4, (90,))
         assert torch.allclose(segment_sum(v, e, 4), torch.zeros(4, 40).index_add_(0, e, v), atol=1e-5)
+        # bias_act on expert-sorted rows (a 64-row tile meets 1 or 2 experts: two rows of b, not a gather;
+        # a 3-row expert makes some tile meet 3: the gather), with and without the two-row path
+        import moevision.kernels.triton.bias_act as BA
+        e = torch.sort(torch.cat([torch.full((n,), i) for i, n in enumerate((50, 3, 80, 1, 66))])).values
+        for rowbias in (True, False):
+            BA.ROWBIAS = rowbias
+            h = torch.randn(200, 150, requires_grad=True); b = torch.randn(5, 150, requires_grad=True)
+            h2, b2 = h.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+            g = torch.randn(200, 150)
+            o1, o2 = bias_act_torch(h, b, e, "gelu"), bias_act_triton(h2, b2, e, "gelu")
+            (o1 * g).sum().backward(); (o2 * g).sum().backward()
+            assert torch.allclose(o1, o2, atol=1e-5), rowbias
+            assert torch.allclose(h.grad, h2.grad, atol=1e-4) and torch.allclose(b.grad, b2.grad, atol=1e-4), rowbias
+        BA.ROWBIAS = True
+        # the permutation's backward: one gather-sum kernel against index_select + sum
+        from moevision.kernels.triton.combine import gather_sum
+        for K in (1, 2, 3):
+            A = 37 * K
+            pos = torch.randperm(A); gA = torch.randn(A, 150)
+            ref = gA.index_select(0, pos).view(37, K, 150).sum(1)
+            assert torch.allclose(gather_sum(gA, pos, K), ref, atol=1e-5), K
         print("TRITON-INTERPRETER-OK")
     """)
     paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "TRITON-INTERPRETER-OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
+def test_triton_router_core_equals_eager_router_in_interpreter():
+    """The Triton router kernels (softmax, top-k, importance sums; their backward) against the eager ops,
+    alone and inside TopKRouter (plan, aux loss and every gradient), in Triton's CPU interpreter."""
+    code = textwrap.dedent("""
+        import torch
+        from moevision.kernels.triton.router import router_core_triton
+        from moevision.moe import router as R
+        from moevision.moe import losses as L
+        from moevision import MoE, kernels
+        kernels.use_native(False)  # else the native CPU router core is taken first
+        calls = []
+        core = R._triton_router_core
+        R._triton_router_core = lambda *a: calls.append(1) or core(*a)
+        torch.manual_seed(0)
+        for G, S, E, K in ((1, 70, 8, 2), (3, 37, 5, 1), (2, 45, 12, 3), (1, 20, 64, 4)):
+            lg = torch.randn(G, S, E, requires_grad=True)
+            lg2 = lg.detach().clone().requires_grad_()
+            p1 = lg.softmax(-1); v1, i1 = p1.topk(K, dim=-1); imp1 = p1.sum(1)
+            p2, v2, i2, imp2 = router_core_triton(lg2, K)
+            assert torch.equal(i1, i2) and torch.allclose(v1, v2, atol=1e-6) and torch.allclose(p1, p2, atol=1e-6)
+            assert torch.allclose(imp1, imp2, atol=1e-5)
+            gp, gv, gi = torch.randn_like(p1), torch.randn_like(v1), torch.randn_like(imp1)
+            for use in ((1, 1, 1), (0, 1, 0), (0, 0, 1), (1, 0, 0), (0, 1, 1)):
+                l1 = sum(((a * g).sum() for a, g, u in zip((p1, v1, imp1), (gp, gv, gi), use) if u), torch.zeros(()))
+                l2 = sum(((a * g).sum() for a, g, u in zip((p2, v2, imp2), (gp, gv, gi), use) if u), torch.zeros(()))
+                d1, = torch.autograd.grad(l1, lg, retain_graph=True); d2, = torch.autograd.grad(l2, lg2, retain_graph=True)
+                assert torch.allclose(d1, d2, atol=1e-5), (G, S, E, K, use)
+        # inside the router and the layer: capacity, renormalised gates, switch and z losses, groups
+        for kw in (dict(), dict(capacity_factor=1.0), dict(normalize_topk=True, switch_loss_weight=0.01, z_loss_weight=1e-3),
+                   dict(group_size=30)):
+            torch.manual_seed(1)
+            m = MoE(16, 32, 6, 2, noise_std=0.0, impl="fused", **kw)
+            x = torch.randn(90, 16)
+            res = []
+            for on in (False, True):
+                R._TRITON_ROUTER_CPU["on"] = on
+                m.zero_grad(set_to_none=True)
+                xr = x.clone().requires_grad_()
+                o = m(xr)
+                (o.out.square().mean() + o.aux_loss).backward()
+                res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in m.parameters()])
+            R._TRITON_ROUTER_CPU["on"] = False
+            for a, b in zip(*res):
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), kw
+        assert len(calls) == 4, calls  # the Triton core ran once per configuration (and only when switched on)
+        print("TRITON-ROUTER-OK")
+    """)
+    paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "TRITON-ROUTER-OK" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CXX", "g++")),

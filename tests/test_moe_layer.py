@@ -589,3 +589,61 @@ def test_cosine_router_layer_trains_and_matches_the_loop_reference():
         MoE(12, 24, 4, 1, router_logits="cosine", task_routing="multi_gate", num_tasks=2)
     with pytest.raises(ConfigError, match="logits must be one of"):
         MoE(12, 24, 4, 1, router_logits="dot")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lowp_router_logits_equal_the_upcast_router(dtype):
+    """_LowpLogits (the 16-bit router GEMM with fp32 output) against the upcast form, on CPU through its
+    fallback product: the logits match to fp32 rounding; the gradients to one 16-bit rounding of the
+    logit gradient (the documented difference)."""
+    from moevision.moe.router import _LowpLogits
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 96, 64).to(dtype).requires_grad_()
+    w = (torch.randn(8, 64) * 0.1).to(dtype).requires_grad_()
+    g = torch.randn(2, 96, 8)
+    out = _LowpLogits.apply(x, w)
+    assert out.dtype == torch.float32 and out.shape == (2, 96, 8)
+    ref = x.float() @ w.float().t()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    dx, dw = torch.autograd.grad(out, (x, w), g)
+    rx, rw = torch.autograd.grad(ref, (x, w), g)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    for a, b in ((dx, rx), (dw, rw)):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert rel < 8e-3, rel  # about one bf16 rounding (2^-8); a wrong formula is O(1) off
+
+
+def test_lowp_router_taken_only_on_cuda_with_matching_16bit_dtypes():
+    from moevision.moe.router import _lowp_router_ok
+
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert not _lowp_router_ok(x, torch.zeros(2, 8, dtype=torch.bfloat16))  # CPU: the upcast path
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        assert _lowp_router_ok(xc, torch.zeros(2, 8, dtype=torch.bfloat16, device="cuda"))
+        assert not _lowp_router_ok(xc, torch.zeros(2, 8, device="cuda"))  # fp32 weight (autocast): upcast
+        assert not _lowp_router_ok(xc.float(), torch.zeros(2, 8, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lowp_router_on_gpu_matches_upcast_router():
+    from moevision import kernels
+
+    torch.manual_seed(0)
+    m = MoE(256, 512, 8, 2, impl="fused", noise_std=0.0).cuda().bfloat16()
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+    res = []
+    try:
+        for on in (False, True):
+            kernels.use_lowp_router_gemm(on)
+            m.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_()
+            o = m(xr)
+            (o.out.float().square().mean() + o.aux_loss).backward()
+            res.append([o.aux_loss.float(), xr.grad.float(), m.router.weight.grad.float()])
+    finally:
+        kernels.use_lowp_router_gemm(True)
+    for a, b in zip(*res):
+        assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 2e-2

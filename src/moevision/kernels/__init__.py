@@ -34,6 +34,8 @@ import torch
 from ..errors import ConfigError
 from ..moe.dispatch import DISPATCH_IMPLS, get_dispatch, register_dispatch
 from . import fused as _fused
+from . import ops as _ops
+from ..moe import router as _router
 from . import native as _native
 from . import triton as _triton
 from .cpu import dispatch_cpu_fused, topk_moe_fused
@@ -44,6 +46,8 @@ register_dispatch("cpu_fused", dispatch_cpu_fused)
 register_dispatch("triton", dispatch_triton)
 if _triton.AVAILABLE:
     _fused._triton_bias_act, _fused._triton_combine = _triton.bias_act_triton, _triton.combine_triton
+    _ops._triton_gather_sum = _triton.gather_sum
+    _router._triton_router_core = _triton.router_core_triton
 
 TRITON_AVAILABLE = _triton.AVAILABLE
 _DEFAULT: str | None = None
@@ -84,11 +88,14 @@ def resolve_impl(name: str, x: torch.Tensor, experts) -> str:
 
 
 def use_triton(enabled: bool) -> None:
-    """Switch the Triton bias/activation kernel of ``fused`` on or off (for A/B benchmarks)."""
+    """Switch the Triton kernels (``fused``'s bias + activation, combine and the permutation's gather-sum, and
+    the top-k router's) on or off (for A/B benchmarks)."""
     if enabled and not _triton.AVAILABLE:
         raise ConfigError(f"Triton is not available: {_triton.REASON}")
     _fused._triton_bias_act = _triton.bias_act_triton if enabled else None
     _fused._triton_combine = _triton.combine_triton if enabled else None
+    _ops._triton_gather_sum = _triton.gather_sum if enabled else None
+    _router._triton_router_core = _triton.router_core_triton if enabled else None
 
 
 def use_native(enabled: bool) -> None:
@@ -131,7 +138,25 @@ def use_k_major_weights(enabled: bool) -> None:
     _fused._k_major_weights = bool(enabled)
 
 
-__all__ = ["set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
+def use_triton_router(enabled: bool) -> None:
+    """Switch the top-k router's Triton kernels (softmax, top-k and importance sums in one pass each way,
+    ``kernels/triton/router.py``; CUDA, where they apply - see ``moe.router.TopKRouter``) on or off (A/B).
+    ``use_triton`` switches them together with the other Triton kernels."""
+    if enabled and not _triton.AVAILABLE:
+        raise ConfigError(f"Triton is not available: {_triton.REASON}")
+    _router._triton_router_core = _triton.router_core_triton if enabled else None
+
+
+def use_lowp_router_gemm(enabled: bool) -> None:
+    """Compute the linear router's fp32 logits from bf16/fp16 inputs with one tensor-core GEMM (fp32
+    output; on by default, CUDA only; ``moe.router._LowpLogits``), or upcast x and the weight to fp32 first
+    (A/B benchmarks)."""
+    from ..moe import router as _router
+
+    _router._LOWP_ROUTER["on"] = bool(enabled)
+
+
+__all__ = ["use_lowp_router_gemm", "use_triton_router", "set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
            "use_whole_expert_split",
            "native_ops", "native_status", "topk_moe_fused",
            "use_k_major_weights",

@@ -39,6 +39,53 @@ def _autocast_available(device_type: str) -> bool:
     return check(device_type) if check is not None else False
 
 
+_triton_router_core = None  # kernels.triton.router.router_core_triton, set by moevision.kernels (Triton present)
+_TRITON_ROUTER_CPU = {"on": False}  # tests: take the Triton core on CPU tensors too (Triton's interpreter)
+# kernels.use_lowp_router_gemm: the A/B switch; "compile": also under torch.compile (off until measured)
+_LOWP_ROUTER = {"on": True, "compile": False}
+
+
+def _mm_f32out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 16-bit a and b, accumulated and returned in fp32: one tensor-core GEMM on CUDA
+    (``torch.mm(..., out_dtype=float32)``, torch >= 2.8); elsewhere the upcast product (same value)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+class _LowpLogits(torch.autograd.Function):
+    """logits = x @ w.T in fp32 for x and w both bf16 (or both fp16), without upcasting them first.
+
+    Forward: the products of two 16-bit numbers are exact in fp32 and the GEMM accumulates in fp32, so
+    this is the upcast router's value (up to summation order) - V-MoE's fp32 router logits - from one
+    tensor-core GEMM instead of a copy of x in fp32 and a SIMT fp32 GEMM. Backward: the (T, E) logit
+    gradient is rounded to x's dtype and both gradient GEMMs run on tensor cores with fp32 accumulation;
+    x's and w's gradients are 16-bit anyway, so this adds about one 16-bit rounding to them. Measured on
+    an H200 in docs/performance.md; ``kernels.use_lowp_router_gemm(False)`` restores the upcast form."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _mm_f32out(x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(x.dtype)
+        dx = (g2 @ w).view_as(x) if ctx.needs_input_grad[0] else None
+        dw = _mm_f32out(g2.t(), x.reshape(-1, x.shape[-1])).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def _lowp_router_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Take ``_LowpLogits``: CUDA, x and w of one 16-bit dtype, outside torch.func (no vmap rule), eager
+    (under torch.compile only with ``_LOWP_ROUTER["compile"]``)."""
+    return (_LOWP_ROUTER["on"] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and w.dtype == x.dtype and not _functorch_active()
+            and (_LOWP_ROUTER["compile"] or not torch.compiler.is_compiling()))
+
+
 def _functorch_active() -> bool:
     """Inside a torch.func transform (grad, vmap, jacrev, ...)."""
     return torch._C._are_functorch_transforms_active()
@@ -131,6 +178,10 @@ class _LinearRouter(nn.Module):
 
     def logits(self, x_GSD: torch.Tensor, task: torch.Tensor | int | None = None) -> torch.Tensor:
         dev = x_GSD.device.type
+        if (task is None and type(self)._logits in (_LinearRouter._logits, TopKRouter._logits)
+                and getattr(self, "task_routing", "none") == "none" and getattr(self, "logit_type", "linear") == "linear"
+                and _lowp_router_ok(x_GSD, self.weight)):
+            return _LowpLogits.apply(x_GSD, self.weight)  # fp32 logits, autocast or not
         if not _autocast_available(dev):  # meta tensors, backends without autocast
             return self._logits(_fp32(x_GSD), task)
         with torch.autocast(dev, enabled=False):  # fp32 under autocast too (as vmoe)
@@ -348,6 +399,7 @@ class TopKRouter(_LinearRouter):
             ops = _native_router_ops(x_GSD)
         w = _fp32(self.weight)
         x32 = _fp32(x_GSD) if ops is not None else None
+        imp_GE = None  # the importance loss's per-group sums, when the Triton core computed them
         if ops is not None and x32.dtype == w.dtype:  # the fused native core (same function; the eager form
             # below is its reference). The noise draws the same numbers as randn_like there
             noise = sigma * torch.randn(G, S, E, dtype=w.dtype) if sigma > 0 else None
@@ -357,6 +409,12 @@ class TopKRouter(_LinearRouter):
             logits, probs = logits.view(G, S, E), probs.view(G, S, E)
             top_v, top_i = top_v.view(G, S, K), top_i.view(G, S, K)
             noisy = logits + noise if sigma > 0 else logits
+        elif (_triton_router_core is not None and sigma == 0 and not gumbel and expert_mask_GSE is None
+              and self.softmax_order == "before_topk" and E <= 256 and (x_GSD.is_cuda or _TRITON_ROUTER_CPU["on"])
+              and not torch.compiler.is_compiling() and not _functorch_active()):
+            # softmax, top-k and the importance sums in one Triton kernel each way (kernels/triton/router.py)
+            logits = noisy = self.logits(x_GSD, task)
+            probs, top_v, top_i, imp_GE = _triton_router_core(logits, K)
         else:
             logits = self.logits(x_GSD, task)  # (G, S, E) clean
             if expert_mask_GSE is not None:
@@ -404,16 +462,22 @@ class TopKRouter(_LinearRouter):
         if self.weights["importance"]:
             if self.importance_on == "gates":  # Shazeer / M³ViT: CV² of the summed sparse gates
                 imp_src = torch.zeros_like(probs).scatter(-1, top_i, gates.to(probs.dtype))
+                aux_losses["importance"] = L.importance_cv2(imp_src)
+            elif imp_GE is not None:  # V-MoE, the sums from the Triton core: same value as below
+                aux_losses["importance"] = L.cv_squared(imp_GE).mean()
             else:  # V-MoE: CV² of the summed clean softmax
-                imp_src = clean_probs
-            aux_losses["importance"] = L.importance_cv2(imp_src)
+                aux_losses["importance"] = L.importance_cv2(clean_probs)
         if self.weights["load"] and sigma > 0:
             aux_losses["load"] = L.load_cv2(logits, noisy, sigma, K)
         if self.weights["switch"]:
             aux_losses["switch"] = L.switch_loss(clean_probs, top_i, use_all_k=self.switch_use_all_k)
         if self.weights["z"]:
             aux_losses["z"] = L.z_loss(logits)
-        aux = sum((self.weights[k] * v for k, v in aux_losses.items()), logits.new_zeros(()))
+        aux = None  # the weighted sum, without adding a zero first (one kernel fewer on a GPU)
+        for name, v in aux_losses.items():
+            aux = self.weights[name] * v if aux is None else aux + self.weights[name] * v
+        if aux is None:
+            aux = logits.new_zeros(())
 
         # assignments are token-major over the flattened G*S tokens: assignment a is token a // K
         token_idx = torch.arange(G * S * K, device=x_GSD.device)

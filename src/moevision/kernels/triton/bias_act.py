@@ -53,22 +53,39 @@ def _dact(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _bias_tile(b_ptr, e, rmask, cols, cmask, mask, stride_b, ROWBIAS: tl.constexpr):
+    """The (BM, BN) tile of b[e[row], col] in fp32, and the tile's lowest and highest expert. Rows are
+    sorted by expert, so a tile nearly always meets one or two experts: then (ROWBIAS) two rows of b are
+    loaded and selected per row, instead of a gathered load per element; otherwise the gather."""
+    e_lo = tl.min(tl.where(rmask, e, 2147483647), axis=0)
+    e_hi = tl.max(tl.where(rmask, e, -1), axis=0)
+    if ROWBIAS and e_hi - e_lo <= 1:
+        b_lo = tl.load(b_ptr + e_lo * stride_b + cols, mask=cmask, other=0.0).to(tl.float32)
+        b_hi = tl.load(b_ptr + e_hi * stride_b + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.where((e == e_lo)[:, None], b_lo[None, :], b_hi[None, :])
+    else:
+        b = tl.load(b_ptr + e[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return b, e_lo, e_hi
+
+
+@triton.jit
 def _bias_act_fwd_kernel(h_ptr, b_ptr, e_ptr, out_ptr, A, F, stride_h, stride_b, stride_o,
-                         ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                         ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROWBIAS: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     rmask = rows < A
-    mask = rmask[:, None] & (cols < F)[None, :]
+    cmask = cols < F
+    mask = rmask[:, None] & cmask[None, :]
     e = tl.load(e_ptr + rows, mask=rmask, other=0)
     h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + e[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    b, e_lo, e_hi = _bias_tile(b_ptr, e, rmask, cols, cmask, mask, stride_b, ROWBIAS)
     y = _act(h + b, ACT)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bias_act_bwd_kernel(g_ptr, h_ptr, b_ptr, e_ptr, gh_ptr, gb_ptr, A, F, stride_g, stride_h, stride_b,
-                         stride_gh, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                         stride_gh, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROWBIAS: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     rmask = rows < A
@@ -77,22 +94,27 @@ def _bias_act_bwd_kernel(g_ptr, h_ptr, b_ptr, e_ptr, gh_ptr, gb_ptr, A, F, strid
     e = tl.load(e_ptr + rows, mask=rmask, other=0)
     g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + e[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    b, e_lo, e_hi = _bias_tile(b_ptr, e, rmask, cols, cmask, mask, stride_b, ROWBIAS)
     gp = g * _dact(h + b, ACT)
     tl.store(gh_ptr + rows[:, None] * stride_gh + cols[None, :], gp.to(gh_ptr.dtype.element_ty), mask=mask)
     gp = tl.where(mask, gp, 0.0)
-    e_lo = tl.min(tl.where(rmask, e, 2147483647), axis=0)
-    e_hi = tl.max(tl.where(rmask, e, -1), axis=0)
     for ee in range(e_lo, e_hi + 1):
         part = tl.sum(tl.where((e == ee)[:, None], gp, 0.0), axis=0)
         tl.atomic_add(gb_ptr + ee * F + cols, part, mask=cmask)
 
 
-_BM, _BN = 64, 128
+# (BM, BN, num_warps) of each kernel, and whether tiles load two rows of b (see _bias_tile). Module
+# state so benchmarks/gpu_breakdown.py can sweep them. The defaults are the measured choice (H200, bf16,
+# session 13: docs/results/gpu/s13/breakdown_s13c.txt): of 10 tile shapes, (32, 128, 4) forward and
+# (64, 64, 4) backward were fastest at F = 3072 and 1536 (backward 256 -> 192 us at ViT-B, 135 -> 101 us
+# at ViT-S); the two-row bias load (ROWBIAS) made the backward slower (the layer 1.825 -> 1.900 ms), so it
+# is off.
+BLOCKS = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
+ROWBIAS = False
 
 
-def _grid(A, F):
-    return (triton.cdiv(A, _BM), triton.cdiv(F, _BN))
+def _grid(A, F, blocks):
+    return (triton.cdiv(A, blocks[0]), triton.cdiv(F, blocks[1]))
 
 
 class _TritonBiasAct(torch.autograd.Function):
@@ -103,8 +125,10 @@ class _TritonBiasAct(torch.autograd.Function):
         A, F = h_AF.shape
         out = torch.empty_like(h_AF)
         if A:
-            _bias_act_fwd_kernel[_grid(A, F)](h_AF, b_EF, e, out, A, F, h_AF.stride(0), b_EF.stride(0),
-                                              out.stride(0), ACT=ACT_IDS[act], BM=_BM, BN=_BN)
+            bm, bn, nw = BLOCKS["fwd"]
+            _bias_act_fwd_kernel[_grid(A, F, BLOCKS["fwd"])](h_AF, b_EF, e, out, A, F, h_AF.stride(0), b_EF.stride(0),
+                                                             out.stride(0), ACT=ACT_IDS[act], BM=bm, BN=bn,
+                                                             ROWBIAS=ROWBIAS, num_warps=nw)
         ctx.save_for_backward(h_AF, b_EF, e)
         ctx.act = act
         return out
@@ -117,8 +141,11 @@ class _TritonBiasAct(torch.autograd.Function):
         gh = torch.empty_like(h_AF)
         gb = torch.zeros(b_EF.shape, device=b_EF.device, dtype=torch.float32)
         if A:
-            _bias_act_bwd_kernel[_grid(A, F)](g_AF, h_AF, b_EF, e, gh, gb, A, F, g_AF.stride(0), h_AF.stride(0),
-                                              b_EF.stride(0), gh.stride(0), ACT=ACT_IDS[ctx.act], BM=_BM, BN=_BN)
+            bm, bn, nw = BLOCKS["bwd"]
+            _bias_act_bwd_kernel[_grid(A, F, BLOCKS["bwd"])](g_AF, h_AF, b_EF, e, gh, gb, A, F, g_AF.stride(0),
+                                                             h_AF.stride(0), b_EF.stride(0), gh.stride(0),
+                                                             ACT=ACT_IDS[ctx.act], BM=bm, BN=bn, ROWBIAS=ROWBIAS,
+                                                             num_warps=nw)
         return gh, gb.to(b_EF.dtype), None, None
 
 

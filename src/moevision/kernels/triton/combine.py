@@ -1,5 +1,7 @@
-"""Triton kernels: the gate-weighted combine of expert outputs back into token order, and the
-segment sum of expert-sorted rows.
+"""Triton kernels: the gate-weighted combine of expert outputs back into token order, the segment sum
+of expert-sorted rows, and the K-row gather-sum of the permutation's backward.
+
+``gather_sum``: the backward of ``permute_rows``, sum_j grad[pos[t*K + j]] for each token t in one pass.
 
 ``combine``: out[t] = sum_j g[t, j] * (y[pos[t*K + j]] + b2[e[t*K + j]]) in one pass: the expert rows
 are read in place through ``pos`` (no token-major copy of y is made), the output bias is gathered
@@ -89,6 +91,34 @@ def segment_sum(v_AD: torch.Tensor, expert_of_row: torch.Tensor, num_experts: in
         BM, BN = 64, 128
         _segment_sum_kernel[(triton.cdiv(A, BM), triton.cdiv(D, BN))](
             v_AD, expert_of_row.to(torch.int32).contiguous(), out, A, D, v_AD.stride(0), BM=BM, BN=BN)
+    return out
+
+
+@triton.jit
+def _gather_sum_kernel(g_ptr, pos_ptr, out_ptr, T, D, stride_g, stride_o, K: tl.constexpr, BT: tl.constexpr,
+                       BD: tl.constexpr):
+    toks = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    tmask = toks < T
+    mask = tmask[:, None] & (cols < D)[None, :]
+    acc = tl.zeros((BT, BD), dtype=tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(pos_ptr + toks * K + j, mask=tmask, other=0)
+        acc += tl.load(g_ptr + row[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + toks[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_sum(g_AD: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """out[t] = sum_j g[pos[t*k + j]] (fp32 sums): the backward of ``permute_rows`` in one pass - the K
+    expert-sorted gradient rows of each token read in place, no token-major (A, D) copy, no reduction
+    kernel over it."""
+    g_AD = g_AD.contiguous()
+    A, D = g_AD.shape
+    T = A // k
+    out = torch.empty(T, D, device=g_AD.device, dtype=g_AD.dtype)
+    if T:
+        _gather_sum_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](
+            g_AD, pos.to(torch.int32).contiguous(), out, T, D, g_AD.stride(0), out.stride(0), K=k, BT=_BT, BD=_BD)
     return out
 
 
