@@ -45,11 +45,14 @@ p.add_argument("--repeats", type=int, default=30)
 p.add_argument("--no-profile", action="store_true")
 p.add_argument("--sweep-bias", action="store_true", help="time the bias+activation kernels' tile shapes alone "
                "(CUDA graphs of 10 launches) and run the layer with the best pair as switch 'bias_best'")
+p.add_argument("--tiles2", action="store_true", help="sweep the second, smaller tile list (BIAS_TILES_2)")
 p.add_argument("--compile", action="store_true", help="also torch.compile the layer (CUDA graph replay), "
                "with the 16-bit router GEMM under compile off and on")
 args = p.parse_args()
 BIAS_TILES = [(64, 128, 4), (32, 256, 4), (64, 256, 8), (16, 512, 4), (128, 128, 8), (64, 64, 4), (32, 128, 4),
               (128, 64, 4), (32, 512, 8), (128, 256, 8)]
+BIAS_TILES_2 = [(32, 128, 4), (64, 64, 4), (32, 64, 4), (64, 32, 4), (128, 32, 4), (16, 128, 4), (32, 64, 2),
+                (64, 64, 8), (16, 256, 4), (32, 128, 2), (128, 64, 8), (16, 64, 2)]  # session 13's second sweep
 dev, dt = torch.device("cuda"), torch.bfloat16
 print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", kernels.TRITON_AVAILABLE, flush=True)
 
@@ -102,7 +105,7 @@ def sweep_bias(A, Fh, E):
     fwd()
     for kind, fn in (("fwd", fwd), ("bwd", bwd)):
         times = []  # (ms per 10 launches, tile)
-        for t in BIAS_TILES:
+        for t in (BIAS_TILES_2 if args.tiles2 else BIAS_TILES):
             _BA.BLOCKS[kind] = t
             try:
                 fn()

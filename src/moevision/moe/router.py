@@ -399,7 +399,7 @@ class TopKRouter(_LinearRouter):
             ops = _native_router_ops(x_GSD)
         w = _fp32(self.weight)
         x32 = _fp32(x_GSD) if ops is not None else None
-        imp_GE = None  # the importance loss's per-group sums, when the Triton core computed them
+        imp_loss = None  # the importance loss, when the Triton core computed it
         if ops is not None and x32.dtype == w.dtype:  # the fused native core (same function; the eager form
             # below is its reference). The noise draws the same numbers as randn_like there
             noise = sigma * torch.randn(G, S, E, dtype=w.dtype) if sigma > 0 else None
@@ -414,7 +414,7 @@ class TopKRouter(_LinearRouter):
               and not torch.compiler.is_compiling() and not _functorch_active()):
             # softmax, top-k and the importance sums in one Triton kernel each way (kernels/triton/router.py)
             logits = noisy = self.logits(x_GSD, task)
-            probs, top_v, top_i, imp_GE = _triton_router_core(logits, K)
+            probs, top_v, top_i, imp_loss = _triton_router_core(logits, K)
         else:
             logits = self.logits(x_GSD, task)  # (G, S, E) clean
             if expert_mask_GSE is not None:
@@ -463,8 +463,8 @@ class TopKRouter(_LinearRouter):
             if self.importance_on == "gates":  # Shazeer / M³ViT: CV² of the summed sparse gates
                 imp_src = torch.zeros_like(probs).scatter(-1, top_i, gates.to(probs.dtype))
                 aux_losses["importance"] = L.importance_cv2(imp_src)
-            elif imp_GE is not None:  # V-MoE, the sums from the Triton core: same value as below
-                aux_losses["importance"] = L.cv_squared(imp_GE).mean()
+            elif imp_loss is not None:  # V-MoE, from the Triton core: L.importance_cv2(clean_probs)
+                aux_losses["importance"] = imp_loss
             else:  # V-MoE: CV² of the summed clean softmax
                 aux_losses["importance"] = L.importance_cv2(clean_probs)
         if self.weights["load"] and sigma > 0:

@@ -105,11 +105,11 @@ def _bias_act_bwd_kernel(g_ptr, h_ptr, b_ptr, e_ptr, gh_ptr, gb_ptr, A, F, strid
 
 # (BM, BN, num_warps) of each kernel, and whether tiles load two rows of b (see _bias_tile). Module
 # state so benchmarks/gpu_breakdown.py can sweep them. The defaults are the measured choice (H200, bf16,
-# session 13: docs/results/gpu/s13/breakdown_s13c.txt): of 10 tile shapes, (32, 128, 4) forward and
-# (64, 64, 4) backward were fastest at F = 3072 and 1536 (backward 256 -> 192 us at ViT-B, 135 -> 101 us
-# at ViT-S); the two-row bias load (ROWBIAS) made the backward slower (the layer 1.825 -> 1.900 ms), so it
-# is off.
-BLOCKS = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
+# session 13: docs/results/gpu/s13/breakdown_s13c.txt and _s13e.txt, 22 tile shapes): (32, 128, 4)
+# forward, (32, 64, 4) backward, fastest or tied at F = 3072 and 1536 (backward 256 -> 185 us at ViT-B,
+# 135 -> 96 us at ViT-S, against the (64, 128, 4) tiles before); the two-row bias load (ROWBIAS) made the
+# backward slower (the layer 1.825 -> 1.900 ms), so it is off.
+BLOCKS = {"fwd": (32, 128, 4), "bwd": (32, 64, 4)}
 ROWBIAS = False
 
 

@@ -10,8 +10,10 @@ on a GPU, each a few microseconds (docs/performance.md, session 13). Here:
   passes of (max, lowest index among equal values, mask it), the probabilities, the top-k values and
   indices written out, and the block's per-group column sums of the probabilities added to an fp32
   (G, E) buffer with one atomic add per column and group met;
-- backward, one program per block: g_p = g_probs + scatter(top_i, g_top_v) + g_imp[group], then the
-  softmax backward p * (g_p - <g_p, p>) - the logit gradient in one write.
+- the importance loss, mean over groups of CV² of those sums, in a one-program kernel;
+- backward, one program per block: g_p = g_probs + scatter(top_i, g_top_v) + d loss / d imp[group] (the
+  CV² gradient recomputed from the group's sums in registers), then the softmax backward
+  p * (g_p - <g_p, p>) - the logit gradient in one write.
 
 Ties in the top-k go to the lowest expert index (``torch.topk`` leaves their order unspecified).
 Reference: the eager ``softmax`` / ``topk`` / ``sum`` in ``moe.router.TopKRouter.forward`` (tests hold
@@ -58,9 +60,27 @@ def _router_fwd_kernel(l_ptr, p_ptr, tv_ptr, ti_ptr, imp_ptr, T, E, S, K: tl.con
 
 
 @triton.jit
-def _router_bwd_kernel(p_ptr, ti_ptr, gtv_ptr, gp_ptr, gimp_ptr, gl_ptr, T, E, S, K: tl.constexpr,
-                       HAS_GP: tl.constexpr, HAS_GTV: tl.constexpr, HAS_GIMP: tl.constexpr, EP: tl.constexpr,
-                       BT: tl.constexpr):
+def _cv2_mean_kernel(imp_ptr, out_ptr, G, E, EPS, EP: tl.constexpr, BG: tl.constexpr):
+    """out = mean over the G groups of CV²(imp[g, :]) (population variance over (mean² + EPS)): one program."""
+    cols = tl.arange(0, EP)
+    cmask = cols < E
+    acc = tl.zeros((BG,), dtype=tl.float32)
+    for g0 in range(0, G, BG):
+        gs = g0 + tl.arange(0, BG)
+        gmask = gs < G
+        mask = gmask[:, None] & cmask[None, :]
+        v = tl.load(imp_ptr + gs[:, None] * E + cols[None, :], mask=mask, other=0.0)
+        m = tl.sum(v, axis=1) / E
+        d = tl.where(mask, v - m[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / E
+        acc += tl.where(gmask, var / (m * m + EPS), 0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0) / G)
+
+
+@triton.jit
+def _router_bwd_kernel(p_ptr, ti_ptr, gtv_ptr, gp_ptr, imp_ptr, gloss_ptr, gl_ptr, T, E, S, G, EPS,
+                       K: tl.constexpr, HAS_GP: tl.constexpr, HAS_GTV: tl.constexpr, HAS_GLOSS: tl.constexpr,
+                       EP: tl.constexpr, BT: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, EP)
     rmask = rows < T
@@ -70,9 +90,17 @@ def _router_bwd_kernel(p_ptr, ti_ptr, gtv_ptr, gp_ptr, gimp_ptr, gl_ptr, T, E, S
     gp = tl.zeros((BT, EP), dtype=tl.float32)
     if HAS_GP:
         gp += tl.load(gp_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_GIMP:
+    if HAS_GLOSS:  # d loss / d imp[g, e] of loss = mean_g CV²(imp[g]), recomputed from the group's sums:
+        # 2 (v - m) / (E (m² + eps)) - 2 m var / (E (m² + eps)²), times g_loss / G. (The second term is
+        # the same for every e of a row, so the softmax backward below cancels it; kept: it is d/d imp.)
         grp = rows // S
-        gp += tl.load(gimp_ptr + grp[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(imp_ptr + grp[:, None] * E + cols[None, :], mask=mask, other=0.0)
+        m = tl.sum(v, axis=1) / E
+        d = tl.where(mask, v - m[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / E
+        den = m * m + EPS
+        gls = tl.load(gloss_ptr).to(tl.float32) / G
+        gp += gls * (2.0 * d / (E * den[:, None]) - (2.0 * m * var / (E * den * den))[:, None])
     if HAS_GTV:
         for j in tl.static_range(K):
             i = tl.load(ti_ptr + rows * K + j, mask=rmask, other=0)
@@ -87,6 +115,9 @@ def _blocks(E: int) -> tuple[int, int]:
     return EP, max(16, min(128, 4096 // EP))
 
 
+_EPS = 1e-10  # moe.losses.cv_squared's
+
+
 class _TritonRouterCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_GSE, k):
@@ -97,19 +128,21 @@ class _TritonRouterCore(torch.autograd.Function):
         top_v = torch.empty(G, S, k, device=lg.device, dtype=torch.float32)
         top_i = torch.empty(G, S, k, device=lg.device, dtype=torch.int64)
         imp = torch.zeros(G, E, device=lg.device, dtype=torch.float32)
+        loss = torch.zeros((), device=lg.device, dtype=torch.float32)
         EP, BT = _blocks(E)
         if T:
             _router_fwd_kernel[(triton.cdiv(T, BT),)](lg, probs, top_v, top_i, imp, T, E, S, K=k, EP=EP, BT=BT)
-        ctx.save_for_backward(probs, top_i)
+            _cv2_mean_kernel[(1,)](imp, loss, G, E, _EPS, EP=EP, BG=max(1, min(64, 4096 // EP)))
+        ctx.save_for_backward(probs, top_i, imp)
         ctx.mark_non_differentiable(top_i)
         ctx.set_materialize_grads(False)
         ctx.k = k
-        return probs, top_v, top_i, imp
+        return probs, top_v, top_i, loss
 
     @staticmethod
-    def backward(ctx, g_probs, g_topv, _g_topi, g_imp):
-        probs, top_i = ctx.saved_tensors
-        if g_probs is None and g_topv is None and g_imp is None:
+    def backward(ctx, g_probs, g_topv, _g_topi, g_loss):
+        probs, top_i, imp = ctx.saved_tensors
+        if g_probs is None and g_topv is None and g_loss is None:
             return None, None
         G, S, E = probs.shape
         T = G * S
@@ -118,17 +151,18 @@ class _TritonRouterCore(torch.autograd.Function):
         dummy = probs
         gp = g_probs.contiguous() if g_probs is not None else dummy
         gtv = g_topv.contiguous() if g_topv is not None else dummy
-        gim = g_imp.contiguous() if g_imp is not None else dummy
+        gls = g_loss.float().contiguous() if g_loss is not None else dummy
         if T:
             _router_bwd_kernel[(triton.cdiv(T, BT),)](
-                probs, top_i, gtv, gp, gim, gl, T, E, S, K=ctx.k, HAS_GP=g_probs is not None,
-                HAS_GTV=g_topv is not None, HAS_GIMP=g_imp is not None, EP=EP, BT=BT)
+                probs, top_i, gtv, gp, imp, gls, gl, T, E, S, G, _EPS, K=ctx.k, HAS_GP=g_probs is not None,
+                HAS_GTV=g_topv is not None, HAS_GLOSS=g_loss is not None, EP=EP, BT=BT)
         return gl, None
 
 
 def router_core_triton(logits_GSE: torch.Tensor, k: int):
-    """(probs (G, S, E), top_v (G, S, k), top_i (G, S, k) int64, imp (G, E)) of fp32 logits: the softmax
-    over E, its top-k, and each group's summed probabilities (the importance loss's input)."""
+    """(probs (G, S, E), top_v (G, S, k), top_i (G, S, k) int64, importance loss) of fp32 logits: the
+    softmax over E, its top-k, and the mean over groups of CV² of each group's summed probabilities
+    (``moe.losses.importance_cv2(probs)``; its gradient is folded into the backward kernel)."""
     if logits_GSE.dim() != 3 or not 1 <= k <= logits_GSE.shape[-1]:
         raise ValueError(f"router_core_triton: logits must be (G, S, E) with 1 <= k <= E, got "
                          f"{tuple(logits_GSE.shape)} and k={k}")
