@@ -47,9 +47,13 @@ _LOWP_ROUTER = {"on": True, "compile": False}
 
 def _mm_f32out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 16-bit a and b, accumulated and returned in fp32: one tensor-core GEMM on CUDA
-    (``torch.mm(..., out_dtype=float32)``, torch >= 2.8); elsewhere the upcast product (same value)."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    (``torch.mm(..., out_dtype=float32)``, torch >= 2.8); elsewhere, or where that overload is missing
+    (older torch: then it is not tried again), the upcast product (same value)."""
+    if a.is_cuda and _LOWP_ROUTER.get("out_dtype", True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, NotImplementedError, RuntimeError):
+            _LOWP_ROUTER["out_dtype"] = False
     return a.float() @ b.float()
 
 
