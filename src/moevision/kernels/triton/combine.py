@@ -22,7 +22,10 @@ import triton.language as tl
 
 @triton.jit
 def _combine_fwd_kernel(y_ptr, b_ptr, g_ptr, pos_ptr, e_ptr, out_ptr, T, D, stride_y, stride_b, stride_o,
-                        K: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                        K: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                        HAS_GATES: tl.constexpr = True):
+    """out[t] = sum_j g[t, j] * (y[pos[t*K + j]] + b[e[t*K + j]]); without gates (HAS_GATES=False) and bias,
+    the plain gather-sum of ``gather_sum``."""
     toks = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     tmask = toks < T
@@ -31,12 +34,15 @@ def _combine_fwd_kernel(y_ptr, b_ptr, g_ptr, pos_ptr, e_ptr, out_ptr, T, D, stri
     for j in tl.static_range(K):
         a = toks * K + j
         row = tl.load(pos_ptr + a, mask=tmask, other=0)
-        g = tl.load(g_ptr + a, mask=tmask, other=0.0).to(tl.float32)
         v = tl.load(y_ptr + row[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             e = tl.load(e_ptr + a, mask=tmask, other=0)
             v += tl.load(b_ptr + e[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += g[:, None] * v
+        if HAS_GATES:
+            g = tl.load(g_ptr + a, mask=tmask, other=0.0).to(tl.float32)
+            acc += g[:, None] * v
+        else:
+            acc += v
     tl.store(out_ptr + toks[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -94,20 +100,6 @@ def segment_sum(v_AD: torch.Tensor, expert_of_row: torch.Tensor, num_experts: in
     return out
 
 
-@triton.jit
-def _gather_sum_kernel(g_ptr, pos_ptr, out_ptr, T, D, stride_g, stride_o, K: tl.constexpr, BT: tl.constexpr,
-                       BD: tl.constexpr):
-    toks = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    tmask = toks < T
-    mask = tmask[:, None] & (cols < D)[None, :]
-    acc = tl.zeros((BT, BD), dtype=tl.float32)
-    for j in tl.static_range(K):
-        row = tl.load(pos_ptr + toks * K + j, mask=tmask, other=0)
-        acc += tl.load(g_ptr + row[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + toks[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def gather_sum(g_AD: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
     """out[t] = sum_j g[pos[t*k + j]] (fp32 sums): the backward of ``permute_rows`` in one pass - the K
     expert-sorted gradient rows of each token read in place, no token-major (A, D) copy, no reduction
@@ -117,8 +109,10 @@ def gather_sum(g_AD: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
     T = A // k
     out = torch.empty(T, D, device=g_AD.device, dtype=g_AD.dtype)
     if T:
-        _gather_sum_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](
-            g_AD, pos.to(torch.int32).contiguous(), out, T, D, g_AD.stride(0), out.stride(0), K=k, BT=_BT, BD=_BD)
+        pos32 = pos.to(torch.int32).contiguous()  # the combine kernel, no gates and no bias (placeholder pointers)
+        _combine_fwd_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](
+            g_AD, g_AD, g_AD, pos32, pos32, out, T, D, g_AD.stride(0), 0, out.stride(0), K=k, HAS_BIAS=False,
+            BT=_BT, BD=_BD, HAS_GATES=False)
     return out
 
 
