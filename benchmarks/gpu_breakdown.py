@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from moevision import MoE, kernels
+from moevision.bench import cuda_graph
 from moevision.kernels.fused import dispatch_fused
 
 from moevision.kernels import ops as _ops
@@ -126,16 +127,7 @@ def capture_n(fn, n=10):
 
 
 def capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+    return cuda_graph(fn, warmup=3)
 
 
 def interleaved_ms(replays, repeats):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from moevision import MoE, kernels
+from moevision.bench import cuda_graph
 
 p = argparse.ArgumentParser()
 p.add_argument("--rows", type=int, default=18)
@@ -55,16 +56,7 @@ def time_ms(fn, n=20):
 
 
 def graphed(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    return cuda_graph(fn, warmup=3).replay
 
 
 for name, shape in (("vit-b/16 E8 k2", (12608, 768, 3072, 8, 2)), ("vit-s/16 E8 k1", (25216, 384, 1536, 8, 1))):

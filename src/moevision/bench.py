@@ -133,19 +133,26 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
     return rows
 
 
+def cuda_graph(fn, device=None, warmup: int = 2):
+    """``fn`` captured in a ``torch.cuda.CUDAGraph`` (replay it with ``.replay()``), after ``warmup`` calls
+    on a side stream (what capture needs: allocator pools and lazy initialisation settled)."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def _graph_ms(fn, device, repeats: int) -> float | None:
     """Median ms of ``fn`` replayed from a CUDA graph (no launch overhead), or None when it cannot be
     captured (an implementation that synchronises with the host)."""
     try:
-        s = torch.cuda.Stream(device)
-        s.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = cuda_graph(fn, device)
     except Exception:  # noqa: BLE001 - any capture failure means "not capturable"
         torch.cuda.synchronize(device)
         return None
