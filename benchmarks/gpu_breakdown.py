@@ -3,8 +3,9 @@ overhead): the whole layer, the router alone, the dispatch + experts + combine a
 dense FFN on T*k tokens, at the V-MoE-B and ViT-S target shapes (bf16). Each ``kernels`` switch named in
 --ab is timed off and on, side by side in one interleaved run; then one profiler table of the layer's
 kernels (eager: per-kernel device time, which a graph replay adds up without the gaps).
-Usage: python benchmarks/gpu_breakdown.py [--ab SWITCH ...] [--sweep-bias] [--compile] [--rows 40] [--repeats 30]
-[--no-profile]. Switches: lowp_router (16-bit router GEMM), triton_router (router kernels), gather_sum (the
+Usage: python benchmarks/gpu_breakdown.py [--ab SWITCH ...] [--sweep-bias] [--compile] [--noise 1.0] [--rows 40]
+[--repeats 30] [--no-profile]. ``--noise`` times the layer in V-MoE's training form (router noise std / E, the
+load loss). Switches: lowp_router (16-bit router GEMM), triton_router (router kernels), gather_sum (the
 permutation's backward), rowbias (bias rows in the bias+activation kernels), triton (all Triton kernels)."""
 import argparse
 import contextlib
@@ -44,6 +45,8 @@ p.add_argument("--ab", nargs="*", default=["lowp_router", "triton_router", "gath
 p.add_argument("--rows", type=int, default=40)
 p.add_argument("--repeats", type=int, default=30)
 p.add_argument("--no-profile", action="store_true")
+p.add_argument("--noise", type=float, default=0.0, help="the layers' router noise_std (V-MoE trains with 1.0: "
+               "noisy top-k and the load loss); 0 = the noise-free router (default)")
 p.add_argument("--sweep-bias", action="store_true", help="time the bias+activation kernels' tile shapes alone "
                "(CUDA graphs of 10 launches) and run the layer with the best pair as switch 'bias_best'")
 p.add_argument("--tiles2", action="store_true", help="sweep the second, smaller tile list (BIAS_TILES_2)")
@@ -158,7 +161,7 @@ def case(T, D, Fh, E, K):
             t.grad = None
         F.linear(F.gelu(F.linear(xk, w1, b1)), w2, b2).sum().backward()
 
-    m = MoE(D, Fh, E, K, impl="fused", noise_std=0.0).to(dev, dt)
+    m = MoE(D, Fh, E, K, impl="fused", noise_std=args.noise).to(dev, dt)
     xr = torch.randn(T, D, device=dev, dtype=dt).requires_grad_()
 
     def layer():
@@ -193,6 +196,7 @@ def check_switch(m, xr, name):
         with switched(name, on):
             m.zero_grad(set_to_none=True)
             xr.grad = None
+            torch.manual_seed(3)  # the same router noise both ways (with --noise)
             o = m(xr)
             (o.out.float().square().mean() + o.aux_loss).backward()
             res.append([o.out.float(), o.aux_loss.float(), xr.grad.float(), m.router.weight.grad.float(),
@@ -262,7 +266,7 @@ def compile_ab(m, xr, dense_ms):
 
 check_vs_loop()
 for name, shape in (("vit-b/16 E8 k2", (12608, 768, 3072, 8, 2)), ("vit-s/16 E8 k1", (25216, 384, 1536, 8, 1))):
-    print(f"\n######## {name} {shape}", flush=True)
+    print(f"\n######## {name} {shape}" + (f", router noise_std {args.noise}" if args.noise else ""), flush=True)
     dense, layer, router, experts, m, xr = case(*shape)
     for sw in args.ab:
         check_switch(m, xr, sw)

@@ -115,6 +115,31 @@ for cfg in (dict(top_k=2), dict(top_k=1), dict(top_k=2, capacity_factor=1.0),
               f"{'ok' if ok else 'FAIL'}")
 kernels.use_triton(kernels.TRITON_AVAILABLE)
 
+# the Triton router kernels against the eager router ops, noise-free and in V-MoE's training form (noisy
+# top-k, the load loss; the same draws both ways), fp32 and bf16
+if kernels.TRITON_AVAILABLE:
+    for noise, dtype in ((0.0, torch.float32), (1.0, torch.float32), (1.0, torch.bfloat16)):
+        torch.manual_seed(0)
+        m = MoE(256, 512, 8, 2, impl="fused", noise_std=noise).to(dev, dtype)
+        x = torch.randn(4096, 256, device=dev, dtype=dtype)
+        res = []
+        for on in (False, True):
+            kernels.use_triton_router(on)
+            m.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_()
+            torch.manual_seed(1)
+            o = m(xr)
+            (o.out.float().square().mean() + o.aux_loss).backward()
+            res.append([o.out, o.aux_loss, xr.grad, m.router.weight.grad]
+                       + [o.stats.aux_losses[k] for k in sorted(o.stats.aux_losses)])
+        kernels.use_triton_router(True)
+        errs = [rel(a, b) for a, b in zip(*res)]
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        ok = max(errs) < tol and len(res[0]) == len(res[1]) == 4 + 1 + (noise > 0)
+        failures += not ok
+        print(f"triton router noise_std={noise} {str(dtype):<15} rel err out/aux/dx/d router w/losses "
+              + " ".join(f"{e:.1e}" for e in errs) + (" ok" if ok else " FAIL"))
+
 # torch.compile sees the fused layer as one graph on CUDA too (no host sync, no graph break)
 torch._dynamo.reset()
 mc = MoE(256, 512, 8, 2, noise_std=1.0).to(dev)

@@ -288,33 +288,59 @@ def test_triton_router_core_equals_eager_router_in_interpreter():
             lg = torch.randn(G, S, E, requires_grad=True)
             lg2 = lg.detach().clone().requires_grad_()
             p1 = lg.softmax(-1); v1, i1 = p1.topk(K, dim=-1); imp1 = L.importance_cv2(p1)
-            p2, v2, i2, imp2 = router_core_triton(lg2, K)
+            p2, v2, i2, imp2, load2 = router_core_triton(lg2, K)
             assert torch.equal(i1, i2) and torch.allclose(v1, v2, atol=1e-6) and torch.allclose(p1, p2, atol=1e-6)
             assert torch.allclose(imp1, imp2, rtol=1e-5, atol=1e-9), (imp1, imp2)
+            assert float(load2) == 0.0
             gp, gv, gi = torch.randn_like(p1), torch.randn_like(v1), torch.randn_like(imp1) * 100
             for use in ((1, 1, 1), (0, 1, 0), (0, 0, 1), (1, 0, 0), (0, 1, 1)):
                 l1 = sum(((a * g).sum() for a, g, u in zip((p1, v1, imp1), (gp, gv, gi), use) if u), torch.zeros(()))
                 l2 = sum(((a * g).sum() for a, g, u in zip((p2, v2, imp2), (gp, gv, gi), use) if u), torch.zeros(()))
                 d1, = torch.autograd.grad(l1, lg, retain_graph=True); d2, = torch.autograd.grad(l2, lg2, retain_graph=True)
                 assert torch.allclose(d1, d2, atol=1e-5), (G, S, E, K, use)
+            # training noise: gates and top-k of softmax(l + sigma n), clean probs and importance, the smooth load
+            sigma = 1.0 / E
+            n = torch.randn(G, S, E)
+            nz = lg + sigma * n
+            pn1 = nz.softmax(-1); v1, i1 = pn1.topk(K, dim=-1); load1 = L.load_cv2(lg, nz, sigma, K)
+            p2, v2, i2, imp2, load2 = router_core_triton(lg2, K, n, sigma)
+            assert torch.equal(i1, i2) and torch.allclose(v1, v2, atol=1e-6) and torch.allclose(p1, p2, atol=1e-6)
+            assert torch.allclose(imp1, imp2, rtol=1e-5, atol=1e-9) and torch.allclose(load1, load2, rtol=1e-5), (load1, load2)
+            gl = torch.randn_like(load1) * 100
+            for use in ((1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 0, 1), (1, 0, 1, 0), (0, 1, 1, 1)):
+                l1 = sum(((a * g).sum() for a, g, u in zip((p1, v1, imp1, load1), (gp, gv, gi, gl), use) if u), torch.zeros(()))
+                l2 = sum(((a * g).sum() for a, g, u in zip((p2, v2, imp2, load2), (gp, gv, gi, gl), use) if u), torch.zeros(()))
+                d1, = torch.autograd.grad(l1, lg, retain_graph=True); d2, = torch.autograd.grad(l2, lg2, retain_graph=True)
+                assert torch.allclose(d1, d2, atol=1e-5), ("noisy", G, S, E, K, use, (d1 - d2).abs().max())
+        for bad in (dict(noise_GSE=torch.randn(1, 4, 3), sigma=0.1), dict(noise_GSE=torch.randn(1, 4, 4), sigma=0.0)):
+            try:
+                router_core_triton(torch.randn(1, 4, 4), 1, **bad)
+                raise AssertionError(f"no error for {bad}")
+            except ValueError:
+                pass
         # inside the router and the layer: capacity, renormalised gates, switch and z losses, groups
+        # and in training with noise (the same draws: the RNG is reseeded for each run), load loss included
         for kw in (dict(), dict(capacity_factor=1.0), dict(normalize_topk=True, switch_loss_weight=0.01, z_loss_weight=1e-3),
-                   dict(group_size=30)):
+                   dict(group_size=30), dict(noise_std=1.0, group_size=30), dict(noise_std=1.0, capacity_factor=1.0)):
             torch.manual_seed(1)
-            m = MoE(16, 32, 6, 2, noise_std=0.0, impl="fused", **kw)
+            kw = dict(dict(noise_std=0.0), **kw)
+            m = MoE(16, 32, 6, 2, impl="fused", **kw)
             x = torch.randn(90, 16)
             res = []
             for on in (False, True):
                 R._TRITON_ROUTER_CPU["on"] = on
                 m.zero_grad(set_to_none=True)
                 xr = x.clone().requires_grad_()
+                torch.manual_seed(2)
                 o = m(xr)
+                assert ("load" in o.stats.aux_losses) == bool(kw["noise_std"]), o.stats.aux_losses
                 (o.out.square().mean() + o.aux_loss).backward()
-                res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in m.parameters()])
+                res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in m.parameters()]
+                           + [o.stats.aux_losses[k] for k in sorted(o.stats.aux_losses)])
             R._TRITON_ROUTER_CPU["on"] = False
             for a, b in zip(*res):
                 assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), kw
-        assert len(calls) == 4, calls  # the Triton core ran once per configuration (and only when switched on)
+        assert len(calls) == 6, calls  # the Triton core ran once per configuration (and only when switched on)
         print("TRITON-ROUTER-OK")
     """)
     paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]

@@ -647,3 +647,34 @@ def test_lowp_router_on_gpu_matches_upcast_router():
         kernels.use_lowp_router_gemm(True)
     for a, b in zip(*res):
         assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("noise_std", [0.0, 1.0])
+def test_triton_router_on_gpu_matches_eager_router(noise_std):
+    """The Triton router kernels against the eager ops on a GPU, noise-free and in V-MoE's training form
+    (noisy top-k and the load loss, the same draws both ways): plan, aux losses and gradients."""
+    from moevision import kernels
+
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("needs Triton")
+    torch.manual_seed(0)
+    m = MoE(256, 512, 8, 2, impl="fused", noise_std=noise_std).cuda()
+    x = torch.randn(4096, 256, device="cuda")
+    res = []
+    try:
+        for on in (False, True):
+            kernels.use_triton_router(on)
+            m.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_()
+            torch.manual_seed(1)
+            o = m(xr)
+            (o.out.square().mean() + o.aux_loss).backward()
+            assert ("load" in o.stats.aux_losses) == (noise_std > 0)
+            res.append([o.out, o.aux_loss, xr.grad, m.router.weight.grad]
+                       + [o.stats.aux_losses[k] for k in sorted(o.stats.aux_losses)])
+    finally:
+        kernels.use_triton_router(True)
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()

@@ -136,6 +136,8 @@ def _aot_compile(fn, args, kw, target):
             sig[n], consts[n] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[n], attrs[(i,)] = "*" + _TT[v.dtype], [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[n] = "fp32"
         else:
             sig[n] = "i32" if abs(v) < 2**31 else "i64"
             if v % 16 == 0:
@@ -214,3 +216,34 @@ def test_triton_grouped_on_gpu_bf16_close_to_the_loop(k):
         outs.append([o.float(), xr.grad.float()] + [p.grad.float() for p in mod.parameters()])
     for a, b in zip(*outs):
         assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 3e-2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (optional extra)")
+def test_router_kernels_compile_for_hopper(monkeypatch):
+    """The router kernels' launches (recorded, not run: forward and backward, with and without training
+    noise) compile ahead of time for an H100 (sm_90): the interpreter that tests their values does not
+    check what only the GPU compiler sees (constexpr branches, libdevice calls such as erf)."""
+    from moevision.kernels.triton import router as r
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.fn, args, kw))
+
+    for name in ("_router_fwd_kernel", "_cv2_mean_kernel", "_router_bwd_kernel"):
+        monkeypatch.setattr(r, name, Recorder(getattr(r, name)))
+    G, S, E, K = 4, 197, 8, 2
+    for noisy in (False, True):
+        lg = torch.randn(G, S, E, requires_grad=True)
+        n = torch.randn(G, S, E) if noisy else None
+        probs, top_v, _, imp, load = r.router_core_triton(lg, K, n, 0.125 if noisy else 0.0)
+        (probs.sum() + top_v.sum() + imp + load).backward()
+    names = sorted(fn.fn.__name__ for fn, _, _ in calls)
+    assert names == sorted(["_router_fwd_kernel", "_cv2_mean_kernel", "_router_bwd_kernel"] * 2), names
+    for fn, args, kw in calls:
+        compiled = _aot_compile(fn, args, kw, (90, 32))
+        assert compiled.asm["ptx"], fn.fn.__name__

@@ -403,7 +403,7 @@ class TopKRouter(_LinearRouter):
             ops = _native_router_ops(x_GSD)
         w = _fp32(self.weight)
         x32 = _fp32(x_GSD) if ops is not None else None
-        imp_loss = None  # the importance loss, when the Triton core computed it
+        imp_loss = load_loss = clean_probs = None  # the losses and clean softmax, when the Triton core made them
         if ops is not None and x32.dtype == w.dtype:  # the fused native core (same function; the eager form
             # below is its reference). The noise draws the same numbers as randn_like there
             noise = sigma * torch.randn(G, S, E, dtype=w.dtype) if sigma > 0 else None
@@ -413,12 +413,15 @@ class TopKRouter(_LinearRouter):
             logits, probs = logits.view(G, S, E), probs.view(G, S, E)
             top_v, top_i = top_v.view(G, S, K), top_i.view(G, S, K)
             noisy = logits + noise if sigma > 0 else logits
-        elif (_triton_router_core is not None and sigma == 0 and not gumbel and expert_mask_GSE is None
+        elif (_triton_router_core is not None and not gumbel and expert_mask_GSE is None
               and self.softmax_order == "before_topk" and E <= 256 and (x_GSD.is_cuda or _TRITON_ROUTER_CPU["on"])
               and not torch.compiler.is_compiling() and not _functorch_active()):
-            # softmax, top-k and the importance sums in one Triton kernel each way (kernels/triton/router.py)
-            logits = noisy = self.logits(x_GSD, task)
-            probs, top_v, top_i, imp_loss = _triton_router_core(logits, K)
+            # softmax(es), top-k, the importance sums and (with noise) the smooth load in one Triton kernel each
+            # way (kernels/triton/router.py); the noise is the eager branch's draw (same numbers for a seed)
+            logits = self.logits(x_GSD, task)
+            noise = torch.randn_like(logits) if sigma > 0 else None
+            clean_probs, top_v, top_i, imp_loss, load_loss = _triton_router_core(logits, K, noise, sigma)
+            probs, noisy = clean_probs, None  # the noisy logits and their softmax stay inside the kernel
         else:
             logits = self.logits(x_GSD, task)  # (G, S, E) clean
             if expert_mask_GSE is not None:
@@ -461,7 +464,8 @@ class TopKRouter(_LinearRouter):
         if self.normalize_topk and self.normalize_after_drop:
             gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
 
-        clean_probs = probs if sigma == 0 else _softmax(logits)
+        if clean_probs is None:
+            clean_probs = probs if sigma == 0 else _softmax(logits)
         aux_losses: dict[str, torch.Tensor] = {}
         if self.weights["importance"]:
             if self.importance_on == "gates":  # Shazeer / M³ViT: CV² of the summed sparse gates
@@ -472,7 +476,7 @@ class TopKRouter(_LinearRouter):
             else:  # V-MoE: CV² of the summed clean softmax
                 aux_losses["importance"] = L.importance_cv2(clean_probs)
         if self.weights["load"] and sigma > 0:
-            aux_losses["load"] = L.load_cv2(logits, noisy, sigma, K)
+            aux_losses["load"] = load_loss if load_loss is not None else L.load_cv2(logits, noisy, sigma, K)
         if self.weights["switch"]:
             aux_losses["switch"] = L.switch_loss(clean_probs, top_i, use_all_k=self.switch_use_all_k)
         if self.weights["z"]:
