@@ -349,6 +349,57 @@ def test_triton_router_core_equals_eager_router_in_interpreter():
     assert "TRITON-ROUTER-OK" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
+def test_fused_layer_on_its_cuda_code_path_equals_loop_in_interpreter():
+    """The whole ``fused`` layer as it runs on a GPU - the Triton router (with training noise and the load
+    loss), bias + activation, combine and gather-sum kernels, fed the narrow (uint8) sort keys and int32
+    positions - against the ``loop`` reference, forward and every gradient: CPU tensors take the CUDA code
+    path (``is_cuda`` patched) and the kernels run in Triton's interpreter."""
+    code = textwrap.dedent("""
+        import torch
+        torch.Tensor.is_cuda = property(lambda t: True)  # the CUDA code path on CPU tensors
+        torch.cuda.get_device_capability = lambda *a: (9, 0)
+        from moevision import MoE, kernels
+        from moevision.moe import router as R
+        from moevision.kernels import fused as FU, ops as OPS
+        kernels.use_native(False)
+        R._TRITON_ROUTER_CPU["on"] = True
+        calls = {"router": 0, "bias_act": 0, "combine": 0, "gather_sum": 0}
+        def wrap(mod, name, key):
+            f = getattr(mod, name)
+            def g(*a, **k):
+                calls[key] += 1
+                return f(*a, **k)
+            setattr(mod, name, g)
+        wrap(R, "_triton_router_core", "router"); wrap(FU, "_triton_bias_act", "bias_act")
+        wrap(FU, "_triton_combine", "combine"); wrap(OPS, "_triton_gather_sum", "gather_sum")
+        core = R._triton_router_core
+        cases = ((1, 0.0, None, True), (2, 1.0, None, True), (2, 0.0, 1.0, True), (3, 1.0, None, True), (2, 1.0, None, False))
+        for K, noise, cf, bias in cases:
+            torch.manual_seed(K)
+            ref = MoE(16, 32, 6, K, impl="loop", noise_std=noise, capacity_factor=cf, bias=bias)
+            m = MoE(16, 32, 6, K, impl="fused", noise_std=noise, capacity_factor=cf, bias=bias)
+            m.load_state_dict(ref.state_dict())
+            x = torch.randn(90, 16)
+            res = []
+            for mod in (ref, m):
+                R._triton_router_core = core if mod is m else None  # the reference routes with the eager ops
+                xr = x.clone().requires_grad_()
+                torch.manual_seed(5)  # the same router noise
+                o = mod(xr)
+                (o.out.square().mean() + o.aux_loss).backward()
+                res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in mod.parameters()])
+            for a, b in zip(*res):
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (K, noise, cf, bias, (a - b).abs().max())
+        assert calls == {"router": 5, "bias_act": 4, "combine": 5, "gather_sum": 4}, calls
+        print("CUDA-PATH-OK")
+    """)
+    paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "CUDA-PATH-OK" in r.stdout, r.stderr[-3000:]
+
+
 @pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CXX", "g++")),
                     reason="torch.compile on CPU needs a C++ compiler (g++)")
 def test_fused_layer_compiles_to_one_graph_and_matches_eager():

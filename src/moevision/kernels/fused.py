@@ -50,8 +50,8 @@ def _gemm_layout(w: torch.Tensor) -> torch.Tensor:
 
 def _bias_act(h_AF, b_EF, expert_of_row, act):
     if _triton_bias_act is not None and h_AF.is_cuda and not torch.compiler.is_compiling():
-        return _triton_bias_act(h_AF, b_EF, expert_of_row, act)
-    return ops.bias_act_torch(h_AF, b_EF, expert_of_row, act)
+        return _triton_bias_act(h_AF, b_EF, expert_of_row, act)  # reads the narrow ids as they are
+    return ops.bias_act_torch(h_AF, b_EF, expert_of_row.long(), act)  # index_select: int64 (or int32) ids
 
 
 def _compute_dtype(x: torch.Tensor, experts: Experts) -> torch.dtype:
@@ -90,11 +90,14 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
         return dispatch_grouped(x_TD, plan, experts, **kw)
     T, K, E = x_TD.shape[0], plan.top_k, experts.num_experts
     exp = plan.expert_idx  # (A,) token-major
-    order = sort_by_expert(exp, E)
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    e_sorted = exp.index_select(0, order)
+    dev = exp.device
+    # the sort's keys are narrow (uint8 for E <= 255): its sorted output is the expert of each sorted row, and
+    # the index tensors are made int32 where they are made - no gather or conversion kernels for them
+    order, e_sorted, e_keys = sort_by_expert(exp, E, with_keys=True)
+    A = order.numel()
+    pos = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order, torch.arange(A, dtype=torch.int32, device=dev))
     # segment ends by binary search in the sorted ids: no host sync (bincount on CUDA reads max())
-    offs = torch.searchsorted(e_sorted, torch.arange(E, device=exp.device), right=True).to(torch.int32)
+    offs = torch.searchsorted(e_sorted, torch.arange(E, device=dev, dtype=e_sorted.dtype), right=True, out_int32=True)
     dt = _compute_dtype(x_TD, experts)
     with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit below
         xs = ops.permute_rows(_w(x_TD, dt), order, pos, K)
@@ -102,7 +105,7 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
         b2 = _w(experts.b2, dt) if experts.has_bias else None
         gates = plan.gates.view(T, K)
         if _triton_combine is not None and y.is_cuda and not torch.compiler.is_compiling():
-            return _triton_combine(y, gates, pos, order, b2, exp, e_sorted)
+            return _triton_combine(y, gates, pos, order, b2, e_keys, e_sorted)
         return ops.combine_rows(y, gates, pos, order, b2, exp if b2 is not None else None)
 
 

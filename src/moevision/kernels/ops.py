@@ -88,7 +88,7 @@ class _PermuteRows(torch.autograd.Function):
 
 def permute_rows(x_TD: torch.Tensor, order: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
     """Rows of x for the expert-sorted assignments (row i is token ``order[i] // k``)."""
-    return _PermuteRows.apply(x_TD, torch.div(order, k, rounding_mode="floor"), pos, k)
+    return _PermuteRows.apply(x_TD, torch.div(order, k, rounding_mode="floor") if k > 1 else order, pos, k)
 
 
 class _CombineRows(torch.autograd.Function):

@@ -70,17 +70,31 @@ def dispatch_einsum(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, *, 
     return torch.einsum("gsec,egcd->gsd", combine, y_EGCD).reshape(G * S, -1)
 
 
-def sort_by_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """The stable order of assignments by expert id: ``argsort(expert_idx, stable=True)``, with the ids
-    sorted as uint8 (E <= 255) or int16 keys. A radix sort makes one pass per key byte: CUB on CUDA
-    runs 8 passes over int64 keys (profiled on an H200: 8 radix kernels per sort, ~60 us at ViT-B);
-    ATen's CPU radix sort took 633 -> 103 us for 50k ids (measured; no change below ~13k, where it
-    uses another sort). Same permutation as sorting the int64 ids (tested)."""
+def expert_keys(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The expert ids in the narrowest sort key that holds them: uint8 (E <= 255), int16 (E <= 32767), else as
+    they are."""
     if num_experts <= 255:
-        return torch.argsort(expert_idx.to(torch.uint8), stable=True)
+        return expert_idx.to(torch.uint8)
     if num_experts <= 32767:
-        return torch.argsort(expert_idx.to(torch.int16), stable=True)
-    return torch.argsort(expert_idx, stable=True)
+        return expert_idx.to(torch.int16)
+    return expert_idx
+
+
+def sort_by_expert(expert_idx: torch.Tensor, num_experts: int, *, with_keys: bool = False):
+    """The stable order of assignments by expert id: ``argsort(expert_idx, stable=True)``, with the ids
+    sorted as uint8 (E <= 255) or int16 keys (``expert_keys``). A radix sort makes one pass per key byte:
+    CUB on CUDA runs 8 passes over int64 keys (profiled on an H200: 8 radix kernels per sort, ~60 us at
+    ViT-B); ATen's CPU radix sort took 633 -> 103 us for 50k ids (measured; no change below ~13k, where it
+    uses another sort). Same permutation as sorting the int64 ids (tested).
+
+    ``with_keys=True`` returns ``(order, sorted_keys, keys)``: the sort's own output is the expert of each
+    sorted row (``expert_idx[order]`` as keys, no gather), and ``keys`` the narrow ids in the input's order
+    (what the Triton kernels read without a conversion)."""
+    keys = expert_keys(expert_idx, num_experts)
+    if not with_keys:
+        return torch.argsort(keys, stable=True)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    return order, sorted_keys, keys
 
 
 def dispatch_sorted(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **_) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import narrow_ids
+
 ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 _SQRT1_2 = 0.7071067811865476
 _SQRT_2_PI = 0.7978845608028654  # sqrt(2 / pi)
@@ -76,7 +78,7 @@ def _bias_act_fwd_kernel(h_ptr, b_ptr, e_ptr, out_ptr, A, F, stride_h, stride_b,
     rmask = rows < A
     cmask = cols < F
     mask = rmask[:, None] & cmask[None, :]
-    e = tl.load(e_ptr + rows, mask=rmask, other=0)
+    e = tl.load(e_ptr + rows, mask=rmask, other=0).to(tl.int32)
     h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     b, e_lo, e_hi = _bias_tile(b_ptr, e, rmask, cols, cmask, mask, stride_b, ROWBIAS)
     y = _act(h + b, ACT)
@@ -91,7 +93,7 @@ def _bias_act_bwd_kernel(g_ptr, h_ptr, b_ptr, e_ptr, gh_ptr, gb_ptr, A, F, strid
     rmask = rows < A
     cmask = cols < F
     mask = rmask[:, None] & cmask[None, :]
-    e = tl.load(e_ptr + rows, mask=rmask, other=0)
+    e = tl.load(e_ptr + rows, mask=rmask, other=0).to(tl.int32)
     g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     b, e_lo, e_hi = _bias_tile(b_ptr, e, rmask, cols, cmask, mask, stride_b, ROWBIAS)
@@ -121,7 +123,7 @@ class _TritonBiasAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_AF, b_EF, expert_of_row, act):
         h_AF, b_EF = h_AF.contiguous(), b_EF.contiguous()
-        e = expert_of_row.to(torch.int32).contiguous()
+        e = narrow_ids(expert_of_row)
         A, F = h_AF.shape
         out = torch.empty_like(h_AF)
         if A:

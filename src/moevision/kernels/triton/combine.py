@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import narrow_ids
+
 
 @triton.jit
 def _combine_fwd_kernel(y_ptr, b_ptr, g_ptr, pos_ptr, e_ptr, out_ptr, T, D, stride_y, stride_b, stride_o,
@@ -33,10 +35,10 @@ def _combine_fwd_kernel(y_ptr, b_ptr, g_ptr, pos_ptr, e_ptr, out_ptr, T, D, stri
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for j in tl.static_range(K):
         a = toks * K + j
-        row = tl.load(pos_ptr + a, mask=tmask, other=0)
+        row = tl.load(pos_ptr + a, mask=tmask, other=0).to(tl.int32)
         v = tl.load(y_ptr + row[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            e = tl.load(e_ptr + a, mask=tmask, other=0)
+            e = tl.load(e_ptr + a, mask=tmask, other=0).to(tl.int32)
             v += tl.load(b_ptr + e[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_GATES:
             g = tl.load(g_ptr + a, mask=tmask, other=0.0).to(tl.float32)
@@ -54,10 +56,10 @@ def _combine_bwd_kernel(go_ptr, y_ptr, b_ptr, g_ptr, pos_ptr, e_ptr, gy_ptr, gg_
     tmask = toks < T
     for j in tl.static_range(K):
         a = toks * K + j
-        row = tl.load(pos_ptr + a, mask=tmask, other=0)
+        row = tl.load(pos_ptr + a, mask=tmask, other=0).to(tl.int32)
         g = tl.load(g_ptr + a, mask=tmask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            e = tl.load(e_ptr + a, mask=tmask, other=0)
+            e = tl.load(e_ptr + a, mask=tmask, other=0).to(tl.int32)
         dot = tl.zeros((BT,), dtype=tl.float32)
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
@@ -78,7 +80,7 @@ def _segment_sum_kernel(v_ptr, e_ptr, out_ptr, A, D, stride_v, BM: tl.constexpr,
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     rmask = rows < A
     cmask = cols < D
-    e = tl.load(e_ptr + rows, mask=rmask, other=0)
+    e = tl.load(e_ptr + rows, mask=rmask, other=0).to(tl.int32)
     v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                 other=0.0).to(tl.float32)
     e_lo = tl.min(tl.where(rmask, e, 2147483647), axis=0)
@@ -96,7 +98,7 @@ def segment_sum(v_AD: torch.Tensor, expert_of_row: torch.Tensor, num_experts: in
     if A:
         BM, BN = 64, 128
         _segment_sum_kernel[(triton.cdiv(A, BM), triton.cdiv(D, BN))](
-            v_AD, expert_of_row.to(torch.int32).contiguous(), out, A, D, v_AD.stride(0), BM=BM, BN=BN)
+            v_AD, narrow_ids(expert_of_row), out, A, D, v_AD.stride(0), BM=BM, BN=BN)
     return out
 
 
@@ -109,7 +111,7 @@ def gather_sum(g_AD: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
     T = A // k
     out = torch.empty(T, D, device=g_AD.device, dtype=g_AD.dtype)
     if T:
-        pos32 = pos.to(torch.int32).contiguous()  # the combine kernel, no gates and no bias (placeholder pointers)
+        pos32 = narrow_ids(pos)  # the combine kernel, no gates and no bias (placeholder pointers)
         _combine_fwd_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](
             g_AD, g_AD, g_AD, pos32, pos32, out, T, D, g_AD.stride(0), 0, out.stride(0), K=k, HAS_BIAS=False,
             BT=_BT, BD=_BD, HAS_GATES=False)
@@ -126,10 +128,10 @@ class _TritonCombine(torch.autograd.Function):
         D = y_AD.shape[-1]
         y_AD = y_AD.contiguous()
         g = gates_TK.contiguous()
-        pos32 = pos.to(torch.int32).contiguous()
+        pos32 = narrow_ids(pos)
         has_bias = bias_ED is not None
         b = bias_ED.contiguous() if has_bias else y_AD  # placeholder pointer when there is no bias
-        e32 = expert_tok.to(torch.int32).contiguous() if has_bias else pos32
+        e32 = narrow_ids(expert_tok) if has_bias else pos32
         out = torch.empty(T, D, device=y_AD.device, dtype=y_AD.dtype)
         if T:
             _combine_fwd_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](

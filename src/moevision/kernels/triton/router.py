@@ -86,7 +86,7 @@ def _router_fwd_kernel(l_ptr, n_ptr, p_ptr, pn_ptr, tv_ptr, ti_ptr, thr_ptr, imp
         tl.store(ti_ptr + rows * K + j, i.to(tl.int64), mask=rmask)
         q = tl.where(cols[None, :] == i[:, None], -2.0, q)
         if NOISY and j == K - 1:  # eta: the K-th choice's noisy logit; smooth load 1 - Phi((eta - l) / sigma)
-            eta = tl.sum(tl.where(cols[None, :] == i[:, None], nz, 0.0), axis=1)
+            eta = tl.where(rmask, tl.sum(tl.where(cols[None, :] == i[:, None], nz, 0.0), axis=1), 0.0)
             tl.store(thr_ptr + rows, eta, mask=rmask)
             z = (eta[:, None] - lg) / sigma
             pl = tl.where(mask, 1.0 - 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)), 0.0)
