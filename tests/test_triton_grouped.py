@@ -117,6 +117,18 @@ def test_triton_grouped_gemms_equal_the_loop_reference_in_interpreter():
 _TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
 
+def _recorder(calls: list):
+    """A stand-in for a Triton kernel: ``kernel[grid](*args, **kw)`` appends (kernel, args, kw) to calls
+    instead of launching."""
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.fn, args, kw))
+    return Recorder
+
+
 def _aot_compile(fn, args, kw, target):
     """Compile one recorded launch of a Triton kernel ahead of time for a GPU target, specialised the way a
     launch specialises (16-aligned pointers and ints divisible by 16 get the divisibility hint; ints equal to 1
@@ -156,13 +168,7 @@ def test_every_launch_compiles_for_hopper_with_tensor_cores_and_pipelined_loads(
     from moevision.kernels.triton import grouped as g
 
     calls = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.fn, args, kw))
+    Recorder = _recorder(calls)
 
     monkeypatch.setattr(g, "_gmm_kernel", Recorder(g._gmm_kernel))
     monkeypatch.setattr(g, "_wgrad_kernel", Recorder(g._wgrad_kernel))
@@ -226,13 +232,7 @@ def test_router_kernels_compile_for_hopper(monkeypatch):
     from moevision.kernels.triton import router as r
 
     calls = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.fn, args, kw))
+    Recorder = _recorder(calls)
 
     for name in ("_router_fwd_kernel", "_cv2_mean_kernel", "_router_bwd_kernel"):
         monkeypatch.setattr(r, name, Recorder(getattr(r, name)))

@@ -37,6 +37,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_block(T, E, EP: tl.constexpr, BT: tl.constexpr):
+    """This program's block of BT token rows of a (T, E) row-major tensor: row and column indices, their
+    masks, the 2D mask and the element offsets."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.arange(0, EP)
+    rmask = rows < T
+    cmask = cols < E
+    return rows, cols, rmask, cmask, rmask[:, None] & cmask[None, :], rows[:, None] * E + cols[None, :]
+
+
+@triton.jit
 def _softmax_rows(lg, rmask, mask):
     m = tl.max(lg, axis=1)
     m = tl.where(rmask, m, 0.0)
@@ -60,12 +71,7 @@ def _group_sums(v, rows, rmask, cols, cmask, buf_ptr, T, E, S, BT: tl.constexpr)
 @triton.jit
 def _router_fwd_kernel(l_ptr, n_ptr, p_ptr, pn_ptr, tv_ptr, ti_ptr, thr_ptr, imp_ptr, load_ptr, sigma, T, E, S,
                        K: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr, NOISY: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.arange(0, EP)
-    rmask = rows < T
-    cmask = cols < E
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * E + cols[None, :]
+    rows, cols, rmask, cmask, mask, offs = _row_block(T, E, EP, BT)
     lg = tl.load(l_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
     p = _softmax_rows(lg, rmask, mask)
     tl.store(p_ptr + offs, p, mask=mask)
@@ -136,12 +142,7 @@ def _router_bwd_kernel(p_ptr, pn_ptr, l_ptr, thr_ptr, ti_ptr, gtv_ptr, gp_ptr, i
                        gload_ptr, gl_ptr, sigma, T, E, S, G, EPS, K: tl.constexpr, HAS_GP: tl.constexpr,
                        HAS_GTV: tl.constexpr, HAS_GLOSS: tl.constexpr, HAS_GLOAD: tl.constexpr,
                        NOISY: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.arange(0, EP)
-    rmask = rows < T
-    cmask = cols < E
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * E + cols[None, :]
+    rows, cols, rmask, cmask, mask, offs = _row_block(T, E, EP, BT)
     grp = rows // S
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     gp = tl.zeros((BT, EP), dtype=tl.float32)  # the gradient of the clean probabilities
