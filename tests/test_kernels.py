@@ -210,6 +210,15 @@ def test_routing_stats_are_computed_only_when_read(monkeypatch):
     assert calls == [1]
 
 
+def _run_interpreted(code: str, marker: str) -> None:
+    """Run ``code`` in a fresh Python with Triton's CPU interpreter on (TRITON_INTERPRET is read at import,
+    hence the subprocess) and this checkout's ``src`` first on the path; it must print ``marker``."""
+    paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert marker in r.stdout, r.stderr[-3000:]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
 def test_triton_kernels_equal_references_in_interpreter():
     code = textwrap.dedent("""
@@ -263,10 +272,7 @@ def test_triton_kernels_equal_references_in_interpreter():
             assert torch.allclose(gather_sum(gA, pos, K), ref, atol=1e-5), K
         print("TRITON-INTERPRETER-OK")
     """)
-    paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "TRITON-INTERPRETER-OK" in r.stdout, r.stderr[-3000:]
+    _run_interpreted(code, "TRITON-INTERPRETER-OK")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
@@ -343,10 +349,7 @@ def test_triton_router_core_equals_eager_router_in_interpreter():
         assert len(calls) == 6, calls  # the Triton core ran once per configuration (and only when switched on)
         print("TRITON-ROUTER-OK")
     """)
-    paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "TRITON-ROUTER-OK" in r.stdout, r.stderr[-3000:]
+    _run_interpreted(code, "TRITON-ROUTER-OK")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
@@ -394,10 +397,7 @@ def test_fused_layer_on_its_cuda_code_path_equals_loop_in_interpreter():
         assert calls == {"router": 5, "bias_act": 4, "combine": 5, "gather_sum": 4}, calls
         print("CUDA-PATH-OK")
     """)
-    paths = [str(Path(__file__).resolve().parents[1] / "src")] + [p for p in sys.path if p]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(paths))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "CUDA-PATH-OK" in r.stdout, r.stderr[-3000:]
+    _run_interpreted(code, "CUDA-PATH-OK")
 
 
 @pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CXX", "g++")),
