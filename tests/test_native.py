@@ -170,6 +170,93 @@ def test_native_bf16_is_close_to_fp32():
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@pytest.fixture
+def fast_gelu(request):
+    """The native op's fp32 GELU kernels on (the default) or off (ATen's GELU)."""
+    was = OPS.set_fast_gelu(request.param)
+    yield request.param
+    OPS.set_fast_gelu(was)
+
+
+def test_fp32_gelu_kernels_match_fp64():
+    """The fp32 GELU of the native op (erf by A&S 7.1.26, exp by a polynomial), its backward and the bias
+    gradient summed in the same pass, against fp64 autograd over [-12, 12], the tails and exact zeros."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.cat([torch.linspace(-12, 12, 96_000), torch.randn(96_000, generator=g) * 3,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 90.0, -90.0] * 12)]).view(-1, 96)
+    b = torch.randn(96, generator=g) * 0.1
+    gout = torch.randn(h.shape, generator=g)
+    hb, a, gh, db = OPS.gelu_fp32(h, b, gout)
+    assert torch.equal(hb, h + b)  # the bias add is the plain fp32 add
+    x = hb.double().requires_grad_()
+    ref = torch.nn.functional.gelu(x)
+    ref.backward(gout.double())
+    assert (a.double() - ref.detach()).abs().max() < 1e-6
+    assert (gh.double() - x.grad).abs().max() < 2e-6
+    assert ((db.double() - x.grad.sum(0)).abs() <= 1e-6 * x.grad.abs().sum(0) + 1e-6).all()
+    assert torch.equal(a[hb == 0], torch.zeros_like(a[hb == 0])) and (a[hb < -15] <= 0).all()
+    _, a0, g0, db0 = OPS.gelu_fp32(h, None, gout)  # no bias; no grad: the last two are empty
+    assert torch.allclose(a0.double(), torch.nn.functional.gelu(h.double()), atol=1e-6)
+    assert OPS.gelu_fp32(h, None, None)[2].numel() == 0
+
+
+@pytest.mark.parametrize("fast_gelu", [True, False], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("split", [True, False], indirect=True)
+@pytest.mark.parametrize("case", [dict(T=50, K=1, counts=[20, 0, 30, 0], bias=True),
+                                  dict(T=41, K=2, counts=None, bias=False)])
+def test_native_op_fp32_gelu_matches_fp64_oracle(case, threads, split, fast_gelu):
+    """The fp32 op with GELU (its own kernels: bias fused into the activation pass, the bias gradient into the
+    activation backward; or ATen's) against the plain formula in fp64, forward and every gradient."""
+    case = dict(case)
+    bias = case.pop("bias")
+    p = _op_inputs(case["T"], 6, 40, 4, case["K"], case["counts"], bias=bias)
+    ref, x, params = _oracle(p, 0)
+    gout = torch.randn_like(ref)
+    ref.backward(gout)
+    f = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
+    tok = torch.div(p["order"], p["K"], rounding_mode="floor")
+    out, xs, h, h3, a, y = OPS.expert_mlp_fwd(f["x"], tok, f["gates"], p["pos"], p["K"], f["w1"], f["b1"], f["w2"],
+                                              f["b2"], None, p["offs"], 0)
+    grads = OPS.expert_mlp_bwd(gout.float(), tok, p["order"], p["pos"], f["gates"], p["K"], xs, h, h3, a, y, f["w1"],
+                               f["w2"], None, p["offs"], 0, True, True, True, bias, True, bias, False)
+    want = [ref, x.grad, params["gates"].grad, params["w1"].grad, params.get("b1", x).grad, params["w2"].grad,
+            params.get("b2", x).grad]
+    for got, w, name in zip([out, *grads[:6]], want, ["out", "x", "gates", "w1", "b1", "w2", "b2"]):
+        if name in ("b1", "b2") and not bias:
+            assert got.numel() == 0, name
+            continue
+        assert (got.double() - w).abs().max() < 2e-5 * max(1.0, w.abs().max().item()), name
+
+
+def test_native_fp32_gelu_kernels_are_used_and_agree_with_aten():
+    """Switched on, the fp32 GELU layer differs from ATen's in the last bits (so the kernels ran) and agrees
+    with it to fp32 accuracy; float64 never takes them (bit-equal either way)."""
+    torch.manual_seed(0)
+    m = MoE(16, 40, 4, 2, impl="cpu_fused")
+    x = torch.randn(2, 30, 16)
+    runs = {}
+    for on in (True, False):
+        was = OPS.set_fast_gelu(on)
+        try:
+            runs[on] = _layer_grads(m, x, True)
+        finally:
+            OPS.set_fast_gelu(was)
+    assert not all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]) if a is not None)
+    for a, b in zip(runs[True], runs[False]):
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+    md, xd = m.double(), x.double()
+    runs = {}
+    for on in (True, False):
+        was = OPS.set_fast_gelu(on)
+        try:
+            runs[on] = _layer_grads(md, xd, True)
+        finally:
+            OPS.set_fast_gelu(was)
+    assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]) if a is not None)
+
+
 def test_native_ops_reject_inconsistent_arguments():
     p = _op_inputs(20, 6, 10, 4, 1)
     bad = p["offs"].clone()
