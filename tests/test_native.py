@@ -178,48 +178,53 @@ def fast_gelu(request):
     OPS.set_fast_gelu(was)
 
 
-def test_fp32_gelu_kernels_match_fp64():
-    """The fp32 GELU of the native op (erf by A&S 7.1.26, exp by a polynomial), its backward and the bias
-    gradient summed in the same pass, against fp64 autograd over [-12, 12], the tails and exact zeros."""
+@pytest.mark.parametrize("tanh", [False, True])
+def test_fp32_gelu_kernels_match_fp64(tanh):
+    """The fp32 GELU of the native op (erf by A&S 7.1.26, or the tanh form; exp by a polynomial), its
+    backward and the bias gradient summed in the same pass, against fp64 autograd over [-12, 12], the tails
+    and exact zeros."""
+    approximate = "tanh" if tanh else "none"
     g = torch.Generator().manual_seed(0)
     h = torch.cat([torch.linspace(-12, 12, 96_000), torch.randn(96_000, generator=g) * 3,
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 90.0, -90.0] * 12)]).view(-1, 96)
     b = torch.randn(96, generator=g) * 0.1
     gout = torch.randn(h.shape, generator=g)
-    hb, a, gh, db = OPS.gelu_fp32(h, b, gout)
+    hb, a, gh, db = OPS.gelu_fp32(h, b, gout, tanh)
     assert torch.equal(hb, h + b)  # the bias add is the plain fp32 add
     x = hb.double().requires_grad_()
-    ref = torch.nn.functional.gelu(x)
+    ref = torch.nn.functional.gelu(x, approximate=approximate)
     ref.backward(gout.double())
     assert (a.double() - ref.detach()).abs().max() < 1e-6
     assert (gh.double() - x.grad).abs().max() < 2e-6
     assert ((db.double() - x.grad.sum(0)).abs() <= 1e-6 * x.grad.abs().sum(0) + 1e-6).all()
     assert torch.equal(a[hb == 0], torch.zeros_like(a[hb == 0])) and (a[hb < -15] <= 0).all()
-    _, a0, g0, db0 = OPS.gelu_fp32(h, None, gout)  # no bias; no grad: the last two are empty
-    assert torch.allclose(a0.double(), torch.nn.functional.gelu(h.double()), atol=1e-6)
-    assert OPS.gelu_fp32(h, None, None)[2].numel() == 0
+    _, a0, g0, db0 = OPS.gelu_fp32(h, None, gout, tanh)  # no bias; no grad: the last two are empty
+    assert torch.allclose(a0.double(), torch.nn.functional.gelu(h.double(), approximate=approximate), atol=1e-6)
+    assert OPS.gelu_fp32(h, None, None, tanh)[2].numel() == 0
 
 
 @pytest.mark.parametrize("fast_gelu", [True, False], indirect=True)
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("split", [True, False], indirect=True)
-@pytest.mark.parametrize("case", [dict(T=50, K=1, counts=[20, 0, 30, 0], bias=True),
-                                  dict(T=41, K=2, counts=None, bias=False)])
+@pytest.mark.parametrize("case", [dict(T=50, K=1, counts=[20, 0, 30, 0], bias=True, act=0),
+                                  dict(T=41, K=2, counts=None, bias=False, act=0),
+                                  dict(T=41, K=2, counts=None, bias=True, act=1)])
 def test_native_op_fp32_gelu_matches_fp64_oracle(case, threads, split, fast_gelu):
-    """The fp32 op with GELU (its own kernels: bias fused into the activation pass, the bias gradient into the
-    activation backward; or ATen's) against the plain formula in fp64, forward and every gradient."""
+    """The fp32 op with GELU, erf or tanh form (its own kernels: bias fused into the activation pass, the bias
+    gradient into the activation backward; or ATen's) against the plain formula in fp64, forward and every
+    gradient."""
     case = dict(case)
-    bias = case.pop("bias")
+    bias, act = case.pop("bias"), case.pop("act")
     p = _op_inputs(case["T"], 6, 40, 4, case["K"], case["counts"], bias=bias)
-    ref, x, params = _oracle(p, 0)
+    ref, x, params = _oracle(p, act)
     gout = torch.randn_like(ref)
     ref.backward(gout)
     f = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
     tok = torch.div(p["order"], p["K"], rounding_mode="floor")
     out, xs, h, h3, a, y = OPS.expert_mlp_fwd(f["x"], tok, f["gates"], p["pos"], p["K"], f["w1"], f["b1"], f["w2"],
-                                              f["b2"], None, p["offs"], 0)
+                                              f["b2"], None, p["offs"], act)
     grads = OPS.expert_mlp_bwd(gout.float(), tok, p["order"], p["pos"], f["gates"], p["K"], xs, h, h3, a, y, f["w1"],
-                               f["w2"], None, p["offs"], 0, True, True, True, bias, True, bias, False)
+                               f["w2"], None, p["offs"], act, True, True, True, bias, True, bias, False)
     want = [ref, x.grad, params["gates"].grad, params["w1"].grad, params.get("b1", x).grad, params["w2"].grad,
             params.get("b2", x).grad]
     for got, w, name in zip([out, *grads[:6]], want, ["out", "x", "gates", "w1", "b1", "w2", "b2"]):
@@ -229,32 +234,56 @@ def test_native_op_fp32_gelu_matches_fp64_oracle(case, threads, split, fast_gelu
         assert (got.double() - w).abs().max() < 2e-5 * max(1.0, w.abs().max().item()), name
 
 
-def test_native_fp32_gelu_kernels_are_used_and_agree_with_aten():
+def _fast_gelu_runs(m, x):
+    runs = {}
+    for on in (True, False):
+        was = OPS.set_fast_gelu(on)
+        try:
+            runs[on] = [t for t in _layer_grads(m, x, True) if t is not None]
+        finally:
+            OPS.set_fast_gelu(was)
+    return runs[True], runs[False]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_native_fp32_gelu_kernels_are_used_and_agree_with_aten(activation):
     """Switched on, the fp32 GELU layer differs from ATen's in the last bits (so the kernels ran) and agrees
-    with it to fp32 accuracy; float64 never takes them (bit-equal either way)."""
+    with it to fp32 accuracy; float64 and other activations never take them (bit-equal either way)."""
     torch.manual_seed(0)
-    m = MoE(16, 40, 4, 2, impl="cpu_fused")
+    m = MoE(16, 40, 4, 2, impl="cpu_fused", activation=activation)
     x = torch.randn(2, 30, 16)
-    runs = {}
+    on, off = _fast_gelu_runs(m, x)
+    assert not all(torch.equal(a, b) for a, b in zip(on, off))
+    for a, b in zip(on, off, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+    on, off = _fast_gelu_runs(m.double(), x.double())
+    assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+    torch.manual_seed(0)
+    on, off = _fast_gelu_runs(MoE(16, 40, 4, 2, impl="cpu_fused", activation="silu"), x)
+    assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+
+
+@pytest.mark.parametrize("act", [0, 1])
+def test_native_fp32_gelu_backward_takes_its_kernels(act):
+    """From the same saved forward, the backward with the GELU kernels on differs from ATen's in the last bits
+    of the activation's gradients (so they ran in backward too) and agrees to fp32 accuracy."""
+    p = _op_inputs(41, 6, 40, 4, 2, None, dtype=torch.float32)
+    tok = torch.div(p["order"], 2, rounding_mode="floor")
+    saved = OPS.expert_mlp_fwd(p["x"], tok, p["gates"], p["pos"], 2, p["w1"], p["b1"], p["w2"], p["b2"], None,
+                               p["offs"], act)[1:]
+    gout = torch.randn(41, 6)
+    grads = {}
     for on in (True, False):
         was = OPS.set_fast_gelu(on)
         try:
-            runs[on] = _layer_grads(m, x, True)
+            grads[on] = OPS.expert_mlp_bwd(gout, tok, p["order"], p["pos"], p["gates"], 2, *saved, p["w1"], p["w2"],
+                                           None, p["offs"], act, True, True, True, True, True, True, False)
         finally:
             OPS.set_fast_gelu(was)
-    assert not all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]) if a is not None)
-    for a, b in zip(runs[True], runs[False]):
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
-    md, xd = m.double(), x.double()
-    runs = {}
-    for on in (True, False):
-        was = OPS.set_fast_gelu(on)
-        try:
-            runs[on] = _layer_grads(md, xd, True)
-        finally:
-            OPS.set_fast_gelu(was)
-    assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]) if a is not None)
+    for i in (0, 2, 3):  # x, w1, b1: through the activation's backward
+        assert not torch.equal(grads[True][i], grads[False][i]), i
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_native_ops_reject_inconsistent_arguments():

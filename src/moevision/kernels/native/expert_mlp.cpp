@@ -218,15 +218,16 @@ MV_CLONES void gather_sum_rows(scalar_t* gx, const scalar_t* gxs, const int64_t*
 
 
 // ---------------------------------------------------------------------------------------------------
-// GELU (erf form) in fp32, written out so that it vectorises (AVX-512 / AVX2 clones): ATen's CPU GELU
-// backward measured ~2 ns an element on this machine (2 cores, 800 x 768 rows), against ~0.75 for this
-// one with the bias gradient summed in the same pass; the forward adds the bias in the same pass (the
-// GEMM before it then runs with beta = 0, no broadcast copy of the bias into its output).
+// GELU in fp32 (erf and tanh forms), written out so that it vectorises (AVX-512 / AVX2 clones). ATen's CPU
+// GELU backward written in place (as this op does) measured ~2.2 ns an element on this machine (800 x 768
+// rows, one thread; ~1 ns out of place, the tanh form ~2.1 either way), against ~0.75 for this one with
+// the bias gradient summed in the same pass. The forward adds the bias in the same pass (the GEMM before
+// it then runs with beta = 0, no broadcast copy of the bias into its output).
 // erfc(z) = q(t) exp(-z^2), t = 1 / (1 + p z), z = |x| / sqrt(2): Abramowitz & Stegun 7.1.26 (|error| <=
 // 1.5e-7 on erf); exp by Cody-Waite reduction and a degree-7 polynomial. GELU's max abs error against
-// fp64 is ~5e-7 over [-12, 12] (ATen's oneDNN kernel: ~1.2e-6). The backward shares the exp:
-// GELU'(x) = Phi(x) + x exp(-x^2/2) / sqrt(2 pi). Used for act = GELU in fp32; other activations and
-// dtypes run ATen's kernels. set_fast_gelu(false) switches it off (A/B benchmarks, tests).
+// fp64 is ~7e-7 over [-12, 12] (ATen's oneDNN kernel: ~1.2e-6). The backward shares the exp:
+// GELU'(x) = Phi(x) + x exp(-x^2/2) / sqrt(2 pi). Used for act = GELU / GELU_TANH in fp32; other
+// activations and dtypes run ATen's kernels. set_fast_gelu(false) switches it off (A/B benchmarks, tests).
 constexpr float kErfP = 0.3275911f, kErfA1 = 0.254829592f, kErfA2 = -0.284496736f, kErfA3 = 1.421413741f,
                 kErfA4 = -1.453152027f, kErfA5 = 1.061405429f;
 constexpr float kInvSqrt2 = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
@@ -260,9 +261,42 @@ inline void normal_cdf(float x, float& cdf, float& e) {
   cdf = 0.5f + std::copysign(0.5f - half_erfc, x);  // x < 0: erfc / 2, else 1 - erfc / 2
 }
 
+// GELU(x) = x * c(x) and its derivative: c = Phi (erf form), or (1 + tanh(u)) / 2 with
+// u = sqrt(2 / pi) (x + 0.044715 x^3) (tanh form; tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|)).
+constexpr float kTanhC = 0.79788456080286536f, kTanhK = 0.044715f;
+template <bool kTanh>
+inline float gelu_value(float x) {
+  if constexpr (kTanh) {
+    const float u = kTanhC * (x + kTanhK * x * x * x);
+    const float e = exp_nonpos(-2.f * std::fabs(u));
+    const float th = std::copysign((1.f - e) / (1.f + e), u);
+    return 0.5f * x * (1.f + th);
+  } else {
+    float cdf, e;
+    normal_cdf(x, cdf, e);
+    return x * cdf;
+  }
+}
+template <bool kTanh>
+inline float gelu_derivative(float x) {
+  if constexpr (kTanh) {
+    const float u = kTanhC * (x + kTanhK * x * x * x);
+    const float e = exp_nonpos(-2.f * std::fabs(u));
+    const float r = 1.f / (1.f + e);
+    const float th = std::copysign((1.f - e) * r, u);
+    const float sech2 = 4.f * e * r * r;  // 1 - tanh^2 without the cancellation near |tanh| = 1
+    return 0.5f * (1.f + th) + 0.5f * x * sech2 * kTanhC * (1.f + 3.f * kTanhK * x * x);
+  } else {
+    float cdf, e;
+    normal_cdf(x, cdf, e);
+    return cdf + x * e * kInvSqrt2Pi;
+  }
+}
+
 bool fast_gelu_enabled = true;  // set_fast_gelu (A/B benchmarks, tests)
 
 // rows [0, n) of h (n, F): h += b (b may be null), a = GELU(h)
+template <bool kTanh>
 MV_CLONES void bias_gelu_rows(float* h, float* a, const float* b, int64_t n, int64_t F) {
   std::vector<float> zero(b == nullptr ? F : 0, 0.f);
   const float* bias = b == nullptr ? zero.data() : b;
@@ -272,16 +306,15 @@ MV_CLONES void bias_gelu_rows(float* h, float* a, const float* b, int64_t n, int
 #pragma omp simd
     for (int64_t f = 0; f < F; f++) {
       const float v = hr[f] + bias[f];
-      float cdf, e;
-      normal_cdf(v, cdf, e);
       hr[f] = v;
-      ar[f] = v * cdf;
+      ar[f] = gelu_value<kTanh>(v);
     }
   }
 }
 
 // rows [0, n): g *= GELU'(h) in place; db (F,) = the column sums of the result when db is not null
 // (float over blocks of 64 rows, double across blocks)
+template <bool kTanh>
 MV_CLONES void gelu_backward_rows(float* g, const float* h, float* db, int64_t n, int64_t F) {
   std::vector<float> acc(db == nullptr ? 0 : F, 0.f);
   std::vector<double> total(db == nullptr ? 0 : F, 0.0);
@@ -290,21 +323,13 @@ MV_CLONES void gelu_backward_rows(float* g, const float* h, float* db, int64_t n
     const float* hr = h + i * F;
     if (db == nullptr) {
 #pragma omp simd
-      for (int64_t f = 0; f < F; f++) {
-        const float x = hr[f];
-        float cdf, e;
-        normal_cdf(x, cdf, e);
-        gr[f] = gr[f] * (cdf + x * e * kInvSqrt2Pi);
-      }
+      for (int64_t f = 0; f < F; f++) gr[f] = gr[f] * gelu_derivative<kTanh>(hr[f]);
       continue;
     }
     float* ac = acc.data();
 #pragma omp simd
     for (int64_t f = 0; f < F; f++) {
-      const float x = hr[f];
-      float cdf, e;
-      normal_cdf(x, cdf, e);
-      const float v = gr[f] * (cdf + x * e * kInvSqrt2Pi);
+      const float v = gr[f] * gelu_derivative<kTanh>(hr[f]);
       gr[f] = v;
       ac[f] += v;
     }
@@ -317,6 +342,14 @@ MV_CLONES void gelu_backward_rows(float* g, const float* h, float* db, int64_t n
   }
   if (db != nullptr)
     for (int64_t f = 0; f < F; f++) db[f] = static_cast<float>(total[f]);
+}
+
+// the two above for an activation code (GELU or GELU_TANH)
+void bias_gelu(int64_t act, float* h, float* a, const float* b, int64_t n, int64_t F) {
+  if (act == GELU_TANH) bias_gelu_rows<true>(h, a, b, n, F); else bias_gelu_rows<false>(h, a, b, n, F);
+}
+void gelu_backward(int64_t act, float* g, const float* h, float* db, int64_t n, int64_t F) {
+  if (act == GELU_TANH) gelu_backward_rows<true>(g, h, db, n, F); else gelu_backward_rows<false>(g, h, db, n, F);
 }
 
 void check_index(const at::Tensor& t, int64_t n, const char* name) {
@@ -354,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto y = at::empty({A, D}, x.options());
   const bool has_b1 = b1.has_value() && b1->defined(), has_b2 = b2.has_value() && b2->defined();
   // GELU in fp32: the bias and the activation in one pass of ours (bias_gelu_rows), the GEMM without bias
-  const bool fast_act = fast_gelu_enabled && act == GELU && !glu && x.scalar_type() == at::kFloat;
+  const bool fast_act = fast_gelu_enabled && (act == GELU || act == GELU_TANH) && !glu && x.scalar_type() == at::kFloat;
   const at::Tensor b1c = (fast_act && has_b1) ? b1->contiguous() : at::Tensor();
   for_ranges(thread_ranges(o, A, threads_for(A), whole_experts_enabled), [&](int64_t, int64_t lo, int64_t hi) {
     if (lo >= hi) return;
@@ -370,8 +403,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       auto ye = y.narrow(0, s, n);
       if (fast_act) {
         at::mm_out(he, xe, w1[e]);
-        bias_gelu_rows(he.data_ptr<float>(), ae.data_ptr<float>(), has_b1 ? b1c.data_ptr<float>() + e * Fh : nullptr,
-                       n, Fh);
+        bias_gelu(act, he.data_ptr<float>(), ae.data_ptr<float>(), has_b1 ? b1c.data_ptr<float>() + e * Fh : nullptr,
+                  n, Fh);
       } else if (has_b1) {
         at::addmm_out(he, (*b1)[e], xe, w1[e]);
       } else {
@@ -445,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   }
   const int nt = threads_for(A);
-  const bool fast_act = fast_gelu_enabled && act == GELU && !glu && gout.scalar_type() == at::kFloat &&
+  const bool fast_act = fast_gelu_enabled && (act == GELU || act == GELU_TANH) && !glu && gout.scalar_type() == at::kFloat &&
                         h.is_contiguous() && h.scalar_type() == at::kFloat;
   // per thread: the expert whose rows it holds but does not start (at most one), and its partial grads
   std::vector<int64_t> part_e(nt, -1);
@@ -497,8 +530,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         gae.mul_(h3e);
         at::silu_backward_out(gae, gae, he);
       } else if (fast_act) {  // the bias gradient summed in the same pass
-        gelu_backward_rows(gae.data_ptr<float>(), he.data_ptr<float>(), need_b1 ? db1.data_ptr<float>() : nullptr,
-                           n, Fh);
+        gelu_backward(act, gae.data_ptr<float>(), he.data_ptr<float>(), need_b1 ? db1.data_ptr<float>() : nullptr,
+                      n, Fh);
       } else {
         act_backward(gae, gae, he, act);
       }
@@ -735,11 +768,13 @@ bool set_fast_gelu(bool on) {
   return was;
 }
 
-// The fp32 GELU kernels on their own, for tests: h (n, F) float, b (F,) or none, g (n, F) or none.
+// The fp32 GELU kernels on their own, for tests: h (n, F) float, b (F,) or none, g (n, F) or none; the tanh
+// form when tanh.
 // Returns (h + b, GELU(h + b), g * GELU'(h + b), the column sums of that) - the last two empty without g.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_fp32(const at::Tensor& h_in,
                                                                      const c10::optional<at::Tensor>& b_in,
-                                                                     const c10::optional<at::Tensor>& g_in) {
+                                                                     const c10::optional<at::Tensor>& g_in, bool tanh) {
+  const int64_t act = tanh ? GELU_TANH : GELU;
   TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "moevision gelu_fp32: h must be a 2-D float32 tensor");
   const int64_t n = h_in.size(0), F = h_in.size(1);
   auto h = h_in.contiguous().clone();
@@ -749,14 +784,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_fp32(const at::T
     b = b_in->contiguous();
     TORCH_CHECK(b.numel() == F && b.scalar_type() == at::kFloat, "moevision gelu_fp32: b must be (F,) float32");
   }
-  bias_gelu_rows(h.data_ptr<float>(), a.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, n, F);
+  bias_gelu(act, h.data_ptr<float>(), a.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, n, F);
   at::Tensor g, db;
   if (g_in.has_value() && g_in->defined()) {
     TORCH_CHECK(g_in->sizes() == h.sizes() && g_in->scalar_type() == at::kFloat,
                 "moevision gelu_fp32: g must be float32 of h's shape");
     g = g_in->contiguous().clone();
     db = at::empty({F}, h.options());
-    gelu_backward_rows(g.data_ptr<float>(), h.data_ptr<float>(), db.data_ptr<float>(), n, F);
+    gelu_backward(act, g.data_ptr<float>(), h.data_ptr<float>(), db.data_ptr<float>(), n, F);
   } else {
     g = at::empty({0}, h.options());
     db = at::empty({0}, h.options());
@@ -769,7 +804,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_fp32(const at::T
 TORCH_LIBRARY(moevision_cpu, m) {
   m.def("set_whole_experts(bool on) -> bool");
   m.def("set_fast_gelu(bool on) -> bool");
-  m.def("gelu_fp32(Tensor h, Tensor? b, Tensor? g) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gelu_fp32(Tensor h, Tensor? b, Tensor? g, bool tanh=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("expert_thread_ranges(Tensor offs, int nt, bool whole_experts) -> Tensor");
   m.def("sort_by_expert(Tensor expert, int E) -> (Tensor, Tensor, Tensor)");
   m.def("router_fwd(Tensor x, Tensor w, Tensor? noise, int K) -> (Tensor, Tensor, Tensor, Tensor)");
