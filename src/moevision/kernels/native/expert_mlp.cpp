@@ -5,7 +5,8 @@
 // thread (an equal share of the rows, so the work is balanced whatever the expert counts are); each
 // thread runs, for every expert segment in its rows, the gather, both projections (bias fused), the
 // activation and, in backward, the four GEMMs, the bias sums and the activation backward, each GEMM
-// single-threaded on its own rows.
+// single-threaded on its own rows. GELU in fp32 runs in kernels of ours (below: the bias added in the
+// activation pass, the bias gradient summed in the activation backward's pass).
 // MKL's own threading splits every GEMM across the threads instead, and per-expert GEMMs of a few
 // hundred rows then pay its per-call split/pack overhead once per expert (measured ~5-10% over one
 // GEMM of the same total size on 2 threads, docs/performance.md); here there is one parallel region
