@@ -201,6 +201,9 @@ def test_fp32_gelu_kernels_match_fp64(tanh):
     _, a0, g0, db0 = OPS.gelu_fp32(h, None, gout, tanh)  # no bias; no grad: the last two are empty
     assert torch.allclose(a0.double(), torch.nn.functional.gelu(h.double(), approximate=approximate), atol=1e-6)
     assert OPS.gelu_fp32(h, None, None, tanh)[2].numel() == 0
+    hn = torch.tensor([[float("nan"), 1.0, -1.0]])  # a NaN stays a NaN (training can notice), the rest is untouched
+    _, an, gn, dbn = OPS.gelu_fp32(hn, None, torch.ones_like(hn), tanh)
+    assert an[0, 0].isnan() and gn[0, 0].isnan() and dbn[0].isnan() and an[0, 1:].isfinite().all()
 
 
 @pytest.mark.parametrize("fast_gelu", [True, False], indirect=True)

@@ -233,9 +233,10 @@ constexpr float kErfP = 0.3275911f, kErfA1 = 0.254829592f, kErfA2 = -0.284496736
                 kErfA4 = -1.453152027f, kErfA5 = 1.061405429f;
 constexpr float kInvSqrt2 = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
 
-// exp(y) for y <= 0 (below -87 it is clamped: the result, < 2e-38, only ever multiplies a bounded factor)
+// exp(y) for y <= 0 (below -87 it is clamped: the result, < 2e-38, only ever multiplies a bounded factor;
+// so is a NaN, which keeps the float -> int conversion defined: the callers' x carries the NaN through)
 inline float exp_nonpos(float y) {
-  y = std::max(y, -87.f);
+  y = y > -87.f ? y : -87.f;
   const float n = (y * 1.44269504088896341f + 12582912.f) - 12582912.f;  // nearest integer (1.5 * 2^23 trick)
   const float r = (y - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 in two parts
   float p = 1.f / 5040.f;
