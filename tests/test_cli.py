@@ -95,8 +95,8 @@ def test_bench_moe_layer_writes_json(tmp_path, capsys):
     assert code == 0, err
     rows = json.loads(out.read_text())["shapes"][0]["rows"]
     from moevision import kernels
-    native = (["cpu_fused (python loop)", "cpu_fused (router apart)", "cpu_fused (aten gelu)"]  # the A/Bs of the C++
-              if kernels.native_ops() is not None else [])  # op, the folded router and its GELU kernels
+    native = (["cpu_fused (python loop)", "cpu_fused (router apart)", "cpu_fused (aten act)"]  # the A/Bs of the C++
+              if kernels.native_ops() is not None else [])  # op, the folded router and its activation kernels
     assert [r["impl"] for r in rows] == ["dense (T*k tokens)", "loop", "einsum", "sorted", "padded", "grouped", "fused",
                                         "cpu_fused"] + native
     assert json.loads(out.read_text())["malloc"].startswith("tuned")  # bench tunes the heap by default

@@ -171,119 +171,145 @@ def test_native_bf16_is_close_to_fp32():
 
 
 @pytest.fixture
-def fast_gelu(request):
-    """The native op's fp32 GELU kernels on (the default) or off (ATen's GELU)."""
-    was = OPS.set_fast_gelu(request.param)
+def fast_act(request):
+    """The native op's fp32 activation kernels on (the default) or off (ATen's)."""
+    was = OPS.set_fast_act(request.param)
     yield request.param
-    OPS.set_fast_gelu(was)
+    OPS.set_fast_act(was)
 
 
-@pytest.mark.parametrize("tanh", [False, True])
-def test_fp32_gelu_kernels_match_fp64(tanh):
-    """The fp32 GELU of the native op (erf by A&S 7.1.26, or the tanh form; exp by a polynomial), its
-    backward and the bias gradient summed in the same pass, against fp64 autograd over [-12, 12], the tails
-    and exact zeros."""
-    approximate = "tanh" if tanh else "none"
+FP64_ACTS = {0: lambda v: torch.nn.functional.gelu(v), 1: lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+             3: torch.nn.functional.silu}
+
+
+@pytest.mark.parametrize("act", [0, 1, 3], ids=["gelu", "gelu_tanh", "silu"])
+def test_fp32_activation_kernels_match_fp64(act):
+    """The native op's fp32 activations (GELU: erf by A&S 7.1.26, or the tanh form; SiLU; exp by a
+    polynomial), their backward and the bias gradient summed in the same pass, against fp64 autograd over
+    [-12, 12], the tails and exact zeros."""
     g = torch.Generator().manual_seed(0)
     h = torch.cat([torch.linspace(-12, 12, 96_000), torch.randn(96_000, generator=g) * 3,
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 90.0, -90.0] * 12)]).view(-1, 96)
     b = torch.randn(96, generator=g) * 0.1
     gout = torch.randn(h.shape, generator=g)
-    hb, a, gh, db = OPS.gelu_fp32(h, b, gout, tanh)
+    hb, a, gh, db = OPS.act_fp32(h, act, b, gout)
     assert torch.equal(hb, h + b)  # the bias add is the plain fp32 add
     x = hb.double().requires_grad_()
-    ref = torch.nn.functional.gelu(x, approximate=approximate)
+    ref = FP64_ACTS[act](x)
     ref.backward(gout.double())
-    assert (a.double() - ref.detach()).abs().max() < 1e-6
-    assert (gh.double() - x.grad).abs().max() < 2e-6
+    ulp = 2.0**-23  # fp32's own rounding of the result, beside the absolute bound
+    assert ((a.double() - ref.detach()).abs() <= 1e-6 + ulp * ref.detach().abs()).all()
+    assert ((gh.double() - x.grad).abs() <= 2e-6 + ulp * x.grad.abs()).all()
     assert ((db.double() - x.grad.sum(0)).abs() <= 1e-6 * x.grad.abs().sum(0) + 1e-6).all()
     assert torch.equal(a[hb == 0], torch.zeros_like(a[hb == 0])) and (a[hb < -15] <= 0).all()
-    _, a0, g0, db0 = OPS.gelu_fp32(h, None, gout, tanh)  # no bias; no grad: the last two are empty
-    assert torch.allclose(a0.double(), torch.nn.functional.gelu(h.double(), approximate=approximate), atol=1e-6)
-    assert OPS.gelu_fp32(h, None, None, tanh)[2].numel() == 0
+    _, a0, g0, db0 = OPS.act_fp32(h, act, None, gout)  # no bias; no grad: the last two are empty
+    assert torch.allclose(a0.double(), FP64_ACTS[act](h.double()), atol=1e-6)
+    assert OPS.act_fp32(h, act, None, None)[2].numel() == 0
     hn = torch.tensor([[float("nan"), 1.0, -1.0]])  # a NaN stays a NaN (training can notice), the rest is untouched
-    _, an, gn, dbn = OPS.gelu_fp32(hn, None, torch.ones_like(hn), tanh)
+    _, an, gn, dbn = OPS.act_fp32(hn, act, None, torch.ones_like(hn))
     assert an[0, 0].isnan() and gn[0, 0].isnan() and dbn[0].isnan() and an[0, 1:].isfinite().all()
+    with pytest.raises(RuntimeError, match="no fp32 kernel for activation code 2"):
+        OPS.act_fp32(h, 2, None, None)  # ReLU stays on ATen's kernels
 
 
-@pytest.mark.parametrize("fast_gelu", [True, False], indirect=True)
+def test_fp32_swiglu_kernels_match_fp64():
+    g = torch.Generator().manual_seed(0)
+    h = torch.cat([torch.linspace(-12, 12, 48_000), torch.randn(48_000, generator=g) * 3]).view(-1, 96)
+    h3 = torch.randn(h.shape, generator=g) * 2
+    gout = torch.randn(h.shape, generator=g)
+    _, a, gh, gh3 = OPS.act_fp32(h, 3, None, gout, h3)
+    x, x3 = h.double().requires_grad_(), h3.double().requires_grad_()
+    ref = torch.nn.functional.silu(x) * x3
+    ref.backward(gout.double())
+    ulp = 2.0**-23  # products of rounded fp32 factors: a few ulps of the result (ATen's SwiGLU is as far)
+    for got, want in ((a, ref.detach()), (gh, x.grad), (gh3, x3.grad)):
+        assert ((got.double() - want).abs() <= 1e-6 + 4 * ulp * want.abs()).all()
+    with pytest.raises(RuntimeError, match="SwiGLU takes act SILU"):
+        OPS.act_fp32(h, 0, None, gout, h3)
+
+
+@pytest.mark.parametrize("fast_act", [True, False], indirect=True)
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("split", [True, False], indirect=True)
 @pytest.mark.parametrize("case", [dict(T=50, K=1, counts=[20, 0, 30, 0], bias=True, act=0),
                                   dict(T=41, K=2, counts=None, bias=False, act=0),
-                                  dict(T=41, K=2, counts=None, bias=True, act=1)])
-def test_native_op_fp32_gelu_matches_fp64_oracle(case, threads, split, fast_gelu):
-    """The fp32 op with GELU, erf or tanh form (its own kernels: bias fused into the activation pass, the bias
-    gradient into the activation backward; or ATen's) against the plain formula in fp64, forward and every
-    gradient."""
+                                  dict(T=41, K=2, counts=None, bias=True, act=1),
+                                  dict(T=41, K=2, counts=None, bias=True, act=3),
+                                  dict(T=41, K=2, counts=None, bias=False, act=3, glu=True)],
+                         ids=["gelu,k1", "gelu,nobias", "gelu_tanh", "silu", "swiglu"])
+def test_native_op_fp32_activations_match_fp64_oracle(case, threads, split, fast_act):
+    """The fp32 op with each activation that has kernels of its own (bias fused into the activation pass, the
+    bias gradient into the activation backward; SwiGLU in one pass each way), or with ATen's, against the
+    plain formula in fp64, forward and every gradient."""
     case = dict(case)
-    bias, act = case.pop("bias"), case.pop("act")
-    p = _op_inputs(case["T"], 6, 40, 4, case["K"], case["counts"], bias=bias)
+    bias, act, glu = case.pop("bias"), case.pop("act"), case.pop("glu", False)
+    p = _op_inputs(case["T"], 6, 40, 4, case["K"], case["counts"], bias=bias, glu=glu)
     ref, x, params = _oracle(p, act)
     gout = torch.randn_like(ref)
     ref.backward(gout)
     f = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
     tok = torch.div(p["order"], p["K"], rounding_mode="floor")
     out, xs, h, h3, a, y = OPS.expert_mlp_fwd(f["x"], tok, f["gates"], p["pos"], p["K"], f["w1"], f["b1"], f["w2"],
-                                              f["b2"], None, p["offs"], act)
+                                              f["b2"], f["w3"], p["offs"], act)
     grads = OPS.expert_mlp_bwd(gout.float(), tok, p["order"], p["pos"], f["gates"], p["K"], xs, h, h3, a, y, f["w1"],
-                               f["w2"], None, p["offs"], act, True, True, True, bias, True, bias, False)
-    want = [ref, x.grad, params["gates"].grad, params["w1"].grad, params.get("b1", x).grad, params["w2"].grad,
-            params.get("b2", x).grad]
-    for got, w, name in zip([out, *grads[:6]], want, ["out", "x", "gates", "w1", "b1", "w2", "b2"]):
-        if name in ("b1", "b2") and not bias:
+                               f["w2"], f["w3"], p["offs"], act, True, True, True, bias, True, bias, glu)
+    names = ["out", "x", "gates", "w1", "b1", "w2", "b2", "w3"]
+    want = [ref, x.grad] + [params[n].grad if n in params else None for n in names[2:]]
+    for got, w, name in zip([out, *grads], want, names, strict=True):
+        if w is None:
             assert got.numel() == 0, name
             continue
         assert (got.double() - w).abs().max() < 2e-5 * max(1.0, w.abs().max().item()), name
 
 
-def _fast_gelu_runs(m, x):
+def _fast_act_runs(m, x):
     runs = {}
     for on in (True, False):
-        was = OPS.set_fast_gelu(on)
+        was = OPS.set_fast_act(on)
         try:
             runs[on] = [t for t in _layer_grads(m, x, True) if t is not None]
         finally:
-            OPS.set_fast_gelu(was)
+            OPS.set_fast_act(was)
     return runs[True], runs[False]
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_native_fp32_gelu_kernels_are_used_and_agree_with_aten(activation):
-    """Switched on, the fp32 GELU layer differs from ATen's in the last bits (so the kernels ran) and agrees
-    with it to fp32 accuracy; float64 and other activations never take them (bit-equal either way)."""
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "swiglu"])
+def test_native_fp32_activation_kernels_are_used_and_agree_with_aten(activation):
+    """Switched on, the fp32 layer differs from ATen's in the last bits (so the kernels ran) and agrees with it
+    to fp32 accuracy; float64 and ReLU layers never take them (bit-equal either way)."""
     torch.manual_seed(0)
-    m = MoE(16, 40, 4, 2, impl="cpu_fused", activation=activation)
+    m = MoE(16, 40, 4, 2, impl="cpu_fused", activation=activation, bias=activation != "swiglu")
     x = torch.randn(2, 30, 16)
-    on, off = _fast_gelu_runs(m, x)
+    on, off = _fast_act_runs(m, x)
     assert not all(torch.equal(a, b) for a, b in zip(on, off))
     for a, b in zip(on, off, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
-    on, off = _fast_gelu_runs(m.double(), x.double())
+    on, off = _fast_act_runs(m.double(), x.double())
     assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
     torch.manual_seed(0)
-    on, off = _fast_gelu_runs(MoE(16, 40, 4, 2, impl="cpu_fused", activation="silu"), x)
+    on, off = _fast_act_runs(MoE(16, 40, 4, 2, impl="cpu_fused", activation="relu"), x)
     assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
 
 
-@pytest.mark.parametrize("act", [0, 1])
-def test_native_fp32_gelu_backward_takes_its_kernels(act):
-    """From the same saved forward, the backward with the GELU kernels on differs from ATen's in the last bits
-    of the activation's gradients (so they ran in backward too) and agrees to fp32 accuracy."""
-    p = _op_inputs(41, 6, 40, 4, 2, None, dtype=torch.float32)
+@pytest.mark.parametrize("act,glu", [(0, False), (1, False), (3, False), (3, True)],
+                         ids=["gelu", "gelu_tanh", "silu", "swiglu"])
+def test_native_fp32_activation_backward_takes_its_kernels(act, glu):
+    """From the same saved forward, the backward with the activation kernels on differs from ATen's in the last
+    bits of the activation's gradients (so they ran in backward too) and agrees to fp32 accuracy."""
+    p = _op_inputs(41, 6, 40, 4, 2, None, dtype=torch.float32, bias=not glu, glu=glu)
     tok = torch.div(p["order"], 2, rounding_mode="floor")
-    saved = OPS.expert_mlp_fwd(p["x"], tok, p["gates"], p["pos"], 2, p["w1"], p["b1"], p["w2"], p["b2"], None,
+    saved = OPS.expert_mlp_fwd(p["x"], tok, p["gates"], p["pos"], 2, p["w1"], p["b1"], p["w2"], p["b2"], p["w3"],
                                p["offs"], act)[1:]
     gout = torch.randn(41, 6)
     grads = {}
     for on in (True, False):
-        was = OPS.set_fast_gelu(on)
+        was = OPS.set_fast_act(on)
         try:
             grads[on] = OPS.expert_mlp_bwd(gout, tok, p["order"], p["pos"], p["gates"], 2, *saved, p["w1"], p["w2"],
-                                           None, p["offs"], act, True, True, True, True, True, True, False)
+                                           p["w3"], p["offs"], act, True, True, True, not glu, True, not glu, glu)
         finally:
-            OPS.set_fast_gelu(was)
-    for i in (0, 2, 3):  # x, w1, b1: through the activation's backward
+            OPS.set_fast_act(was)
+    for i in (0, 2) + ((6,) if glu else (3,)):  # x, w1, and b1 or w3: through the activation's backward
         assert not torch.equal(grads[True][i], grads[False][i]), i
     for a, b in zip(grads[True], grads[False], strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

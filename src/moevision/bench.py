@@ -108,8 +108,8 @@ def bench_layer(shape: LayerShape, device, dtype, repeats: int, impls=LAYER_IMPL
             cases.append(("cpu_fused (python loop)", *_moe_fns(moe, x, native=False)))
             # the router as its own module and autograd nodes (before it was folded into the op): the A/B
             cases.append(("cpu_fused (router apart)", *_moe_fns(moe, x, fold=False)))
-            # the native op with ATen's GELU in place of its own fp32 kernels: the A/B of those
-            cases.append(("cpu_fused (aten gelu)", *_moe_fns(moe, x, gelu=False)))
+            # the native op with ATen's activation in place of its own fp32 kernels: the A/B of those
+            cases.append(("cpu_fused (aten act)", *_moe_fns(moe, x, act=False)))
     mem = [_memory(fb, device) for _, _, fb in cases]
     fwd, fb = _interleaved([c[1] for c in cases], device, repeats), _interleaved([c[2] for c in cases], device, repeats)
     graph = [_graph_ms(c[2], device, repeats) for c in cases] if device.type == "cuda" else [None] * len(cases)
@@ -186,7 +186,7 @@ def _memory(fb, device) -> tuple[float, float | None]:
     return sum(seen.values()) / 2**20, peak
 
 
-def _moe_fns(moe, x, triton: bool = True, native: bool = True, fold: bool = True, gelu: bool = True):
+def _moe_fns(moe, x, triton: bool = True, native: bool = True, fold: bool = True, act: bool = True):
     from . import kernels
 
     xr = x.clone().requires_grad_()
@@ -194,7 +194,7 @@ def _moe_fns(moe, x, triton: bool = True, native: bool = True, fold: bool = True
     def fwd():
         with torch.no_grad(), _switched(kernels.use_triton, triton, kernels.TRITON_AVAILABLE), \
                 _switched(kernels.use_native, native, True), _switched(kernels.use_folded_router, fold, True), \
-                _switched(kernels.use_fast_gelu, gelu, True):
+                _switched(kernels.use_fast_activations, act, True):
             return moe(x).out
 
     def fb():
@@ -202,7 +202,7 @@ def _moe_fns(moe, x, triton: bool = True, native: bool = True, fold: bool = True
         xr.grad = None
         with _switched(kernels.use_triton, triton, kernels.TRITON_AVAILABLE), \
                 _switched(kernels.use_native, native, True), _switched(kernels.use_folded_router, fold, True), \
-                _switched(kernels.use_fast_gelu, gelu, True):
+                _switched(kernels.use_fast_activations, act, True):
             o = moe(xr)
             (o.out.sum() + o.aux_loss).backward()
 

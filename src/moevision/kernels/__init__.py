@@ -121,13 +121,14 @@ def use_whole_expert_split(enabled: bool) -> None:
         ops.set_whole_experts(bool(enabled))
 
 
-def use_fast_gelu(enabled: bool) -> None:
-    """Run GELU (erf or tanh form) in fp32 in the native op's own kernels (on by default: the bias added in the
-    activation pass, the bias gradient summed in the activation backward; ~3x faster than ATen's in-place
-    GELU backward on CPU), or ATen's GELU (A/B benchmarks, tests). No effect without the native kernels."""
+def use_fast_activations(enabled: bool) -> None:
+    """Run the expert activation in fp32 in the native op's own kernels (on by default; GELU erf and tanh
+    forms, SiLU, SwiGLU: the bias added in the activation pass, the bias gradient summed in the activation
+    backward; ~3x faster than ATen's in-place GELU backward on CPU), or ATen's (A/B benchmarks, tests).
+    No effect without the native kernels."""
     ops = _native.ops()
     if ops is not None:
-        ops.set_fast_gelu(bool(enabled))
+        ops.set_fast_act(bool(enabled))
 
 
 def native_ops():

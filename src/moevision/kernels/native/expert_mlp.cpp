@@ -5,8 +5,8 @@
 // thread (an equal share of the rows, so the work is balanced whatever the expert counts are); each
 // thread runs, for every expert segment in its rows, the gather, both projections (bias fused), the
 // activation and, in backward, the four GEMMs, the bias sums and the activation backward, each GEMM
-// single-threaded on its own rows. GELU in fp32 runs in kernels of ours (below: the bias added in the
-// activation pass, the bias gradient summed in the activation backward's pass).
+// single-threaded on its own rows. GELU, SiLU and SwiGLU in fp32 run in kernels of ours (below: the bias
+// added in the activation pass, the bias gradient summed in the activation backward's pass).
 // MKL's own threading splits every GEMM across the threads instead, and per-expert GEMMs of a few
 // hundred rows then pay its per-call split/pack overhead once per expert (measured ~5-10% over one
 // GEMM of the same total size on 2 threads, docs/performance.md); here there is one parallel region
@@ -219,16 +219,18 @@ MV_CLONES void gather_sum_rows(scalar_t* gx, const scalar_t* gxs, const int64_t*
 
 
 // ---------------------------------------------------------------------------------------------------
-// GELU in fp32 (erf and tanh forms), written out so that it vectorises (AVX-512 / AVX2 clones). ATen's CPU
-// GELU backward written in place (as this op does) measured ~2.2 ns an element on this machine (800 x 768
-// rows, one thread; ~1 ns out of place, the tanh form ~2.1 either way), against ~0.75 for this one with
-// the bias gradient summed in the same pass. The forward adds the bias in the same pass (the GEMM before
-// it then runs with beta = 0, no broadcast copy of the bias into its output).
+// The activations in fp32 (GELU erf and tanh forms, SiLU, SwiGLU), written out so that they vectorise
+// (AVX-512 / AVX2 clones). ATen's CPU GELU backward written in place (as this op does) measured ~2.2 ns an
+// element on this machine (800 x 768 rows, one thread; ~1 ns out of place, the tanh form ~2.1 either
+// way), against ~0.75 for this one with the bias gradient summed in the same pass. The forward adds the
+// bias in the same pass (the GEMM before it then runs with beta = 0, no broadcast copy of the bias into
+// its output). SwiGLU's forward and backward are one pass each instead of two and four.
 // erfc(z) = q(t) exp(-z^2), t = 1 / (1 + p z), z = |x| / sqrt(2): Abramowitz & Stegun 7.1.26 (|error| <=
 // 1.5e-7 on erf); exp by Cody-Waite reduction and a degree-7 polynomial. GELU's max abs error against
 // fp64 is ~7e-7 over [-12, 12] (ATen's oneDNN kernel: ~1.2e-6). The backward shares the exp:
-// GELU'(x) = Phi(x) + x exp(-x^2/2) / sqrt(2 pi). Used for act = GELU / GELU_TANH in fp32; other
-// activations and dtypes run ATen's kernels. set_fast_gelu(false) switches it off (A/B benchmarks, tests).
+// GELU'(x) = Phi(x) + x exp(-x^2/2) / sqrt(2 pi). sigmoid(x) = 1 / (1 + e) or e / (1 + e), e = exp(-|x|).
+// Used in fp32 for GELU, GELU_TANH, SILU and SwiGLU; ReLU and other dtypes run ATen's kernels.
+// set_fast_act(false) switches them off (A/B benchmarks, tests).
 constexpr float kErfP = 0.3275911f, kErfA1 = 0.254829592f, kErfA2 = -0.284496736f, kErfA3 = 1.421413741f,
                 kErfA4 = -1.453152027f, kErfA5 = 1.061405429f;
 constexpr float kInvSqrt2 = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
@@ -263,43 +265,59 @@ inline void normal_cdf(float x, float& cdf, float& e) {
   cdf = 0.5f + std::copysign(0.5f - half_erfc, x);  // x < 0: erfc / 2, else 1 - erfc / 2
 }
 
-// GELU(x) = x * c(x) and its derivative: c = Phi (erf form), or (1 + tanh(u)) / 2 with
-// u = sqrt(2 / pi) (x + 0.044715 x^3) (tanh form; tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|)).
+// sigmoid(x), from exp(-|x|) <= 1 (no overflow on either side)
+inline float sigmoid(float x) {
+  const float e = exp_nonpos(-std::fabs(x));
+  const float r = 1.f / (1.f + e);
+  return x >= 0.f ? r : e * r;
+}
+
+// act(x) and act'(x) for GELU (x Phi(x)), GELU_TANH (x (1 + tanh(u)) / 2, u = sqrt(2 / pi) (x + 0.044715 x^3);
+// tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|)) and SILU (x sigmoid(x)).
 constexpr float kTanhC = 0.79788456080286536f, kTanhK = 0.044715f;
-template <bool kTanh>
-inline float gelu_value(float x) {
-  if constexpr (kTanh) {
+template <int64_t kAct>
+inline float act_value(float x) {
+  if constexpr (kAct == GELU_TANH) {
     const float u = kTanhC * (x + kTanhK * x * x * x);
     const float e = exp_nonpos(-2.f * std::fabs(u));
     const float th = std::copysign((1.f - e) / (1.f + e), u);
     return 0.5f * x * (1.f + th);
+  } else if constexpr (kAct == SILU) {
+    return x * sigmoid(x);
   } else {
+    static_assert(kAct == GELU, "act_value: GELU, GELU_TANH or SILU");
     float cdf, e;
     normal_cdf(x, cdf, e);
     return x * cdf;
   }
 }
-template <bool kTanh>
-inline float gelu_derivative(float x) {
-  if constexpr (kTanh) {
+template <int64_t kAct>
+inline float act_derivative(float x) {
+  if constexpr (kAct == GELU_TANH) {
     const float u = kTanhC * (x + kTanhK * x * x * x);
     const float e = exp_nonpos(-2.f * std::fabs(u));
     const float r = 1.f / (1.f + e);
     const float th = std::copysign((1.f - e) * r, u);
     const float sech2 = 4.f * e * r * r;  // 1 - tanh^2 without the cancellation near |tanh| = 1
     return 0.5f * (1.f + th) + 0.5f * x * sech2 * kTanhC * (1.f + 3.f * kTanhK * x * x);
+  } else if constexpr (kAct == SILU) {
+    const float sg = sigmoid(x);
+    return sg * (1.f + x * (1.f - sg));
   } else {
+    static_assert(kAct == GELU, "act_derivative: GELU, GELU_TANH or SILU");
     float cdf, e;
     normal_cdf(x, cdf, e);
     return cdf + x * e * kInvSqrt2Pi;
   }
 }
 
-bool fast_gelu_enabled = true;  // set_fast_gelu (A/B benchmarks, tests)
+bool fast_act_enabled = true;  // set_fast_act (A/B benchmarks, tests)
 
-// rows [0, n) of h (n, F): h += b (b may be null), a = GELU(h)
-template <bool kTanh>
-MV_CLONES void bias_gelu_rows(float* h, float* a, const float* b, int64_t n, int64_t F) {
+bool has_fast_act(int64_t act) { return act == GELU || act == GELU_TANH || act == SILU; }
+
+// rows [0, n) of h (n, F): h += b (b may be null), a = act(h)
+template <int64_t kAct>
+MV_CLONES void bias_act_rows(float* h, float* a, const float* b, int64_t n, int64_t F) {
   std::vector<float> zero(b == nullptr ? F : 0, 0.f);
   const float* bias = b == nullptr ? zero.data() : b;
   for (int64_t i = 0; i < n; i++) {
@@ -309,15 +327,15 @@ MV_CLONES void bias_gelu_rows(float* h, float* a, const float* b, int64_t n, int
     for (int64_t f = 0; f < F; f++) {
       const float v = hr[f] + bias[f];
       hr[f] = v;
-      ar[f] = gelu_value<kTanh>(v);
+      ar[f] = act_value<kAct>(v);
     }
   }
 }
 
-// rows [0, n): g *= GELU'(h) in place; db (F,) = the column sums of the result when db is not null
+// rows [0, n): g *= act'(h) in place; db (F,) = the column sums of the result when db is not null
 // (float over blocks of 64 rows, double across blocks)
-template <bool kTanh>
-MV_CLONES void gelu_backward_rows(float* g, const float* h, float* db, int64_t n, int64_t F) {
+template <int64_t kAct>
+MV_CLONES void act_backward_rows(float* g, const float* h, float* db, int64_t n, int64_t F) {
   std::vector<float> acc(db == nullptr ? 0 : F, 0.f);
   std::vector<double> total(db == nullptr ? 0 : F, 0.0);
   for (int64_t i = 0; i < n; i++) {
@@ -325,13 +343,13 @@ MV_CLONES void gelu_backward_rows(float* g, const float* h, float* db, int64_t n
     const float* hr = h + i * F;
     if (db == nullptr) {
 #pragma omp simd
-      for (int64_t f = 0; f < F; f++) gr[f] = gr[f] * gelu_derivative<kTanh>(hr[f]);
+      for (int64_t f = 0; f < F; f++) gr[f] = gr[f] * act_derivative<kAct>(hr[f]);
       continue;
     }
     float* ac = acc.data();
 #pragma omp simd
     for (int64_t f = 0; f < F; f++) {
-      const float v = gr[f] * gelu_derivative<kTanh>(hr[f]);
+      const float v = gr[f] * act_derivative<kAct>(hr[f]);
       gr[f] = v;
       ac[f] += v;
     }
@@ -346,12 +364,41 @@ MV_CLONES void gelu_backward_rows(float* g, const float* h, float* db, int64_t n
     for (int64_t f = 0; f < F; f++) db[f] = static_cast<float>(total[f]);
 }
 
-// the two above for an activation code (GELU or GELU_TANH)
-void bias_gelu(int64_t act, float* h, float* a, const float* b, int64_t n, int64_t F) {
-  if (act == GELU_TANH) bias_gelu_rows<true>(h, a, b, n, F); else bias_gelu_rows<false>(h, a, b, n, F);
+// the two above for an activation code with has_fast_act
+void bias_act(int64_t act, float* h, float* a, const float* b, int64_t n, int64_t F) {
+  if (act == GELU_TANH) bias_act_rows<GELU_TANH>(h, a, b, n, F);
+  else if (act == SILU) bias_act_rows<SILU>(h, a, b, n, F);
+  else bias_act_rows<GELU>(h, a, b, n, F);
 }
-void gelu_backward(int64_t act, float* g, const float* h, float* db, int64_t n, int64_t F) {
-  if (act == GELU_TANH) gelu_backward_rows<true>(g, h, db, n, F); else gelu_backward_rows<false>(g, h, db, n, F);
+void act_backward_fused(int64_t act, float* g, const float* h, float* db, int64_t n, int64_t F) {
+  if (act == GELU_TANH) act_backward_rows<GELU_TANH>(g, h, db, n, F);
+  else if (act == SILU) act_backward_rows<SILU>(g, h, db, n, F);
+  else act_backward_rows<GELU>(g, h, db, n, F);
+}
+
+// SwiGLU, rows [0, n): a = silu(h) * h3
+MV_CLONES void swiglu_rows(const float* h, const float* h3, float* a, int64_t n, int64_t F) {
+  for (int64_t i = 0; i < n * F; i += F) {
+#pragma omp simd
+    for (int64_t f = 0; f < F; f++) a[i + f] = act_value<SILU>(h[i + f]) * h3[i + f];
+  }
+}
+
+// SwiGLU backward, rows [0, n): gh3 = ga * silu(h) (when gh3 is not null), then ga = ga * h3 * silu'(h) in place
+MV_CLONES void swiglu_backward_rows(float* ga, const float* h, const float* h3, float* gh3, int64_t n, int64_t F) {
+  for (int64_t i = 0; i < n * F; i += F) {
+    if (gh3 != nullptr) {
+#pragma omp simd
+      for (int64_t f = 0; f < F; f++) {
+        const float x = h[i + f], sg = sigmoid(x), g = ga[i + f];
+        gh3[i + f] = g * (x * sg);
+        ga[i + f] = g * h3[i + f] * (sg * (1.f + x * (1.f - sg)));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t f = 0; f < F; f++) ga[i + f] = ga[i + f] * h3[i + f] * act_derivative<SILU>(h[i + f]);
+    }
+  }
 }
 
 void check_index(const at::Tensor& t, int64_t n, const char* name) {
@@ -388,8 +435,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto a = at::empty({A, Fh}, x.options());
   auto y = at::empty({A, D}, x.options());
   const bool has_b1 = b1.has_value() && b1->defined(), has_b2 = b2.has_value() && b2->defined();
-  // GELU in fp32: the bias and the activation in one pass of ours (bias_gelu_rows), the GEMM without bias
-  const bool fast_act = fast_gelu_enabled && (act == GELU || act == GELU_TANH) && !glu && x.scalar_type() == at::kFloat;
+  // fp32 GELU / SiLU: the bias and the activation in one pass of ours (bias_act), the GEMM without bias;
+  // SwiGLU (no biases): silu(h) * h3 in one pass (swiglu_rows)
+  const bool fp32 = fast_act_enabled && x.scalar_type() == at::kFloat;
+  const bool fast_act = fp32 && !glu && has_fast_act(act);
+  const bool fast_glu = fp32 && glu && act == SILU && !has_b1;
   const at::Tensor b1c = (fast_act && has_b1) ? b1->contiguous() : at::Tensor();
   for_ranges(thread_ranges(o, A, threads_for(A), whole_experts_enabled), [&](int64_t, int64_t lo, int64_t hi) {
     if (lo >= hi) return;
@@ -405,8 +455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       auto ye = y.narrow(0, s, n);
       if (fast_act) {
         at::mm_out(he, xe, w1[e]);
-        bias_gelu(act, he.data_ptr<float>(), ae.data_ptr<float>(), has_b1 ? b1c.data_ptr<float>() + e * Fh : nullptr,
-                  n, Fh);
+        bias_act(act, he.data_ptr<float>(), ae.data_ptr<float>(), has_b1 ? b1c.data_ptr<float>() + e * Fh : nullptr,
+                 n, Fh);
       } else if (has_b1) {
         at::addmm_out(he, (*b1)[e], xe, w1[e]);
       } else {
@@ -415,8 +465,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (glu) {
         auto h3e = h3.narrow(0, s, n);
         at::mm_out(h3e, xe, (*w3)[e]);
-        at::silu_out(ae, he);
-        ae.mul_(h3e);
+        if (fast_glu) {
+          swiglu_rows(he.data_ptr<float>(), h3e.data_ptr<float>(), ae.data_ptr<float>(), n, Fh);
+        } else {
+          at::silu_out(ae, he);
+          ae.mul_(h3e);
+        }
       } else if (!fast_act) {  // (fast_act: a is written above)
         act_forward(ae, he, act);
       }
@@ -480,8 +534,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   }
   const int nt = threads_for(A);
-  const bool fast_act = fast_gelu_enabled && (act == GELU || act == GELU_TANH) && !glu && gout.scalar_type() == at::kFloat &&
-                        h.is_contiguous() && h.scalar_type() == at::kFloat;
+  const bool fp32 = fast_act_enabled && gout.scalar_type() == at::kFloat && h.scalar_type() == at::kFloat &&
+                    h.is_contiguous() && (!glu || (h3.scalar_type() == at::kFloat && h3.is_contiguous()));
+  const bool fast_act = fp32 && !glu && has_fast_act(act);
+  const bool fast_glu = fp32 && glu && act == SILU;
   // per thread: the expert whose rows it holds but does not start (at most one), and its partial grads
   std::vector<int64_t> part_e(nt, -1);
   std::vector<std::vector<at::Tensor>> part(nt);
@@ -524,16 +580,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor gh3e;
       if (glu) {  // a = silu(h) * h3
         auto h3e = h3.narrow(0, s, n);
-        if (gh3.numel()) {
-          gh3e = gh3.narrow(0, s, n);
-          at::silu_out(gh3e, he);
-          gh3e.mul_(gae);
+        if (gh3.numel()) gh3e = gh3.narrow(0, s, n);
+        if (fast_glu) {
+          swiglu_backward_rows(gae.data_ptr<float>(), he.data_ptr<float>(), h3e.data_ptr<float>(),
+                               gh3.numel() ? gh3e.data_ptr<float>() : nullptr, n, Fh);
+        } else {
+          if (gh3.numel()) {
+            at::silu_out(gh3e, he);
+            gh3e.mul_(gae);
+          }
+          gae.mul_(h3e);
+          at::silu_backward_out(gae, gae, he);
         }
-        gae.mul_(h3e);
-        at::silu_backward_out(gae, gae, he);
       } else if (fast_act) {  // the bias gradient summed in the same pass
-        gelu_backward(act, gae.data_ptr<float>(), he.data_ptr<float>(), need_b1 ? db1.data_ptr<float>() : nullptr,
-                      n, Fh);
+        act_backward_fused(act, gae.data_ptr<float>(), he.data_ptr<float>(), need_b1 ? db1.data_ptr<float>() : nullptr,
+                           n, Fh);
       } else {
         act_backward(gae, gae, he, act);
       }
@@ -763,41 +824,47 @@ bool set_whole_experts(bool on) {
   return was;
 }
 
-// Switch the fp32 GELU kernels on or off (returns the previous setting).
-bool set_fast_gelu(bool on) {
-  const bool was = fast_gelu_enabled;
-  fast_gelu_enabled = on;
+// Switch the fp32 activation kernels on or off (returns the previous setting).
+bool set_fast_act(bool on) {
+  const bool was = fast_act_enabled;
+  fast_act_enabled = on;
   return was;
 }
 
-// The fp32 GELU kernels on their own, for tests: h (n, F) float, b (F,) or none, g (n, F) or none; the tanh
-// form when tanh.
-// Returns (h + b, GELU(h + b), g * GELU'(h + b), the column sums of that) - the last two empty without g.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_fp32(const at::Tensor& h_in,
-                                                                     const c10::optional<at::Tensor>& b_in,
-                                                                     const c10::optional<at::Tensor>& g_in, bool tanh) {
-  const int64_t act = tanh ? GELU_TANH : GELU;
-  TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "moevision gelu_fp32: h must be a 2-D float32 tensor");
+// The fp32 activation kernels on their own, for tests: act a code with has_fast_act; h (n, F) float, b (F,)
+// or none, g (n, F) or none. Returns (h + b, act(h + b), g * act'(h + b), the column sums of that) - the
+// last two empty without g. With h3 (n, F) (SwiGLU; act must be SILU, no b): (h, silu(h) * h3, the grad of h,
+// the grad of h3) for the grad g of the output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_fp32(
+    const at::Tensor& h_in, int64_t act, const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& g_in,
+    const c10::optional<at::Tensor>& h3_in) {
+  TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "moevision act_fp32: h must be a 2-D float32 tensor");
+  TORCH_CHECK(has_fast_act(act), "moevision act_fp32: no fp32 kernel for activation code ", act);
   const int64_t n = h_in.size(0), F = h_in.size(1);
   auto h = h_in.contiguous().clone();
   auto a = at::empty_like(h);
+  const bool has_g = g_in.has_value() && g_in->defined();
+  if (has_g)
+    TORCH_CHECK(g_in->sizes() == h.sizes() && g_in->scalar_type() == at::kFloat,
+                "moevision act_fp32: g must be float32 of h's shape");
+  auto g = has_g ? g_in->contiguous().clone() : at::empty({0}, h.options());
+  if (h3_in.has_value() && h3_in->defined()) {
+    TORCH_CHECK(act == SILU && !(b_in.has_value() && b_in->defined()) && h3_in->sizes() == h.sizes() &&
+                h3_in->scalar_type() == at::kFloat, "moevision act_fp32: SwiGLU takes act SILU, no b, h3 like h");
+    const auto h3 = h3_in->contiguous();
+    swiglu_rows(h.data_ptr<float>(), h3.data_ptr<float>(), a.data_ptr<float>(), n, F);
+    auto gh3 = has_g ? at::empty_like(h) : at::empty({0}, h.options());
+    if (has_g) swiglu_backward_rows(g.data_ptr<float>(), h.data_ptr<float>(), h3.data_ptr<float>(), gh3.data_ptr<float>(), n, F);
+    return {h, a, g, gh3};
+  }
   at::Tensor b;
   if (b_in.has_value() && b_in->defined()) {
     b = b_in->contiguous();
-    TORCH_CHECK(b.numel() == F && b.scalar_type() == at::kFloat, "moevision gelu_fp32: b must be (F,) float32");
+    TORCH_CHECK(b.numel() == F && b.scalar_type() == at::kFloat, "moevision act_fp32: b must be (F,) float32");
   }
-  bias_gelu(act, h.data_ptr<float>(), a.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, n, F);
-  at::Tensor g, db;
-  if (g_in.has_value() && g_in->defined()) {
-    TORCH_CHECK(g_in->sizes() == h.sizes() && g_in->scalar_type() == at::kFloat,
-                "moevision gelu_fp32: g must be float32 of h's shape");
-    g = g_in->contiguous().clone();
-    db = at::empty({F}, h.options());
-    gelu_backward(act, g.data_ptr<float>(), h.data_ptr<float>(), db.data_ptr<float>(), n, F);
-  } else {
-    g = at::empty({0}, h.options());
-    db = at::empty({0}, h.options());
-  }
+  bias_act(act, h.data_ptr<float>(), a.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, n, F);
+  auto db = has_g ? at::empty({F}, h.options()) : at::empty({0}, h.options());
+  if (has_g) act_backward_fused(act, g.data_ptr<float>(), h.data_ptr<float>(), db.data_ptr<float>(), n, F);
   return {h, a, g, db};
 }
 
@@ -805,8 +872,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_fp32(const at::T
 
 TORCH_LIBRARY(moevision_cpu, m) {
   m.def("set_whole_experts(bool on) -> bool");
-  m.def("set_fast_gelu(bool on) -> bool");
-  m.def("gelu_fp32(Tensor h, Tensor? b, Tensor? g, bool tanh=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("set_fast_act(bool on) -> bool");
+  m.def("act_fp32(Tensor h, int act, Tensor? b, Tensor? g, Tensor? h3=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("expert_thread_ranges(Tensor offs, int nt, bool whole_experts) -> Tensor");
   m.def("sort_by_expert(Tensor expert, int E) -> (Tensor, Tensor, Tensor)");
   m.def("router_fwd(Tensor x, Tensor w, Tensor? noise, int K) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -828,10 +895,10 @@ TORCH_LIBRARY_IMPL(moevision_cpu, CPU, m) {
   m.impl("router_bwd", &router_bwd);
   m.impl("sort_by_expert", &sort_by_expert);
   m.impl("expert_thread_ranges", &expert_thread_ranges);
-  m.impl("gelu_fp32", &gelu_fp32);
+  m.impl("act_fp32", &act_fp32);
 }
 
 TORCH_LIBRARY_IMPL(moevision_cpu, CatchAll, m) {
   m.impl("set_whole_experts", &set_whole_experts);
-  m.impl("set_fast_gelu", &set_fast_gelu);
+  m.impl("set_fast_act", &set_fast_act);
 }
