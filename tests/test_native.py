@@ -321,6 +321,20 @@ def test_native_ops_reject_inconsistent_arguments():
     bad[-1] += 1
     with pytest.raises(RuntimeError, match="offsets end at"):
         OPS.expert_mlp_fwd(p["x"], p["order"], p["gates"], p["pos"], 1, p["w1"], p["b1"], p["w2"], p["b2"], None, bad, 0)
+    for dt in (torch.float64, torch.float32):  # the fp32 activation kernels read b1 raw: its shape is checked
+        q = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
+        with pytest.raises(RuntimeError, match=r"b1 must be \(E, F\) = \(4, 10\), got \[4, 9\]"):
+            OPS.expert_mlp_fwd(q["x"], p["order"], q["gates"], p["pos"], 1, q["w1"], q["b1"][:, :9], q["w2"], q["b2"],
+                               None, p["offs"], 0)
+        with pytest.raises(RuntimeError, match=r"b2 must be \(E, D\)"):
+            OPS.expert_mlp_fwd(q["x"], p["order"], q["gates"], p["pos"], 1, q["w1"], q["b1"], q["w2"], q["b2"][:3],
+                               None, p["offs"], 0)
+    _, xs, h, h3, a, y = OPS.expert_mlp_fwd(p["x"], p["order"], p["gates"], p["pos"], 1, p["w1"], p["b1"], p["w2"],
+                                            p["b2"], None, p["offs"], 0)
+    with pytest.raises(RuntimeError, match="saved h / a / h3 must be"):
+        OPS.expert_mlp_bwd(torch.ones(20, 6, dtype=torch.float64), p["order"], p["order"], p["pos"], p["gates"], 1, xs,
+                           h[:, :9], h3, a, y, p["w1"], p["w2"], None, p["offs"], 0, True, True, True, True, True, True,
+                           False)
     with pytest.raises(RuntimeError, match="unknown activation"):
         OPS.expert_mlp_fwd(p["x"], p["order"], p["gates"], p["pos"], 1, p["w1"], p["b1"], p["w2"], p["b2"], None,
                            p["offs"], 9)

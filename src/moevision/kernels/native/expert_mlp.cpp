@@ -435,6 +435,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto a = at::empty({A, Fh}, x.options());
   auto y = at::empty({A, D}, x.options());
   const bool has_b1 = b1.has_value() && b1->defined(), has_b2 = b2.has_value() && b2->defined();
+  TORCH_CHECK(!has_b1 || (b1->dim() == 2 && b1->size(0) == E && b1->size(1) == Fh), "moevision expert_mlp: b1 must "
+              "be (E, F) = (", E, ", ", Fh, "), got ", has_b1 ? b1->sizes() : at::IntArrayRef{});
+  TORCH_CHECK(!has_b2 || (b2->dim() == 2 && b2->size(0) == E && b2->size(1) == D), "moevision expert_mlp: b2 must "
+              "be (E, D) = (", E, ", ", D, "), got ", has_b2 ? b2->sizes() : at::IntArrayRef{});
   // fp32 GELU / SiLU: the bias and the activation in one pass of ours (bias_act), the GEMM without bias;
   // SwiGLU (no biases): silu(h) * h3 in one pass (swiglu_rows)
   const bool fp32 = fast_act_enabled && x.scalar_type() == at::kFloat;
@@ -513,6 +517,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(o[E] == A && xs.size(0) == A && h.size(0) == A && a.size(0) == A,
               "moevision expert_mlp: saved tensors and offsets disagree on the number of rows");
   const bool glu = w3.has_value() && w3->defined();
+  TORCH_CHECK(h.dim() == 2 && h.size(1) == Fh && a.dim() == 2 && a.size(1) == Fh && (!glu || h3.sizes() == h.sizes()),
+              "moevision expert_mlp: saved h / a / h3 must be (A, F) with F = ", Fh, ", got h ", h.sizes(), " a ",
+              a.sizes(), " h3 ", h3.sizes());
   need_w3 = need_w3 && glu;
   auto opt = gout.options();
   auto empty = at::empty({0}, opt);
