@@ -235,8 +235,9 @@ def test_fp32_swiglu_kernels_match_fp64():
                                   dict(T=41, K=2, counts=None, bias=False, act=0),
                                   dict(T=41, K=2, counts=None, bias=True, act=1),
                                   dict(T=41, K=2, counts=None, bias=True, act=3),
-                                  dict(T=41, K=2, counts=None, bias=False, act=3, glu=True)],
-                         ids=["gelu,k1", "gelu,nobias", "gelu_tanh", "silu", "swiglu"])
+                                  dict(T=41, K=2, counts=None, bias=False, act=3, glu=True),
+                                  dict(T=41, K=2, counts=None, bias=True, act=3, glu=True)],
+                         ids=["gelu,k1", "gelu,nobias", "gelu_tanh", "silu", "swiglu", "swiglu,bias"])
 def test_native_op_fp32_activations_match_fp64_oracle(case, threads, split, fast_act):
     """The fp32 op with each activation that has kernels of its own (bias fused into the activation pass, the
     bias gradient into the activation backward; SwiGLU in one pass each way), or with ATen's, against the

@@ -440,10 +440,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(!has_b2 || (b2->dim() == 2 && b2->size(0) == E && b2->size(1) == D), "moevision expert_mlp: b2 must "
               "be (E, D) = (", E, ", ", D, "), got ", has_b2 ? b2->sizes() : at::IntArrayRef{});
   // fp32 GELU / SiLU: the bias and the activation in one pass of ours (bias_act), the GEMM without bias;
-  // SwiGLU (no biases): silu(h) * h3 in one pass (swiglu_rows)
+  // SwiGLU: silu(h) * h3 in one pass (swiglu_rows; a bias, if any, is already in h)
   const bool fp32 = fast_act_enabled && x.scalar_type() == at::kFloat;
   const bool fast_act = fp32 && !glu && has_fast_act(act);
-  const bool fast_glu = fp32 && glu && act == SILU && !has_b1;
+  const bool fast_glu = fp32 && glu && act == SILU;
   const at::Tensor b1c = (fast_act && has_b1) ? b1->contiguous() : at::Tensor();
   for_ranges(thread_ranges(o, A, threads_for(A), whole_experts_enabled), [&](int64_t, int64_t lo, int64_t hi) {
     if (lo >= hi) return;
