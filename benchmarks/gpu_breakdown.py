@@ -6,7 +6,8 @@ kernels (eager: per-kernel device time, which a graph replay adds up without the
 Usage: python benchmarks/gpu_breakdown.py [--ab SWITCH ...] [--sweep-bias] [--compile] [--noise 1.0] [--rows 40]
 [--repeats 30] [--no-profile]. ``--noise`` times the layer in V-MoE's training form (router noise std / E, the
 load loss). Switches: lowp_router (16-bit router GEMM), triton_router (router kernels), gather_sum (the
-permutation's backward), rowbias (bias rows in the bias+activation kernels), triton (all Triton kernels)."""
+permutation's backward), rowbias (bias rows in the bias+activation kernels), triton (all Triton kernels),
+lean_routing (session 16: lazy plan fields, fp32 gates in the combine, the plan kernel, the folded loss weights)."""
 import argparse
 import contextlib
 import time
@@ -38,9 +39,10 @@ def _set_rowbias(on):
 
 
 SWITCHES = {"lowp_router": kernels.use_lowp_router_gemm, "triton": kernels.use_triton,
-            "triton_router": kernels.use_triton_router, "gather_sum": _set_gather_sum, "rowbias": _set_rowbias}
+            "triton_router": kernels.use_triton_router, "gather_sum": _set_gather_sum, "rowbias": _set_rowbias,
+            "lean_routing": kernels.use_lean_routing}
 p = argparse.ArgumentParser()
-p.add_argument("--ab", nargs="*", default=["lowp_router", "triton_router", "gather_sum", "rowbias"],
+p.add_argument("--ab", nargs="*", default=["lean_routing", "lowp_router", "triton_router", "gather_sum", "rowbias"],
                choices=sorted(SWITCHES))
 p.add_argument("--rows", type=int, default=40)
 p.add_argument("--repeats", type=int, default=30)
@@ -61,7 +63,7 @@ dev, dt = torch.device("cuda"), torch.bfloat16
 print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", kernels.TRITON_AVAILABLE, flush=True)
 
 
-DEFAULTS = {"lowp_router": True, "triton": True, "triton_router": True, "gather_sum": True,
+DEFAULTS = {"lowp_router": True, "triton": True, "triton_router": True, "gather_sum": True, "lean_routing": True,
             "rowbias": bool(_BA.ROWBIAS) if _BA is not None else False, "bias_best": False}
 
 

@@ -276,6 +276,44 @@ def test_triton_kernels_equal_references_in_interpreter():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
+def test_triton_plan_indices_equal_torch_in_interpreter():
+    """``pos`` (the inverse permutation) and the segment ends from the one-launch plan kernel against
+    ``scatter_`` and ``searchsorted``: experts empty at either end and in the middle, one expert, the narrow
+    key dtypes, many blocks, no rows."""
+    code = textwrap.dedent("""
+        import torch
+        from moevision.kernels.triton.plan import plan_indices
+        from moevision.moe.dispatch import sort_by_expert
+        g = torch.Generator().manual_seed(0)
+        n = 0
+        for E, A, used in ((1, 5, None), (8, 0, None), (8, 1, [5]), (8, 300, [2, 3, 6]), (8, 3000, None),
+                           (5, 1200, [0, 4]), (64, 2100, None), (255, 700, [1, 254]), (300, 900, [7, 299]),
+                           (40000, 500, [0, 39999, 12345])):
+            if used is None:
+                ids = torch.randint(0, E, (A,), generator=g)
+            else:
+                ids = torch.tensor(used)[torch.randint(0, len(used), (A,), generator=g)]
+            order, e_sorted, _ = sort_by_expert(ids, E, with_keys=True)
+            pos, offs = plan_indices(order, e_sorted, E)
+            ref_pos = torch.empty(A, dtype=torch.int32).scatter_(0, order, torch.arange(A, dtype=torch.int32))
+            ref_offs = torch.searchsorted(ids.sort().values, torch.arange(E), right=True).to(torch.int32)
+            assert pos.dtype == offs.dtype == torch.int32 and offs.shape == (E,), (pos.dtype, offs.shape)
+            assert torch.equal(pos, ref_pos), (E, A)
+            assert torch.equal(offs, ref_offs), (E, A, offs, ref_offs)
+            n += 1
+        for bad in ((torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.uint8), 2),
+                    (torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.uint8), 0)):
+            try:
+                plan_indices(*bad)
+                raise AssertionError(f"no error for {bad}")
+            except ValueError:
+                pass
+        print("TRITON-PLAN-OK", n)
+    """)
+    _run_interpreted(code, "TRITON-PLAN-OK 10")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
 def test_triton_router_core_equals_eager_router_in_interpreter():
     """The Triton router kernels (softmax, top-k, importance sums; their backward) against the eager ops,
     alone and inside TopKRouter (plan, aux loss and every gradient), in Triton's CPU interpreter."""
@@ -294,14 +332,16 @@ def test_triton_router_core_equals_eager_router_in_interpreter():
             lg = torch.randn(G, S, E, requires_grad=True)
             lg2 = lg.detach().clone().requires_grad_()
             p1 = lg.softmax(-1); v1, i1 = p1.topk(K, dim=-1); imp1 = L.importance_cv2(p1)
-            p2, v2, i2, imp2, load2 = router_core_triton(lg2, K)
+            wi, wl = 0.7, 0.3  # the loss weights: the core's weighted sum is wi * importance + wl * load
+            p2, v2, i2, imp2, load2, aux2 = router_core_triton(lg2, K, weights=(wi, wl))
             assert torch.equal(i1, i2) and torch.allclose(v1, v2, atol=1e-6) and torch.allclose(p1, p2, atol=1e-6)
             assert torch.allclose(imp1, imp2, rtol=1e-5, atol=1e-9), (imp1, imp2)
-            assert float(load2) == 0.0
-            gp, gv, gi = torch.randn_like(p1), torch.randn_like(v1), torch.randn_like(imp1) * 100
-            for use in ((1, 1, 1), (0, 1, 0), (0, 0, 1), (1, 0, 0), (0, 1, 1)):
-                l1 = sum(((a * g).sum() for a, g, u in zip((p1, v1, imp1), (gp, gv, gi), use) if u), torch.zeros(()))
-                l2 = sum(((a * g).sum() for a, g, u in zip((p2, v2, imp2), (gp, gv, gi), use) if u), torch.zeros(()))
+            assert float(load2) == 0.0 and torch.allclose(aux2, wi * imp1, rtol=1e-5, atol=1e-9), (aux2, imp1)
+            aux1 = wi * imp1
+            gp, gv, gi, ga = torch.randn_like(p1), torch.randn_like(v1), torch.randn_like(imp1) * 100, torch.randn(()) * 100
+            for use in ((1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 1, 0), (1, 0, 0, 0), (0, 1, 1, 0), (0, 0, 0, 1), (0, 0, 1, 1)):
+                l1 = sum(((a * g).sum() for a, g, u in zip((p1, v1, imp1, aux1), (gp, gv, gi, ga), use) if u), torch.zeros(()))
+                l2 = sum(((a * g).sum() for a, g, u in zip((p2, v2, imp2, aux2), (gp, gv, gi, ga), use) if u), torch.zeros(()))
                 d1, = torch.autograd.grad(l1, lg, retain_graph=True); d2, = torch.autograd.grad(l2, lg2, retain_graph=True)
                 assert torch.allclose(d1, d2, atol=1e-5), (G, S, E, K, use)
             # training noise: gates and top-k of softmax(l + sigma n), clean probs and importance, the smooth load
@@ -309,16 +349,20 @@ def test_triton_router_core_equals_eager_router_in_interpreter():
             n = torch.randn(G, S, E)
             nz = lg + sigma * n
             pn1 = nz.softmax(-1); v1, i1 = pn1.topk(K, dim=-1); load1 = L.load_cv2(lg, nz, sigma, K)
-            p2, v2, i2, imp2, load2 = router_core_triton(lg2, K, n, sigma)
+            p2, v2, i2, imp2, load2, aux2 = router_core_triton(lg2, K, n, sigma, weights=(wi, wl))
+            aux1 = wi * imp1 + wl * load1
             assert torch.equal(i1, i2) and torch.allclose(v1, v2, atol=1e-6) and torch.allclose(p1, p2, atol=1e-6)
             assert torch.allclose(imp1, imp2, rtol=1e-5, atol=1e-9) and torch.allclose(load1, load2, rtol=1e-5), (load1, load2)
+            assert torch.allclose(aux1, aux2, rtol=1e-5), (aux1, aux2)
             gl = torch.randn_like(load1) * 100
-            for use in ((1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 0, 1), (1, 0, 1, 0), (0, 1, 1, 1)):
-                l1 = sum(((a * g).sum() for a, g, u in zip((p1, v1, imp1, load1), (gp, gv, gi, gl), use) if u), torch.zeros(()))
-                l2 = sum(((a * g).sum() for a, g, u in zip((p2, v2, imp2, load2), (gp, gv, gi, gl), use) if u), torch.zeros(()))
+            for use in ((1, 1, 1, 1, 1), (0, 1, 0, 0, 0), (0, 0, 0, 1, 0), (1, 0, 1, 0, 0), (0, 1, 1, 1, 0), (0, 0, 0, 0, 1),
+                        (0, 1, 0, 1, 1)):
+                l1 = sum(((a * g).sum() for a, g, u in zip((p1, v1, imp1, load1, aux1), (gp, gv, gi, gl, ga), use) if u), torch.zeros(()))
+                l2 = sum(((a * g).sum() for a, g, u in zip((p2, v2, imp2, load2, aux2), (gp, gv, gi, gl, ga), use) if u), torch.zeros(()))
                 d1, = torch.autograd.grad(l1, lg, retain_graph=True); d2, = torch.autograd.grad(l2, lg2, retain_graph=True)
                 assert torch.allclose(d1, d2, atol=1e-5), ("noisy", G, S, E, K, use, (d1 - d2).abs().max())
-        for bad in (dict(noise_GSE=torch.randn(1, 4, 3), sigma=0.1), dict(noise_GSE=torch.randn(1, 4, 4), sigma=0.0)):
+        for bad in (dict(noise_GSE=torch.randn(1, 4, 3), sigma=0.1), dict(noise_GSE=torch.randn(1, 4, 4), sigma=0.0),
+                    dict(weights=(float("nan"), 0.0))):
             try:
                 router_core_triton(torch.randn(1, 4, 4), 1, **bad)
                 raise AssertionError(f"no error for {bad}")
@@ -327,7 +371,9 @@ def test_triton_router_core_equals_eager_router_in_interpreter():
         # inside the router and the layer: capacity, renormalised gates, switch and z losses, groups
         # and in training with noise (the same draws: the RNG is reseeded for each run), load loss included
         for kw in (dict(), dict(capacity_factor=1.0), dict(normalize_topk=True, switch_loss_weight=0.01, z_loss_weight=1e-3),
-                   dict(group_size=30), dict(noise_std=1.0, group_size=30), dict(noise_std=1.0, capacity_factor=1.0)):
+                   dict(group_size=30), dict(noise_std=1.0, group_size=30), dict(noise_std=1.0, capacity_factor=1.0),
+                   dict(noise_std=1.0, importance_on="gates"), dict(noise_std=1.0, importance_loss_weight=0.0),
+                   dict(noise_std=1.0, load_loss_weight=0.0, z_loss_weight=1e-3)):
             torch.manual_seed(1)
             kw = dict(dict(noise_std=0.0), **kw)
             m = MoE(16, 32, 6, 2, impl="fused", **kw)
@@ -339,14 +385,14 @@ def test_triton_router_core_equals_eager_router_in_interpreter():
                 xr = x.clone().requires_grad_()
                 torch.manual_seed(2)
                 o = m(xr)
-                assert ("load" in o.stats.aux_losses) == bool(kw["noise_std"]), o.stats.aux_losses
+                assert ("load" in o.stats.aux_losses) == bool(kw["noise_std"] and kw.get("load_loss_weight") != 0.0), kw
                 (o.out.square().mean() + o.aux_loss).backward()
                 res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in m.parameters()]
                            + [o.stats.aux_losses[k] for k in sorted(o.stats.aux_losses)])
             R._TRITON_ROUTER_CPU["on"] = False
             for a, b in zip(*res):
                 assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), kw
-        assert len(calls) == 6, calls  # the Triton core ran once per configuration (and only when switched on)
+        assert len(calls) == 9, calls  # the Triton core ran once per configuration (and only when switched on)
         print("TRITON-ROUTER-OK")
     """)
     _run_interpreted(code, "TRITON-ROUTER-OK")
@@ -367,7 +413,7 @@ def test_fused_layer_on_its_cuda_code_path_equals_loop_in_interpreter():
         from moevision.kernels import fused as FU, ops as OPS
         kernels.use_native(False)
         R._TRITON_ROUTER_CPU["on"] = True
-        calls = {"router": 0, "bias_act": 0, "combine": 0, "gather_sum": 0}
+        calls = {"router": 0, "bias_act": 0, "combine": 0, "gather_sum": 0, "plan": 0}
         def wrap(mod, name, key):
             f = getattr(mod, name)
             def g(*a, **k):
@@ -376,6 +422,7 @@ def test_fused_layer_on_its_cuda_code_path_equals_loop_in_interpreter():
             setattr(mod, name, g)
         wrap(R, "_triton_router_core", "router"); wrap(FU, "_triton_bias_act", "bias_act")
         wrap(FU, "_triton_combine", "combine"); wrap(OPS, "_triton_gather_sum", "gather_sum")
+        wrap(FU, "_triton_plan", "plan")
         core = R._triton_router_core
         cases = ((1, 0.0, None, True), (2, 1.0, None, True), (2, 0.0, 1.0, True), (3, 1.0, None, True), (2, 1.0, None, False))
         for K, noise, cf, bias in cases:
@@ -394,10 +441,85 @@ def test_fused_layer_on_its_cuda_code_path_equals_loop_in_interpreter():
                 res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in mod.parameters()])
             for a, b in zip(*res):
                 assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (K, noise, cf, bias, (a - b).abs().max())
-        assert calls == {"router": 5, "bias_act": 4, "combine": 5, "gather_sum": 4}, calls
+        assert calls == {"router": 5, "bias_act": 4, "combine": 5, "gather_sum": 4, "plan": 5}, calls
+        # bf16 (the GPU dtype): the combine takes the router's fp32 gates (RoutingPlan.fp32_gates), and the layer
+        # matches the bf16 loop within bf16 rounding
+        seen = []
+        comb = FU._triton_combine
+        FU._triton_combine = lambda y, g, *a: seen.append(g.dtype) or comb(y, g, *a)
+        torch.manual_seed(0)
+        ref = MoE(16, 32, 6, 2, impl="loop", noise_std=1.0).to(torch.bfloat16)
+        m = MoE(16, 32, 6, 2, impl="fused", noise_std=1.0).to(torch.bfloat16)
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(96, 16, dtype=torch.bfloat16)
+        res = []
+        for mod in (ref, m):
+            R._triton_router_core = core if mod is m else None
+            xr = x.clone().requires_grad_()
+            torch.manual_seed(5)
+            o = mod(xr)
+            (o.out.float().square().mean() + o.aux_loss).backward()
+            res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in mod.parameters()])
+        assert seen == [torch.float32], seen
+        for a, b in zip(*res):
+            a, b = a.float(), b.float()
+            assert (a - b).abs().max() <= 2e-2 * a.abs().max() + 1e-6, ("bf16", (a - b).abs().max(), a.abs().max())
         print("CUDA-PATH-OK")
     """)
     _run_interpreted(code, "CUDA-PATH-OK")
+
+
+def test_routing_plan_lazy_fields_equal_eager_and_fp32_gates_never_stale():
+    """The router's plan makes ``token_idx``, an all-kept ``kept`` and the rounded ``gates`` on first read: the
+    same values as the eager tensors. ``fp32_gates()`` gives the router's fp32 gates only while ``plan.gates``
+    is their unchanged rounding (a replaced or in-place-changed ``plan.gates`` must never feed the fused
+    combine stale gates)."""
+    import dataclasses
+
+    from moevision.moe.types import LowpGates, RoutingPlan
+
+    torch.manual_seed(0)
+    for K in (1, 2, 3):
+        m = MoE(8, 16, 4, K, impl="fused", noise_std=0.0).to(torch.bfloat16)
+        x = torch.randn(1, 10, 8, dtype=torch.bfloat16)
+        plan = m.router(x)
+        g32 = plan.fp32_gates()
+        assert g32 is not None and g32.dtype == torch.float32 and "_gates" in plan.__dict__
+        assert plan.__dict__["_gates"] is None and plan.__dict__["_token_idx"] is None  # nothing made yet
+        assert torch.equal(plan.token_idx, torch.arange(10 * K) // K)
+        assert plan.kept.dtype == torch.bool and plan.kept.shape == (10 * K,) and bool(plan.kept.all())
+        assert plan.gates.dtype == torch.bfloat16 and torch.equal(plan.gates, g32.to(torch.bfloat16))
+        assert plan.fp32_gates() is g32  # read, unchanged: still linked
+        assert plan.gates is plan.gates  # made once
+        with torch.no_grad():
+            plan.gates.mul_(0.5)  # changed in place: the fp32 source is stale now
+        assert plan.fp32_gates() is None
+        plan2 = m.router(x)
+        other = dataclasses.replace(plan2, gates=plan2.gates * 2)  # a caller's new gates: no link
+        assert other.fp32_gates() is None and plan2.fp32_gates() is not None
+        plan2.gates = plan2.gates.clone()  # assigned: no link
+        assert plan2.fp32_gates() is None
+        # with a capacity, kept is a real mask; fp32 models keep plain fp32 gates (nothing to round)
+        m32 = MoE(8, 16, 4, K, impl="fused", noise_std=0.0, capacity_factor=0.5)
+        p32 = m32.router(torch.randn(1, 10, 8))
+        assert p32.fp32_gates() is None and p32.gates.dtype == torch.float32 and not bool(p32.kept.all())
+    kernels.use_lean_routing(False)  # the A/B switch: eager tensors, no fp32 link
+    try:
+        m = MoE(8, 16, 4, 2, impl="fused", noise_std=0.0).to(torch.bfloat16)
+        plan = m.router(torch.randn(1, 10, 8, dtype=torch.bfloat16))
+        assert plan.fp32_gates() is None and plan.__dict__["_token_idx"] is not None
+        assert plan.__dict__["_kept"] is not None and plan.__dict__["_gates"].dtype == torch.bfloat16
+    finally:
+        kernels.use_lean_routing(True)
+    ec = RoutingPlan(token_idx=None, expert_idx=torch.zeros(4, dtype=torch.long), gates=torch.ones(4), kept=None,
+                     slot=None, probs_GSE=torch.ones(1, 4, 1), logits_GSE=torch.ones(1, 4, 1), capacity=None,
+                     aux_losses={}, aux_loss=torch.zeros(()), top_k=0)
+    with pytest.raises(ValueError, match="token_idx"):
+        ec.token_idx
+    with pytest.raises(ValueError, match="fp32"):
+        RoutingPlan(token_idx=None, expert_idx=torch.zeros(2, dtype=torch.long),
+                    gates=LowpGates(torch.ones(2, dtype=torch.float64), torch.bfloat16), kept=None, slot=None,
+                    probs_GSE=None, logits_GSE=None, capacity=None, aux_losses={}, aux_loss=None)
 
 
 @pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CXX", "g++")),

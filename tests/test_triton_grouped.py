@@ -114,7 +114,8 @@ def test_triton_grouped_gemms_equal_the_loop_reference_in_interpreter():
     assert "TRITON-GROUPED-OK" in r.stdout, r.stderr[-3000:]
 
 
-_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64",
+       torch.uint8: "u8", torch.int16: "i16"}
 
 
 def _recorder(calls: list):
@@ -240,10 +241,29 @@ def test_router_kernels_compile_for_hopper(monkeypatch):
     for noisy in (False, True):
         lg = torch.randn(G, S, E, requires_grad=True)
         n = torch.randn(G, S, E) if noisy else None
-        probs, top_v, _, imp, load = r.router_core_triton(lg, K, n, 0.125 if noisy else 0.0)
-        (probs.sum() + top_v.sum() + imp + load).backward()
+        probs, top_v, _, imp, load, aux = r.router_core_triton(lg, K, n, 0.125 if noisy else 0.0, weights=(0.01, 0.02))
+        (probs.sum() + top_v.sum() + imp + load + aux).backward()
     names = sorted(fn.fn.__name__ for fn, _, _ in calls)
     assert names == sorted(["_router_fwd_kernel", "_cv2_mean_kernel", "_router_bwd_kernel"] * 2), names
     for fn, args, kw in calls:
         compiled = _aot_compile(fn, args, kw, (90, 32))
         assert compiled.asm["ptx"], fn.fn.__name__
+
+
+def test_plan_index_kernel_compiles_for_hopper(monkeypatch):
+    """The plan kernel (``pos`` and the segment ends in one launch) compiles ahead of time for an H100 (sm_90)
+    with the sort's narrow keys (uint8, int16) and with int64 ids."""
+    from moevision.kernels.triton import plan as pl
+    from moevision.moe.dispatch import sort_by_expert
+
+    calls = []
+    monkeypatch.setattr(pl, "_plan_index_kernel", _recorder(calls)(pl._plan_index_kernel))
+    for E in (8, 300, 1024):
+        ids = torch.randint(0, E, (4096,))
+        order, e_sorted, _ = sort_by_expert(ids, E, with_keys=True)
+        pl.plan_indices(order, e_sorted, E)
+        pl.plan_indices(order, e_sorted.long(), E)
+    assert len(calls) == 6
+    assert {args[1].dtype for _, args, _ in calls} == {torch.uint8, torch.int16, torch.int64}
+    for fn, args, kw in calls:
+        assert _aot_compile(fn, args, kw, (90, 32)).asm["ptx"], (fn.fn.__name__, args[1].dtype)

@@ -46,6 +46,7 @@ register_dispatch("cpu_fused", dispatch_cpu_fused)
 register_dispatch("triton", dispatch_triton)
 if _triton.AVAILABLE:
     _fused._triton_bias_act, _fused._triton_combine = _triton.bias_act_triton, _triton.combine_triton
+    _fused._triton_plan = _triton.plan_indices
     _ops._triton_gather_sum = _triton.gather_sum
     _router._triton_router_core = _triton.router_core_triton
 
@@ -88,12 +89,13 @@ def resolve_impl(name: str, x: torch.Tensor, experts) -> str:
 
 
 def use_triton(enabled: bool) -> None:
-    """Switch the Triton kernels (``fused``'s bias + activation, combine and the permutation's gather-sum, and
-    the top-k router's) on or off (for A/B benchmarks)."""
+    """Switch the Triton kernels (``fused``'s bias + activation, combine, the permutation's gather-sum and the
+    plan's index kernel, and the top-k router's) on or off (for A/B benchmarks)."""
     if enabled and not _triton.AVAILABLE:
         raise ConfigError(f"Triton is not available: {_triton.REASON}")
     _fused._triton_bias_act = _triton.bias_act_triton if enabled else None
     _fused._triton_combine = _triton.combine_triton if enabled else None
+    _fused._triton_plan = _triton.plan_indices if enabled else None
     _ops._triton_gather_sum = _triton.gather_sum if enabled else None
     _router._triton_router_core = _triton.router_core_triton if enabled else None
 
@@ -157,6 +159,18 @@ def use_triton_router(enabled: bool) -> None:
     _router._triton_router_core = _triton.router_core_triton if enabled else None
 
 
+def use_lean_routing(enabled: bool) -> None:
+    """Fewer small kernels between the router and the experts on the GPU path (on by default; session 16,
+    docs/performance.md): the plan's ``token_idx``, all-kept ``kept`` and rounded gates made only when read,
+    ``fused``'s Triton combine reading the router's fp32 gates, ``pos`` and the segment ends from one Triton
+    kernel, and the router's weighted importance + load loss made by its Triton loss kernel. Off restores the
+    eager tensors and ops (A/B benchmarks); the values are the same either way (up to the gates' rounding)."""
+    from ..moe import router as _r
+
+    _r._LEAN["on"] = bool(enabled)
+    _fused._lean = bool(enabled)
+
+
 def use_lowp_router_gemm(enabled: bool) -> None:
     """Compute the linear router's fp32 logits from bf16/fp16 inputs with one tensor-core GEMM (fp32
     output; on by default, CUDA only; ``moe.router._LowpLogits``), or upcast x and the weight to fp32 first
@@ -166,7 +180,7 @@ def use_lowp_router_gemm(enabled: bool) -> None:
     _router._LOWP_ROUTER["on"] = bool(enabled)
 
 
-__all__ = ["use_lowp_router_gemm", "use_triton_router", "set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
+__all__ = ["use_lean_routing", "use_lowp_router_gemm", "use_triton_router", "set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
            "use_whole_expert_split",
            "native_ops", "native_status", "topk_moe_fused",
            "use_k_major_weights",

@@ -4,7 +4,7 @@ Dropless top-k token choice (the common training mode) runs with no host-device 
 no atomic scatter:
 
 1. ``order = argsort(expert_idx)`` (stable), its inverse ``pos``, ``offs = cumsum(bincount)`` - all on
-   the device; the segment sizes never reach the host.
+   the device (``pos`` and ``offs`` from one Triton kernel on CUDA); the segment sizes never reach the host.
 2. ``permute_rows``: gather x into expert-sorted rows (backward: gather + sum of the K copies).
 3. ``torch._grouped_mm`` for w1 (and w3), the bias + activation in one op (``bias_act``: a Triton
    kernel on CUDA when Triton is installed, else PyTorch with a scatter-free bias gradient), then
@@ -36,6 +36,8 @@ from .segment_mm import segment_mm
 
 _triton_bias_act = None  # the Triton kernels, set by moevision.kernels when Triton imports
 _triton_combine = None
+_triton_plan = None  # kernels/triton/plan.py: pos and the segment ends in one launch
+_lean = True  # kernels.use_lean_routing: the plan kernel and the router's fp32 gates in the combine (A/B)
 _k_major_weights = False  # set by moevision.kernels.use_k_major_weights (an A/B switch for GPU benchmarks)
 
 
@@ -94,19 +96,26 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
     # the sort's keys are narrow (uint8 for E <= 255): its sorted output is the expert of each sorted row, and
     # the index tensors are made int32 where they are made - no gather or conversion kernels for them
     order, e_sorted, e_keys = sort_by_expert(exp, E, with_keys=True)
-    A = order.numel()
-    pos = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order, torch.arange(A, dtype=torch.int32, device=dev))
-    # segment ends by binary search in the sorted ids: no host sync (bincount on CUDA reads max())
-    offs = torch.searchsorted(e_sorted, torch.arange(E, device=dev, dtype=e_sorted.dtype), right=True, out_int32=True)
+    if _triton_plan is not None and _lean and exp.is_cuda and not torch.compiler.is_compiling():
+        pos, offs = _triton_plan(order, e_sorted, E)  # one kernel for the four below
+    else:
+        A = order.numel()
+        pos = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order, torch.arange(A, dtype=torch.int32, device=dev))
+        # segment ends by binary search in the sorted ids: no host sync (bincount on CUDA reads max())
+        offs = torch.searchsorted(e_sorted, torch.arange(E, device=dev, dtype=e_sorted.dtype), right=True,
+                                  out_int32=True)
     dt = _compute_dtype(x_TD, experts)
     with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit below
         xs = ops.permute_rows(_w(x_TD, dt), order, pos, K)
         y = _expert_mlp(experts, xs, offs, e_sorted, experts.grouped_mm_ok(x_TD, dt), dt)
         b2 = _w(experts.b2, dt) if experts.has_bias else None
-        gates = plan.gates.view(T, K)
         if _triton_combine is not None and y.is_cuda and not torch.compiler.is_compiling():
+            # the router's fp32 gates when plan.gates is (to be) their unchanged rounding (RoutingPlan.fp32_gates):
+            # the kernel reads fp32 anyway, and no rounding / conversion kernels run either way
+            g32 = plan.fp32_gates() if _lean else None
+            gates = plan.gates.view(T, K) if g32 is None else g32.view(T, K)
             return _triton_combine(y, gates, pos, order, b2, e_keys, e_sorted)
-        return ops.combine_rows(y, gates, pos, order, b2, exp if b2 is not None else None)
+        return ops.combine_rows(y, plan.gates.view(T, K), pos, order, b2, exp if b2 is not None else None)
 
 
 _TRITON_DISABLED: dict = {}  # the torch.compiler.disable'd dispatch, made on first use under compile

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from . import losses as L
 from .capacity import compute_capacity
-from .types import RoutingPlan, SoftRoutingPlan
+from .types import LowpGates, RoutingPlan, SoftRoutingPlan
 
 _ZERO = torch.zeros(())
 
@@ -41,6 +41,8 @@ def _autocast_available(device_type: str) -> bool:
 
 _triton_router_core = None  # kernels.triton.router.router_core_triton, set by moevision.kernels (Triton present)
 _TRITON_ROUTER_CPU = {"on": False}  # tests: take the Triton core on CPU tensors too (Triton's interpreter)
+# kernels.use_lean_routing: the plan's lazy fields and the Triton core's folded loss weights (the A/B switch)
+_LEAN = {"on": True}
 # kernels.use_lowp_router_gemm: the A/B switch; "compile": also under torch.compile (off until measured)
 _LOWP_ROUTER = {"on": True, "compile": False}
 
@@ -401,9 +403,11 @@ class TopKRouter(_LinearRouter):
                 and self.logit_type == "linear"
                 and type(self).logits is _LinearRouter.logits and type(self)._logits is TopKRouter._logits):
             ops = _native_router_ops(x_GSD)
-        w = _fp32(self.weight)
+        # the fp32 weight and x only for the native core (on a GPU the copy would be one more kernel)
+        w = _fp32(self.weight) if ops is not None else None
         x32 = _fp32(x_GSD) if ops is not None else None
         imp_loss = load_loss = clean_probs = None  # the losses and clean softmax, when the Triton core made them
+        core_aux, folded = None, set()  # ... and its weighted sum of the losses in ``folded``
         if ops is not None and x32.dtype == w.dtype:  # the fused native core (same function; the eager form
             # below is its reference). The noise draws the same numbers as randn_like there
             noise = sigma * torch.randn(G, S, E, dtype=w.dtype) if sigma > 0 else None
@@ -420,7 +424,12 @@ class TopKRouter(_LinearRouter):
             # way (kernels/triton/router.py); the noise is the eager branch's draw (same numbers for a seed)
             logits = self.logits(x_GSD, task)
             noise = torch.randn_like(logits) if sigma > 0 else None
-            clean_probs, top_v, top_i, imp_loss, load_loss = _triton_router_core(logits, K, noise, sigma)
+            # the weighted sum of the importance and load losses comes from the loss kernel too
+            w_imp = float(self.weights["importance"]) if self.importance_on != "gates" and _LEAN["on"] else 0.0
+            w_load = float(self.weights["load"]) if sigma > 0 and _LEAN["on"] else 0.0
+            clean_probs, top_v, top_i, imp_loss, load_loss, core_aux = _triton_router_core(
+                logits, K, noise, sigma, (w_imp, w_load))
+            folded = {n for n, w in (("importance", w_imp), ("load", w_load)) if w}
             probs, noisy = clean_probs, None  # the noisy logits and their softmax stay inside the kernel
         else:
             logits = self.logits(x_GSD, task)  # (G, S, E) clean
@@ -450,7 +459,7 @@ class TopKRouter(_LinearRouter):
         cf = self.current_capacity_factor()
         if cf is None:
             capacity, slot = None, None
-            kept = torch.ones_like(top_i, dtype=torch.bool)
+            kept = None  # all kept (made when first read, or below under torch.compile)
         else:
             capacity = compute_capacity(S * K, E, cf, mode=self.capacity_mode, multiple_of=self.capacity_multiple_of)
             slot = self._slots(top_i, top_v)
@@ -481,21 +490,40 @@ class TopKRouter(_LinearRouter):
             aux_losses["switch"] = L.switch_loss(clean_probs, top_i, use_all_k=self.switch_use_all_k)
         if self.weights["z"]:
             aux_losses["z"] = L.z_loss(logits)
-        aux = None  # the weighted sum, without adding a zero first (one kernel fewer on a GPU)
-        for name, v in aux_losses.items():
+        aux = core_aux if folded else None  # the weighted sum, without adding a zero first (one kernel fewer
+        for name, v in aux_losses.items():  # on a GPU); the Triton core's losses are in core_aux already
+            if name in folded:
+                continue
             aux = self.weights[name] * v if aux is None else aux + self.weights[name] * v
         if aux is None:
             aux = logits.new_zeros(())
 
-        # assignments are token-major over the flattened G*S tokens: assignment a is token a // K
-        token_idx = torch.arange(G * S * K, device=x_GSD.device)
-        if K > 1:
-            token_idx = torch.div(token_idx, K, rounding_mode="floor")
+        # assignments are token-major over the flattened G*S tokens: assignment a is token a // K. Eagerly,
+        # token_idx, an all-kept ``kept`` and the gates rounded to x's dtype are made when first read
+        # (RoutingPlan's lazy fields: the fused GPU path reads none of them, and the Triton combine takes the
+        # fp32 gates); under torch.compile (and torch.func transforms) they are made here, in the graph
+        lazy = _LEAN["on"] and not torch.compiler.is_compiling() and not _functorch_active()
+        if lazy:
+            token_idx = None
+            g_flat = gates.reshape(-1)
+            if g_flat.dtype == x_GSD.dtype:
+                plan_gates = g_flat
+            elif g_flat.dtype == torch.float32:
+                plan_gates = LowpGates(g_flat, x_GSD.dtype)
+            else:
+                plan_gates = g_flat.to(x_GSD.dtype)
+        else:
+            token_idx = torch.arange(G * S * K, device=x_GSD.device)
+            if K > 1:
+                token_idx = torch.div(token_idx, K, rounding_mode="floor")
+            plan_gates = gates.reshape(-1).to(x_GSD.dtype)
+            if kept is None:
+                kept = torch.ones_like(top_i, dtype=torch.bool)
         return RoutingPlan(
             token_idx=token_idx,
             expert_idx=top_i.reshape(-1),
-            gates=gates.reshape(-1).to(x_GSD.dtype),
-            kept=kept.reshape(-1),
+            gates=plan_gates,
+            kept=None if kept is None else kept.reshape(-1),
             slot=None if slot is None else slot.reshape(-1),
             probs_GSE=clean_probs,
             logits_GSE=logits,

@@ -20,10 +20,10 @@ class RoutingPlan:
     gate 0, so shapes do not depend on the routing (no host sync needed to build the plan).
     """
 
-    token_idx: torch.Tensor  # (A,) int64, index into the T flattened tokens
+    token_idx: torch.Tensor  # (A,) int64, index into the T flattened tokens (None: token-major, a // top_k)
     expert_idx: torch.Tensor  # (A,) int64
-    gates: torch.Tensor  # (A,) combine weight; 0 where dropped
-    kept: torch.Tensor  # (A,) bool
+    gates: torch.Tensor  # (A,) combine weight; 0 where dropped (or a LowpGates: rounded on first read)
+    kept: torch.Tensor  # (A,) bool (None: all kept)
     slot: torch.Tensor | None  # (A,) position in the expert's buffer of its group; None if unknown
     probs_GSE: torch.Tensor  # router probabilities (fp32), kept for losses and statistics
     logits_GSE: torch.Tensor  # clean router logits (fp32)
@@ -31,6 +31,83 @@ class RoutingPlan:
     aux_losses: dict[str, torch.Tensor]  # unweighted loss values, by name
     aux_loss: torch.Tensor  # weighted sum, scalar
     top_k: int = 1  # assignments per token for token-choice plans (0 for expert choice)
+
+    def fp32_gates(self) -> torch.Tensor | None:
+        """The router's fp32 gates that ``gates`` is the rounding of (a plan made with ``LowpGates``), while
+        ``gates`` has been neither replaced nor changed in place; else None. A kernel that reads the gates in
+        fp32 anyway (``fused``'s Triton combine) takes these: no rounding kernel forward (``gates`` is then
+        never made unless read) and no conversion kernels backward."""
+        src = self.__dict__.get("_gates_src")
+        if src is None:
+            return None
+        made = self.__dict__.get("_gates")
+        if made is not None and made._version != self.__dict__["_gates_version"]:
+            return None
+        return src
+
+
+@dataclass(frozen=True)
+class LowpGates:
+    """``RoutingPlan(gates=LowpGates(g, dtype))``: the plan's gates are ``g.to(dtype)``, made on first read of
+    ``plan.gates``; ``plan.fp32_gates()`` gives ``g`` (fp32) to kernels that read fp32."""
+
+    source: torch.Tensor
+    dtype: torch.dtype
+
+
+# Three RoutingPlan fields made on first read (a training step on the GPU path reads none of them: each
+# would be a kernel launch). A property replaces each dataclass field after the class is made, so the
+# constructor, ``dataclasses.replace`` and ``fields`` keep working: the generated __init__ assigns through
+# the setter, and assigning a tensor later replaces the lazy value (and drops the fp32 link of ``gates``).
+def _get_token_idx(self) -> torch.Tensor:
+    t = self.__dict__.get("_token_idx")
+    if t is None:
+        A, K = self.expert_idx.numel(), self.top_k
+        if K < 1:
+            raise ValueError("an expert-choice RoutingPlan (top_k=0) needs its token_idx")
+        t = torch.arange(A, device=self.expert_idx.device)
+        if K > 1:
+            t = torch.div(t, K, rounding_mode="floor")
+        self.__dict__["_token_idx"] = t
+    return t
+
+
+def _set_token_idx(self, value) -> None:
+    self.__dict__["_token_idx"] = value
+
+
+def _get_kept(self) -> torch.Tensor:
+    t = self.__dict__.get("_kept")
+    if t is None:
+        t = self.__dict__["_kept"] = torch.ones(self.expert_idx.shape, dtype=torch.bool, device=self.expert_idx.device)
+    return t
+
+
+def _set_kept(self, value) -> None:
+    self.__dict__["_kept"] = value
+
+
+def _get_gates(self) -> torch.Tensor:
+    g = self.__dict__.get("_gates")
+    if g is None:
+        src = self.__dict__["_gates_src"]
+        g = self.__dict__["_gates"] = src.to(self.__dict__["_gates_dtype"])
+        self.__dict__["_gates_version"] = g._version
+    return g
+
+
+def _set_gates(self, value) -> None:
+    if isinstance(value, LowpGates):
+        if value.source.dtype != torch.float32:
+            raise ValueError(f"LowpGates needs fp32 gates, got {value.source.dtype}")
+        self.__dict__.update(_gates=None, _gates_src=value.source, _gates_dtype=value.dtype)
+    else:
+        self.__dict__.update(_gates=value, _gates_src=None)
+
+
+RoutingPlan.token_idx = property(_get_token_idx, _set_token_idx)  # type: ignore[assignment]
+RoutingPlan.kept = property(_get_kept, _set_kept)  # type: ignore[assignment]
+RoutingPlan.gates = property(_get_gates, _set_gates)  # type: ignore[assignment]
 
 
 @dataclass

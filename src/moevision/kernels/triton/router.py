@@ -100,12 +100,15 @@ def _router_fwd_kernel(l_ptr, n_ptr, p_ptr, pn_ptr, tv_ptr, ti_ptr, thr_ptr, imp
 
 
 @triton.jit
-def _cv2_mean_kernel(buf_ptr, out_ptr, G, E, EPS, scale2, NB: tl.constexpr, EP: tl.constexpr, BG: tl.constexpr):
+def _cv2_mean_kernel(buf_ptr, out_ptr, G, E, EPS, scale2, w0, w1, NB: tl.constexpr, EP: tl.constexpr,
+                     BG: tl.constexpr):
     """out[b] = mean over the G groups of CV²(scale * buf[b, g, :]) (population variance over (mean² + EPS))
-    for the NB (1 or 2) buffers, scale 1 for the first and ``scale2`` for the second; out[1] = 0 when NB = 1.
+    for the NB (1 or 2) buffers, scale 1 for the first and ``scale2`` for the second; out[1] = 0 when NB = 1;
+    out[2] = w0 out[0] + w1 out[1] (the router's weighted aux loss: no multiply kernels after this one).
     One program."""
     cols = tl.arange(0, EP)
     cmask = cols < E
+    total = 0.0
     for b in tl.static_range(NB):
         acc = tl.zeros((BG,), dtype=tl.float32)
         for g0 in range(0, G, BG):
@@ -119,9 +122,15 @@ def _cv2_mean_kernel(buf_ptr, out_ptr, G, E, EPS, scale2, NB: tl.constexpr, EP: 
             d = tl.where(mask, v - m[:, None], 0.0)
             var = tl.sum(d * d, axis=1) / E
             acc += tl.where(gmask, var / (m * m + EPS), 0.0)
-        tl.store(out_ptr + b, tl.sum(acc, axis=0) / G)
+        loss = tl.sum(acc, axis=0) / G
+        tl.store(out_ptr + b, loss)
+        if b == 0:
+            total += w0 * loss
+        else:
+            total += w1 * loss
     if NB == 1:
         tl.store(out_ptr + 1, 0.0)
+    tl.store(out_ptr + 2, total)
 
 
 @triton.jit
@@ -139,17 +148,29 @@ def _cv2_grad(buf_ptr, grp, cols, mask, E, EPS, scale):
 
 @triton.jit
 def _router_bwd_kernel(p_ptr, pn_ptr, l_ptr, thr_ptr, ti_ptr, gtv_ptr, gp_ptr, imp_ptr, load_ptr, gloss_ptr,
-                       gload_ptr, gl_ptr, sigma, T, E, S, G, EPS, K: tl.constexpr, HAS_GP: tl.constexpr,
-                       HAS_GTV: tl.constexpr, HAS_GLOSS: tl.constexpr, HAS_GLOAD: tl.constexpr,
-                       NOISY: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr):
+                       gload_ptr, gaux_ptr, gl_ptr, sigma, w0, w1, T, E, S, G, EPS, K: tl.constexpr,
+                       HAS_GP: tl.constexpr, HAS_GTV: tl.constexpr, HAS_GLOSS: tl.constexpr,
+                       HAS_GLOAD: tl.constexpr, HAS_GAUX: tl.constexpr, NOISY: tl.constexpr, EP: tl.constexpr,
+                       BT: tl.constexpr):
     rows, cols, rmask, cmask, mask, offs = _row_block(T, E, EP, BT)
     grp = rows // S
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     gp = tl.zeros((BT, EP), dtype=tl.float32)  # the gradient of the clean probabilities
     if HAS_GP:
         gp += tl.load(gp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_GLOSS:  # importance loss = mean_g CV²(imp[g])
-        gp += (tl.load(gloss_ptr).to(tl.float32) / G) * _cv2_grad(imp_ptr, grp, cols, mask, E, EPS, 1.0)
+    # d / d importance loss and d / d load loss: their own gradients plus w0, w1 times the weighted sum's
+    c_imp = 0.0
+    c_load = 0.0
+    if HAS_GLOSS:
+        c_imp += tl.load(gloss_ptr).to(tl.float32)
+    if HAS_GLOAD:
+        c_load += tl.load(gload_ptr).to(tl.float32)
+    if HAS_GAUX:
+        g_aux = tl.load(gaux_ptr).to(tl.float32)
+        c_imp += w0 * g_aux
+        c_load += w1 * g_aux
+    if HAS_GLOSS or HAS_GAUX:  # importance loss = mean_g CV²(imp[g])
+        gp += (c_imp / G) * _cv2_grad(imp_ptr, grp, cols, mask, E, EPS, 1.0)
     gv = tl.zeros((BT, EP), dtype=tl.float32)  # the gradient of the gates' probabilities (scattered top-k)
     if HAS_GTV:
         for j in tl.static_range(K):
@@ -159,8 +180,8 @@ def _router_bwd_kernel(p_ptr, pn_ptr, l_ptr, thr_ptr, ti_ptr, gtv_ptr, gp_ptr, i
     if NOISY:  # two softmaxes: the clean one (importance, probs) and the noisy one (the gates)
         pn = tl.load(pn_ptr + offs, mask=mask, other=0.0)
         gl = p * (gp - tl.sum(gp * p, axis=1)[:, None]) + pn * (gv - tl.sum(gv * pn, axis=1)[:, None])
-        if HAS_GLOAD:  # load loss = mean_g CV²(load[g] / S), load = sum_s 1 - Phi((eta - l_e) / sigma)
-            c = (tl.load(gload_ptr).to(tl.float32) / (G * S)) * _cv2_grad(load_ptr, grp, cols, mask, E, EPS, 1.0 / S)
+        if HAS_GLOAD or HAS_GAUX:  # load loss = mean_g CV²(load[g] / S), load = sum_s 1 - Phi((eta - l_e) / sigma)
+            c = (c_load / (G * S)) * _cv2_grad(load_ptr, grp, cols, mask, E, EPS, 1.0 / S)
             lg = tl.load(l_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             eta = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
             z = (eta[:, None] - lg) / sigma
@@ -183,7 +204,7 @@ _EPS = 1e-10  # moe.losses.cv_squared's
 
 class _TritonRouterCore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_GSE, noise_GSE, k, sigma):
+    def forward(ctx, logits_GSE, noise_GSE, k, sigma, w_imp, w_load):
         G, S, E = logits_GSE.shape
         T = G * S
         noisy = noise_GSE is not None
@@ -195,29 +216,30 @@ class _TritonRouterCore(torch.autograd.Function):
         top_i = torch.empty(G, S, k, device=lg.device, dtype=torch.int64)
         thr = torch.empty(G, S, **f32) if noisy else probs
         sums = torch.zeros(2 if noisy else 1, G, E, **f32)  # importance (and load) sums per group
-        losses = torch.empty(2, **f32)  # importance, load (written by the CV² kernel)
+        losses = torch.empty(3, **f32)  # importance, load, their weighted sum (written by the CV² kernel)
         EP, BT = _blocks(E)
         n = noise_GSE.float().contiguous() if noisy else lg
         if T:
             _router_fwd_kernel[(triton.cdiv(T, BT),)](lg, n, probs, pn, top_v, top_i, thr, sums[0], sums[-1],
                                                       float(sigma), T, E, S, K=k, EP=EP, BT=BT, NOISY=noisy)
-            _cv2_mean_kernel[(1,)](sums, losses, G, E, _EPS, 1.0 / S, NB=sums.shape[0], EP=EP,
-                                   BG=max(1, min(64, 4096 // EP)))
+            _cv2_mean_kernel[(1,)](sums, losses, G, E, _EPS, 1.0 / S, float(w_imp), float(w_load) if noisy else 0.0,
+                                   NB=sums.shape[0], EP=EP, BG=max(1, min(64, 4096 // EP)))
         else:
             losses.zero_()
         ctx.save_for_backward(probs, pn, lg if noisy else None, thr, top_i, sums)
         ctx.mark_non_differentiable(top_i)
         ctx.set_materialize_grads(False)
         ctx.k, ctx.sigma, ctx.noisy = k, float(sigma), noisy
-        return probs, top_v, top_i, losses[0], losses[1]
+        ctx.w = (float(w_imp), float(w_load) if noisy else 0.0)
+        return probs, top_v, top_i, losses[0], losses[1], losses[2]
 
     @staticmethod
-    def backward(ctx, g_probs, g_topv, _g_topi, g_imp, g_load):
+    def backward(ctx, g_probs, g_topv, _g_topi, g_imp, g_load, g_aux):
         probs, pn, lg, thr, top_i, sums = ctx.saved_tensors
         if not ctx.noisy:
             g_load = None  # the load loss is 0 without noise (not a function of the logits)
-        if g_probs is None and g_topv is None and g_imp is None and g_load is None:
-            return None, None, None, None
+        if g_probs is None and g_topv is None and g_imp is None and g_load is None and g_aux is None:
+            return None, None, None, None, None, None
         G, S, E = probs.shape
         T = G * S
         gl = torch.empty_like(probs)
@@ -229,14 +251,18 @@ class _TritonRouterCore(torch.autograd.Function):
         if T:
             _router_bwd_kernel[(triton.cdiv(T, BT),)](
                 probs, pn, dummy if lg is None else lg, thr, top_i, arg(g_topv), arg(g_probs), sums[0], sums[-1],
-                arg(g_imp), arg(g_load), gl, ctx.sigma, T, E, S, G, _EPS, K=ctx.k, HAS_GP=g_probs is not None,
-                HAS_GTV=g_topv is not None, HAS_GLOSS=g_imp is not None, HAS_GLOAD=g_load is not None,
-                NOISY=ctx.noisy, EP=EP, BT=BT)
-        return gl, None, None, None
+                arg(g_imp), arg(g_load), arg(g_aux), gl, ctx.sigma, ctx.w[0], ctx.w[1], T, E, S, G, _EPS, K=ctx.k,
+                HAS_GP=g_probs is not None, HAS_GTV=g_topv is not None, HAS_GLOSS=g_imp is not None,
+                HAS_GLOAD=g_load is not None, HAS_GAUX=g_aux is not None, NOISY=ctx.noisy, EP=EP, BT=BT)
+        return gl, None, None, None, None, None
 
 
-def router_core_triton(logits_GSE: torch.Tensor, k: int, noise_GSE: torch.Tensor | None = None, sigma: float = 0.0):
-    """(probs (G, S, E), top_v (G, S, k), top_i (G, S, k) int64, importance loss, load loss) of fp32 logits.
+def router_core_triton(logits_GSE: torch.Tensor, k: int, noise_GSE: torch.Tensor | None = None, sigma: float = 0.0,
+                       weights: tuple[float, float] = (0.0, 0.0)):
+    """(probs (G, S, E), top_v (G, S, k), top_i (G, S, k) int64, importance loss, load loss, weighted loss) of
+    fp32 logits; the weighted loss is ``weights[0] * importance + weights[1] * load`` (what the router adds to its
+    aux loss), made by the loss kernel itself and differentiable like the others (no multiply or add kernels
+    either way).
 
     Without noise: the softmax over E, its top-k, and the mean over groups of CV² of each group's summed
     probabilities (``moe.losses.importance_cv2(probs)``); the load loss is 0. With ``noise_GSE`` (standard
@@ -253,4 +279,7 @@ def router_core_triton(logits_GSE: torch.Tensor, k: int, noise_GSE: torch.Tensor
                              f"got {tuple(noise_GSE.shape)}")
         if not (sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"router_core_triton: noise needs a finite sigma > 0, got {sigma!r}")
-    return _TritonRouterCore.apply(logits_GSE.float(), noise_GSE, k, sigma)
+    w_imp, w_load = (float(w) for w in weights)
+    if not (math.isfinite(w_imp) and math.isfinite(w_load)):
+        raise ValueError(f"router_core_triton: the loss weights must be finite, got {weights!r}")
+    return _TritonRouterCore.apply(logits_GSE.float(), noise_GSE, k, sigma, w_imp, w_load)
