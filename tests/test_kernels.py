@@ -277,8 +277,8 @@ def test_triton_kernels_equal_references_in_interpreter():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
 def test_triton_plan_indices_equal_torch_in_interpreter():
-    """``pos`` (the inverse permutation) and the segment ends from the one-launch plan kernel against
-    ``scatter_`` and ``searchsorted``: experts empty at either end and in the middle, one expert, the narrow
+    """``pos`` (the inverse permutation), the segment ends and the sorted rows' tokens from the one-launch plan
+    kernel against ``scatter_``, ``searchsorted`` and ``order // K``: experts empty at either end and in the middle, one expert, the narrow
     key dtypes, many blocks, no rows."""
     code = textwrap.dedent("""
         import torch
@@ -294,7 +294,9 @@ def test_triton_plan_indices_equal_torch_in_interpreter():
             else:
                 ids = torch.tensor(used)[torch.randint(0, len(used), (A,), generator=g)]
             order, e_sorted, _ = sort_by_expert(ids, E, with_keys=True)
-            pos, offs = plan_indices(order, e_sorted, E)
+            K = 1 + n % 3
+            pos, offs, tok = plan_indices(order, e_sorted, E, K)
+            assert torch.equal(tok.long(), order // K) and (tok is order if K == 1 else tok.dtype == torch.int32), K
             ref_pos = torch.empty(A, dtype=torch.int32).scatter_(0, order, torch.arange(A, dtype=torch.int32))
             ref_offs = torch.searchsorted(ids.sort().values, torch.arange(E), right=True).to(torch.int32)
             assert pos.dtype == offs.dtype == torch.int32 and offs.shape == (E,), (pos.dtype, offs.shape)
@@ -302,7 +304,8 @@ def test_triton_plan_indices_equal_torch_in_interpreter():
             assert torch.equal(offs, ref_offs), (E, A, offs, ref_offs)
             n += 1
         for bad in ((torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.uint8), 2),
-                    (torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.uint8), 0)):
+                    (torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.uint8), 0),
+                    (torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.uint8), 2, 0)):
             try:
                 plan_indices(*bad)
                 raise AssertionError(f"no error for {bad}")

@@ -261,8 +261,8 @@ def test_plan_index_kernel_compiles_for_hopper(monkeypatch):
     for E in (8, 300, 1024):
         ids = torch.randint(0, E, (4096,))
         order, e_sorted, _ = sort_by_expert(ids, E, with_keys=True)
-        pl.plan_indices(order, e_sorted, E)
-        pl.plan_indices(order, e_sorted.long(), E)
+        pl.plan_indices(order, e_sorted, E, 1)
+        pl.plan_indices(order, e_sorted.long(), E, 2)
     assert len(calls) == 6
     assert {args[1].dtype for _, args, _ in calls} == {torch.uint8, torch.int16, torch.int64}
     for fn, args, kw in calls:

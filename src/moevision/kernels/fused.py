@@ -97,8 +97,9 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
     # the index tensors are made int32 where they are made - no gather or conversion kernels for them
     order, e_sorted, e_keys = sort_by_expert(exp, E, with_keys=True)
     if _triton_plan is not None and _lean and exp.is_cuda and not torch.compiler.is_compiling():
-        pos, offs = _triton_plan(order, e_sorted, E)  # one kernel for the four below
+        pos, offs, tok = _triton_plan(order, e_sorted, E, K)  # one kernel for the four below (and order // K)
     else:
+        tok = None
         A = order.numel()
         pos = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order, torch.arange(A, dtype=torch.int32, device=dev))
         # segment ends by binary search in the sorted ids: no host sync (bincount on CUDA reads max())
@@ -106,7 +107,7 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
                                   out_int32=True)
     dt = _compute_dtype(x_TD, experts)
     with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit below
-        xs = ops.permute_rows(_w(x_TD, dt), order, pos, K)
+        xs = ops.permute_rows(_w(x_TD, dt), order, pos, K, tok)
         y = _expert_mlp(experts, xs, offs, e_sorted, experts.grouped_mm_ok(x_TD, dt), dt)
         b2 = _w(experts.b2, dt) if experts.has_bias else None
         if _triton_combine is not None and y.is_cuda and not torch.compiler.is_compiling():

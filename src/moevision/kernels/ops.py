@@ -86,9 +86,13 @@ class _PermuteRows(torch.autograd.Function):
         return g3.sum(1), None, None, None
 
 
-def permute_rows(x_TD: torch.Tensor, order: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows of x for the expert-sorted assignments (row i is token ``order[i] // k``)."""
-    return _PermuteRows.apply(x_TD, torch.div(order, k, rounding_mode="floor") if k > 1 else order, pos, k)
+def permute_rows(x_TD: torch.Tensor, order: torch.Tensor, pos: torch.Tensor, k: int,
+                 tok: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of x for the expert-sorted assignments (row i is token ``order[i] // k``; ``tok``, when given, is
+    that already)."""
+    if tok is None:
+        tok = torch.div(order, k, rounding_mode="floor") if k > 1 else order
+    return _PermuteRows.apply(x_TD, tok, pos, k)
 
 
 class _CombineRows(torch.autograd.Function):
