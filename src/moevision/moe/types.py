@@ -59,32 +59,31 @@ class LowpGates:
 # would be a kernel launch). A property replaces each dataclass field after the class is made, so the
 # constructor, ``dataclasses.replace`` and ``fields`` keep working: the generated __init__ assigns through
 # the setter, and assigning a tensor later replaces the lazy value (and drops the fp32 link of ``gates``).
-def _get_token_idx(self) -> torch.Tensor:
-    t = self.__dict__.get("_token_idx")
-    if t is None:
-        A, K = self.expert_idx.numel(), self.top_k
-        if K < 1:
-            raise ValueError("an expert-choice RoutingPlan (top_k=0) needs its token_idx")
-        t = torch.arange(A, device=self.expert_idx.device)
-        if K > 1:
-            t = torch.div(t, K, rounding_mode="floor")
-        self.__dict__["_token_idx"] = t
-    return t
+def _token_major(plan) -> torch.Tensor:
+    A, K = plan.expert_idx.numel(), plan.top_k
+    if K < 1:
+        raise ValueError("an expert-choice RoutingPlan (top_k=0) needs its token_idx")
+    t = torch.arange(A, device=plan.expert_idx.device)
+    return torch.div(t, K, rounding_mode="floor") if K > 1 else t
 
 
-def _set_token_idx(self, value) -> None:
-    self.__dict__["_token_idx"] = value
+def _all_kept(plan) -> torch.Tensor:
+    return torch.ones(plan.expert_idx.shape, dtype=torch.bool, device=plan.expert_idx.device)
 
 
-def _get_kept(self) -> torch.Tensor:
-    t = self.__dict__.get("_kept")
-    if t is None:
-        t = self.__dict__["_kept"] = torch.ones(self.expert_idx.shape, dtype=torch.bool, device=self.expert_idx.device)
-    return t
+def _lazy_field(name: str, make) -> property:
+    """A field stored as ``_name``; None there means ``make(plan)``, made on first read and kept."""
+    key = "_" + name
 
+    def get(self) -> torch.Tensor:
+        v = self.__dict__.get(key)
+        if v is None:
+            v = self.__dict__[key] = make(self)
+        return v
 
-def _set_kept(self, value) -> None:
-    self.__dict__["_kept"] = value
+    def put(self, value) -> None:
+        self.__dict__[key] = value
+    return property(get, put)
 
 
 def _get_gates(self) -> torch.Tensor:
@@ -105,8 +104,8 @@ def _set_gates(self, value) -> None:
         self.__dict__.update(_gates=value, _gates_src=None)
 
 
-RoutingPlan.token_idx = property(_get_token_idx, _set_token_idx)  # type: ignore[assignment]
-RoutingPlan.kept = property(_get_kept, _set_kept)  # type: ignore[assignment]
+RoutingPlan.token_idx = _lazy_field("token_idx", _token_major)  # type: ignore[assignment]
+RoutingPlan.kept = _lazy_field("kept", _all_kept)  # type: ignore[assignment]
 RoutingPlan.gates = property(_get_gates, _set_gates)  # type: ignore[assignment]
 
 
