@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from moevision import MoE, kernels  # noqa: E402
 from moevision.kernels import fused as FU  # noqa: E402
+from moevision.kernels.ops import plan_indices_torch  # noqa: E402
 from moevision.moe import router as R  # noqa: E402
 
 if not kernels.TRITON_AVAILABLE:
@@ -89,11 +90,7 @@ def patch():
     def plan(order, e_sorted, E, K=1):  # one launch on a GPU; its outputs from the PyTorch ops here
         launches.append("_plan_index_kernel")
         with _disable_current_modes():
-            A = order.numel()
-            pos = torch.empty(A, dtype=torch.int32).scatter_(0, order, torch.arange(A, dtype=torch.int32))
-            offs = torch.searchsorted(e_sorted, torch.arange(E, dtype=e_sorted.dtype), right=True, out_int32=True)
-            tok = torch.div(order, K, rounding_mode="floor").to(torch.int32) if K > 1 else order
-        return pos, offs, tok
+            return plan_indices_torch(order, e_sorted, E, K)
     FU._triton_plan = plan if plan_ref is not None else None
 
 

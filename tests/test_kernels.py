@@ -283,6 +283,7 @@ def test_triton_plan_indices_equal_torch_in_interpreter():
     code = textwrap.dedent("""
         import torch
         from moevision.kernels.triton.plan import plan_indices
+        from moevision.kernels.ops import plan_indices_torch
         from moevision.moe.dispatch import sort_by_expert
         g = torch.Generator().manual_seed(0)
         n = 0
@@ -299,6 +300,9 @@ def test_triton_plan_indices_equal_torch_in_interpreter():
             assert torch.equal(tok.long(), order // K) and (tok is order if K == 1 else tok.dtype == torch.int32), K
             ref_pos = torch.empty(A, dtype=torch.int32).scatter_(0, order, torch.arange(A, dtype=torch.int32))
             ref_offs = torch.searchsorted(ids.sort().values, torch.arange(E), right=True).to(torch.int32)
+            # the PyTorch reference the fused path runs without Triton agrees with these oracles too
+            t_pos, t_offs, t_tok = plan_indices_torch(order, e_sorted, E, K)
+            assert torch.equal(t_pos, ref_pos) and torch.equal(t_offs, ref_offs) and torch.equal(t_tok.long(), order // K)
             assert pos.dtype == offs.dtype == torch.int32 and offs.shape == (E,), (pos.dtype, offs.shape)
             assert torch.equal(pos, ref_pos), (E, A)
             assert torch.equal(offs, ref_offs), (E, A, offs, ref_offs)

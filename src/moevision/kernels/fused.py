@@ -92,19 +92,13 @@ def dispatch_fused(x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts, **kw
         return dispatch_grouped(x_TD, plan, experts, **kw)
     T, K, E = x_TD.shape[0], plan.top_k, experts.num_experts
     exp = plan.expert_idx  # (A,) token-major
-    dev = exp.device
     # the sort's keys are narrow (uint8 for E <= 255): its sorted output is the expert of each sorted row, and
     # the index tensors are made int32 where they are made - no gather or conversion kernels for them
     order, e_sorted, e_keys = sort_by_expert(exp, E, with_keys=True)
     if _triton_plan is not None and _lean and exp.is_cuda and not torch.compiler.is_compiling():
-        pos, offs, tok = _triton_plan(order, e_sorted, E, K)  # one kernel for the four below (and order // K)
+        pos, offs, tok = _triton_plan(order, e_sorted, E, K)  # one kernel for the reference's four or five ops
     else:
-        tok = None
-        A = order.numel()
-        pos = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order, torch.arange(A, dtype=torch.int32, device=dev))
-        # segment ends by binary search in the sorted ids: no host sync (bincount on CUDA reads max())
-        offs = torch.searchsorted(e_sorted, torch.arange(E, device=dev, dtype=e_sorted.dtype), right=True,
-                                  out_int32=True)
+        pos, offs, tok = ops.plan_indices_torch(order, e_sorted, E, K)  # segment ends by binary search: no sync
     dt = _compute_dtype(x_TD, experts)
     with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit below
         xs = ops.permute_rows(_w(x_TD, dt), order, pos, K, tok)

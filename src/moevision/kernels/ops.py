@@ -61,6 +61,20 @@ def segment_sum_rows(v_AF: torch.Tensor, expert_of_row: torch.Tensor, num_expert
     return onehot_EA @ v_AF
 
 
+def plan_indices_torch(order: torch.Tensor, e_sorted: torch.Tensor, num_experts: int, k: int = 1):
+    """``(pos, offs, tok)`` of an expert-sorted plan in PyTorch ops (the reference of the Triton plan kernel,
+    ``kernels/triton/plan.py``): ``pos`` (int32) the inverse permutation of ``order``, ``offs`` (E,) int32 the
+    segment ends of the ascending ids ``e_sorted`` (binary search: no host sync, unlike ``bincount`` on CUDA),
+    ``tok`` the token of each sorted row (``order // k`` in order's dtype: no conversion kernel; ``order`` itself
+    for k = 1; the Triton kernel writes it int32, and either indexes the same rows)."""
+    A, dev = order.numel(), order.device
+    pos = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order, torch.arange(A, dtype=torch.int32, device=dev))
+    offs = torch.searchsorted(e_sorted, torch.arange(num_experts, device=dev, dtype=e_sorted.dtype), right=True,
+                              out_int32=True)
+    tok = torch.div(order, k, rounding_mode="floor") if k > 1 else order
+    return pos, offs, tok
+
+
 _triton_gather_sum = None  # kernels.triton.combine.gather_sum, set by moevision.kernels when Triton imports
 
 

@@ -15,7 +15,7 @@ writes ``pos`` for its rows and, for each row i whose next row belongs to a late
 last row), ``offs[e] = i + 1`` for every e from its expert up to the next row's (exclusive): each e < E is
 written by exactly one row, except those below the first row's expert, which the first program sets to 0.
 No atomics, no host synchronisation. Reference: the PyTorch ops above (tests hold them equal, empty
-experts at either end and in the middle included).
+experts at either end and in the middle included; ``kernels.ops.plan_indices_torch``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..ops import plan_indices_torch
 
 
 @triton.jit
@@ -63,9 +65,7 @@ def plan_indices(order: torch.Tensor, e_sorted: torch.Tensor, num_experts: int, 
     A = order.numel()
     dev = order.device
     if E > _MAX_E:  # the kernel's (rows, experts) tile would not fit: the PyTorch ops
-        pos = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order, torch.arange(A, dtype=torch.int32, device=dev))
-        offs = torch.searchsorted(e_sorted, torch.arange(E, device=dev, dtype=e_sorted.dtype), right=True, out_int32=True)
-        return pos, offs, (torch.div(order, K, rounding_mode="floor").to(torch.int32) if K > 1 else order)
+        return plan_indices_torch(order, e_sorted, E, K)
     pos = torch.empty(A, dtype=torch.int32, device=dev)
     tok = torch.empty(A, dtype=torch.int32, device=dev) if K > 1 else order
     if A == 0:
