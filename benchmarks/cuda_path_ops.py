@@ -4,8 +4,8 @@ are recorded by a dispatch mode (views and ``empty`` left out: they launch nothi
 recorded instead of run (the plan kernel's outputs are made by its PyTorch reference, so the layer still runs).
 ``torch.mm(..., out_dtype=float32)`` (the 16-bit router GEMM, CUDA only) is counted as the one op it is there.
 On a GPU each op is at least one kernel (a sort is several); replayed from a CUDA graph, each small one still
-costs a few microseconds (docs/performance.md, sessions 13-16). ``kernels.use_lean_routing`` is counted off and
-on. Usage: python benchmarks/cuda_path_ops.py [--noise 0.0 1.0] [--k 1 2] [--list]"""
+costs a few microseconds (docs/performance.md, sessions 13-17). Three configurations: ``kernels.use_lean_routing``
+off, on, and on with ``kernels.use_fused_x_grad`` (x's two gradients summed in the router's node, session 17). Usage: python benchmarks/cuda_path_ops.py [--noise 0.0 1.0] [--k 1 2] [--list]"""
 import argparse
 import collections
 import os
@@ -94,8 +94,9 @@ def patch():
     FU._triton_plan = plan if plan_ref is not None else None
 
 
-def count(k, noise, lean):
+def count(k, noise, lean, xgrad):
     kernels.use_lean_routing(lean)
+    kernels.use_fused_x_grad(xgrad)
     torch.manual_seed(0)
     m = MoE(64, 128, 8, k, impl="fused", noise_std=noise).to(torch.bfloat16)
     x = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
@@ -117,17 +118,19 @@ def main():
     p.add_argument("--list", action="store_true", help="list the ops (with counts) too")
     a = p.parse_args()
     patch()
-    print(f"{'K':>2} {'noise':>5} {'lean':>5} | {'fwd ATen':>8} {'Triton':>6} | {'bwd ATen':>8} {'Triton':>6} | total")
+    print(f"{'K':>2} {'noise':>5} {'lean':>5} {'xgrad':>5} | {'fwd ATen':>8} {'Triton':>6} | {'bwd ATen':>8} "
+          f"{'Triton':>6} | total")
     for k in a.k:
         for noise in a.noise:
-            for lean in (False, True):
-                f, b, lf, lb = count(k, noise, lean)
-                print(f"{k:>2} {noise:>5} {str(lean):>5} | {len(f):>8} {len(lf):>6} | {len(b):>8} {len(lb):>6} | "
-                      f"{len(f) + len(lf) + len(b) + len(lb)}")
+            for lean, xgrad in ((False, False), (True, False), (True, True)):
+                f, b, lf, lb = count(k, noise, lean, xgrad)
+                print(f"{k:>2} {noise:>5} {str(lean):>5} {str(xgrad):>5} | {len(f):>8} {len(lf):>6} | {len(b):>8} "
+                      f"{len(lb):>6} | {len(f) + len(lf) + len(b) + len(lb)}")
                 if a.list:
                     print("   fwd:", dict(collections.Counter(f)), lf)
                     print("   bwd:", dict(collections.Counter(b)), lb)
     kernels.use_lean_routing(True)
+    kernels.use_fused_x_grad(True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Usage: python benchmarks/gpu_breakdown.py [--ab SWITCH ...] [--sweep-bias] [--co
 [--repeats 30] [--no-profile]. ``--noise`` times the layer in V-MoE's training form (router noise std / E, the
 load loss). Switches: lowp_router (16-bit router GEMM), triton_router (router kernels), gather_sum (the
 permutation's backward), rowbias (bias rows in the bias+activation kernels), triton (all Triton kernels),
-lean_routing (session 16: lazy plan fields, fp32 gates in the combine, the plan kernel, the folded loss weights)."""
+lean_routing (session 16: lazy plan fields, fp32 gates in the combine, the plan kernel, the folded loss weights),
+x_grad (session 17: x's two gradients summed in the router's logits node by one Triton kernel)."""
 import argparse
 import contextlib
 import time
@@ -40,9 +41,9 @@ def _set_rowbias(on):
 
 SWITCHES = {"lowp_router": kernels.use_lowp_router_gemm, "triton": kernels.use_triton,
             "triton_router": kernels.use_triton_router, "gather_sum": _set_gather_sum, "rowbias": _set_rowbias,
-            "lean_routing": kernels.use_lean_routing}
+            "lean_routing": kernels.use_lean_routing, "x_grad": kernels.use_fused_x_grad}
 p = argparse.ArgumentParser()
-p.add_argument("--ab", nargs="*", default=["lean_routing", "lowp_router", "triton_router", "gather_sum", "rowbias"],
+p.add_argument("--ab", nargs="*", default=["x_grad", "lean_routing", "lowp_router", "triton_router", "gather_sum", "rowbias"],
                choices=sorted(SWITCHES))
 p.add_argument("--rows", type=int, default=40)
 p.add_argument("--repeats", type=int, default=30)
@@ -64,6 +65,7 @@ print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "trito
 
 
 DEFAULTS = {"lowp_router": True, "triton": True, "triton_router": True, "gather_sum": True, "lean_routing": True,
+            "x_grad": True,
             "rowbias": bool(_BA.ROWBIAS) if _BA is not None else False, "bias_best": False}
 
 

@@ -449,31 +449,110 @@ def test_fused_layer_on_its_cuda_code_path_equals_loop_in_interpreter():
             for a, b in zip(*res):
                 assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (K, noise, cf, bias, (a - b).abs().max())
         assert calls == {"router": 5, "bias_act": 4, "combine": 5, "gather_sum": 4, "plan": 5}, calls
-        # bf16 (the GPU dtype): the combine takes the router's fp32 gates (RoutingPlan.fp32_gates), and the layer
-        # matches the bf16 loop within bf16 rounding
-        seen = []
+        # bf16 (the GPU dtype): the combine takes the router's fp32 gates (RoutingPlan.fp32_gates), and x's gradient
+        # is summed in the router's logits node (RoutingPlan.dispatch_x, the Triton x-gradient kernel) with
+        # kernels.use_fused_x_grad on, by autograd's add with it off. Both match the same layer in fp32 (the loop,
+        # eager router: the oracle) within bf16 rounding, and each other within one bf16 ulp or so
+        seen, dx_calls = [], []
         comb = FU._triton_combine
         FU._triton_combine = lambda y, g, *a: seen.append(g.dtype) or comb(y, g, *a)
+        rdx = R._triton_router_dx
+        R._triton_router_dx = lambda *a: dx_calls.append(1) or rdx(*a)
         torch.manual_seed(0)
-        ref = MoE(16, 32, 6, 2, impl="loop", noise_std=1.0).to(torch.bfloat16)
         m = MoE(16, 32, 6, 2, impl="fused", noise_std=1.0).to(torch.bfloat16)
-        m.load_state_dict(ref.state_dict())
+        ref = MoE(16, 32, 6, 2, impl="loop", noise_std=1.0)
+        ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
         x = torch.randn(96, 16, dtype=torch.bfloat16)
         res = []
-        for mod in (ref, m):
+        for mod, xgrad in ((ref, False), (m, True), (m, False)):
+            kernels.use_fused_x_grad(xgrad)
             R._triton_router_core = core if mod is m else None
-            xr = x.clone().requires_grad_()
+            for p in mod.parameters():
+                p.grad = None
+            xr = (x.float() if mod is ref else x).clone().requires_grad_()
             torch.manual_seed(5)
             o = mod(xr)
             (o.out.float().square().mean() + o.aux_loss).backward()
             res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in mod.parameters()])
-        assert seen == [torch.float32], seen
-        for a, b in zip(*res):
+        kernels.use_fused_x_grad(True)
+        assert seen == [torch.float32, torch.float32], seen
+        assert len(dx_calls) == 1, dx_calls  # fused with the switch on
+        for other in res[1:]:
+            for i, (a, b) in enumerate(zip(res[0], other)):
+                a, b = a.float(), b.float()
+                assert (a - b).abs().max() <= 2e-2 * a.abs().max() + 1e-6, ("bf16", i, (a - b).abs().max(), a.abs().max())
+        for i, (a, b) in enumerate(zip(res[1], res[2])):
             a, b = a.float(), b.float()
-            assert (a - b).abs().max() <= 2e-2 * a.abs().max() + 1e-6, ("bf16", (a - b).abs().max(), a.abs().max())
+            assert (a - b).abs().max() <= 8e-3 * a.abs().max() + 1e-6, ("xgrad", i, (a - b).abs().max(), a.abs().max())
         print("CUDA-PATH-OK")
     """)
     _run_interpreted(code, "CUDA-PATH-OK")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
+def test_router_dx_kernel_equals_reference_in_interpreter():
+    """``router_dx_triton``: x's gradient gp + g @ w (fp32 sums, one rounding) against the same sum in fp64 - E from
+    1 to its limit, with and without gp, a strided gp, ragged T and D, no rows - and its shape errors."""
+    code = textwrap.dedent("""
+        import torch, pytest
+        from moevision.kernels.triton.router import router_dx_triton, ROUTER_DX_MAX_E
+        torch.manual_seed(0)
+        for T, D, E, dt, with_gp in ((1, 1, 1, torch.float32, True), (45, 70, 8, torch.bfloat16, True),
+                                     (33, 129, 13, torch.float32, False), (64, 256, ROUTER_DX_MAX_E, torch.bfloat16, True),
+                                     (0, 16, 4, torch.float32, True)):
+            g = torch.randn(T, E)
+            w = torch.randn(E, D, dtype=dt)
+            gp = torch.randn(D, T, dtype=dt).t() if with_gp else None  # strided rows
+            out = router_dx_triton(g, w, gp)
+            ref = g.double() @ w.double() + (gp.double() if with_gp else 0)
+            assert out.dtype == dt and out.shape == (T, D)
+            # fp32 sums (error ~E * 2^-24 of the terms' magnitude), then for bf16 one rounding, under 1 ulp (2^-7
+            # relative): the interpreter truncates where a GPU rounds to nearest
+            scale = g.double().abs() @ w.double().abs() + (gp.double().abs() if with_gp else 0)
+            tol = 1e-6 * scale + (8e-3 * ref.abs() if dt == torch.bfloat16 else 0)
+            assert bool(((out.double() - ref).abs() <= tol).all()), (T, D, E, dt, (out.double() - ref).abs().max())
+        with pytest.raises(ValueError, match="1 <= E"):
+            router_dx_triton(torch.randn(4, ROUTER_DX_MAX_E + 1), torch.randn(ROUTER_DX_MAX_E + 1, 8))
+        with pytest.raises(ValueError, match="gp must be"):
+            router_dx_triton(torch.randn(4, 2), torch.randn(2, 8), torch.randn(4, 7))
+        print("ROUTER-DX-OK")
+    """)
+    _run_interpreted(code, "ROUTER-DX-OK")
+
+
+def test_router_logits_fork_passes_x_on_and_sums_its_gradients():
+    """``_LowpLogitsFork`` (16-bit router logits that pass x on): the same logits as ``_LowpLogits``, x passed on
+    unchanged (an alias, no copy), and x's gradient the sum of both paths' - here through its ``addmm`` form (no
+    Triton kernel on CPU tensors) - against autograd's own sum over ``_LowpLogits`` and a use of x; the weight's
+    gradient the same; with no logit gradient, x's is the passed-on one alone. Taken by the router only for CUDA
+    16-bit x that requires a gradient, with ``kernels.use_fused_x_grad`` on."""
+    from moevision.moe import router as R
+
+    torch.manual_seed(0)
+    T, D, E = 37, 24, 6
+    x0 = torch.randn(T, D, dtype=torch.bfloat16)
+    w0 = torch.randn(E, D, dtype=torch.bfloat16)
+    gl, gx = torch.randn(T, E), torch.randn(T, D, dtype=torch.bfloat16)
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    logits, xp = R._LowpLogitsFork.apply(x, w)
+    assert xp.data_ptr() == x.data_ptr() and torch.equal(xp, x)
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = R._LowpLogits.apply(xr, wr)
+    assert torch.equal(logits, ref)
+    torch.autograd.backward([logits, xp * 1], [gl, gx])
+    torch.autograd.backward([ref, xr * 1], [gl, gx])
+    assert (x.grad.float() - xr.grad.float()).abs().max() <= 1e-2 * xr.grad.float().abs().max()
+    exact = (gl.to(torch.bfloat16).double() @ w0.double() + gx.double())  # addmm: one rounding of the exact sum
+    assert (x.grad.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()
+    assert torch.equal(w.grad, wr.grad)
+    x2 = x0.clone().requires_grad_()
+    logits2, xp2 = R._LowpLogitsFork.apply(x2, w0)
+    (xp2 * 3).sum().backward()  # only the passed-on path: x's gradient is that one alone
+    assert torch.equal(x2.grad, torch.full_like(x0, 3))
+    # taken for CUDA 16-bit x that requires a gradient, with the switch on (CPU x: the upcast router, no fork)
+    m = MoE(D, 32, E, 2, impl="fused").to(torch.bfloat16)
+    plan = m.router(x0.clone().requires_grad_().view(1, T, D))
+    assert plan.dispatch_x is None
 
 
 def test_routing_plan_lazy_fields_equal_eager_and_fp32_gates_never_stale():

@@ -245,6 +245,13 @@ def test_router_kernels_compile_for_hopper(monkeypatch):
         (probs.sum() + top_v.sum() + imp + load + aux).backward()
     names = sorted(fn.fn.__name__ for fn, _, _ in calls)
     assert names == sorted(["_router_fwd_kernel", "_cv2_mean_kernel", "_router_bwd_kernel"] * 2), names
+    # x's gradient from the logit gradient (+ the experts' gradient): bf16 and fp32, with and without it, E = 8, 64
+    monkeypatch.setattr(r, "_router_dx_kernel", Recorder(r._router_dx_kernel))
+    for dt, E in ((torch.bfloat16, 8), (torch.float32, 64)):
+        w = torch.randn(E, 768, dtype=dt)
+        r.router_dx_triton(torch.randn(G * S, E), w, torch.randn(G * S, 768, dtype=dt))
+        r.router_dx_triton(torch.randn(G * S, E), w)
+    assert len(calls) == 10
     for fn, args, kw in calls:
         compiled = _aot_compile(fn, args, kw, (90, 32))
         assert compiled.asm["ptx"], fn.fn.__name__

@@ -49,6 +49,7 @@ if _triton.AVAILABLE:
     _fused._triton_plan = _triton.plan_indices
     _ops._triton_gather_sum = _triton.gather_sum
     _router._triton_router_core = _triton.router_core_triton
+    _router._triton_router_dx = _triton.router_dx_triton
 
 TRITON_AVAILABLE = _triton.AVAILABLE
 _DEFAULT: str | None = None
@@ -90,7 +91,7 @@ def resolve_impl(name: str, x: torch.Tensor, experts) -> str:
 
 def use_triton(enabled: bool) -> None:
     """Switch the Triton kernels (``fused``'s bias + activation, combine, the permutation's gather-sum and the
-    plan's index kernel, and the top-k router's) on or off (for A/B benchmarks)."""
+    plan's index kernel, and the top-k router's, with its x-gradient kernel) on or off (for A/B benchmarks)."""
     if enabled and not _triton.AVAILABLE:
         raise ConfigError(f"Triton is not available: {_triton.REASON}")
     _fused._triton_bias_act = _triton.bias_act_triton if enabled else None
@@ -98,6 +99,7 @@ def use_triton(enabled: bool) -> None:
     _fused._triton_plan = _triton.plan_indices if enabled else None
     _ops._triton_gather_sum = _triton.gather_sum if enabled else None
     _router._triton_router_core = _triton.router_core_triton if enabled else None
+    _router._triton_router_dx = _triton.router_dx_triton if enabled else None
 
 
 def use_native(enabled: bool) -> None:
@@ -171,6 +173,17 @@ def use_lean_routing(enabled: bool) -> None:
     _fused._lean = bool(enabled)
 
 
+def use_fused_x_grad(enabled: bool) -> None:
+    """Sum x's two gradients - the router's and the experts' - inside the router's logits node (on by default;
+    16-bit GPU training, where ``use_lowp_router_gemm`` applies; ``moe.router._LowpLogitsFork``): the experts
+    dispatch from x as passed on by that node (``RoutingPlan.dispatch_x``), and its backward makes x's gradient
+    in one pass (a Triton kernel; ``addmm`` without Triton) instead of a GEMM and an add. Off: the GEMM and
+    autograd's add (A/B benchmarks). The values are the same up to rounding (the kernel sums in fp32 once)."""
+    from ..moe import router as _r
+
+    _r._XGRAD["on"] = bool(enabled)
+
+
 def use_lowp_router_gemm(enabled: bool) -> None:
     """Compute the linear router's fp32 logits from bf16/fp16 inputs with one tensor-core GEMM (fp32
     output; on by default, CUDA only; ``moe.router._LowpLogits``), or upcast x and the weight to fp32 first
@@ -180,7 +193,7 @@ def use_lowp_router_gemm(enabled: bool) -> None:
     _router._LOWP_ROUTER["on"] = bool(enabled)
 
 
-__all__ = ["use_lean_routing", "use_lowp_router_gemm", "use_triton_router", "set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
+__all__ = ["use_lean_routing", "use_fused_x_grad", "use_lowp_router_gemm", "use_triton_router", "set_impl", "get_impl", "list_impls", "resolve_impl", "use_triton", "use_native", "use_folded_router",
            "use_whole_expert_split",
            "native_ops", "native_status", "topk_moe_fused",
            "use_k_major_weights",

@@ -290,7 +290,8 @@ class MoE(nn.Module):
         if isinstance(plan, SoftRoutingPlan):
             out, stats = self._soft(x_TD.view(G, S, self.dim), plan, lead)
         else:
-            out = get_dispatch(impl)(x_TD, plan, self.experts, num_groups=G, group_size=S)
+            x_d = x_TD if plan.dispatch_x is None else plan.dispatch_x  # the same values (see RoutingPlan)
+            out = get_dispatch(impl)(x_d, plan, self.experts, num_groups=G, group_size=S)
             stats = self._stats(plan, T, lead)
         return MoEOutput(out=out.view(*lead, self.dim), aux_loss=plan.aux_loss, stats=stats)
 

@@ -84,6 +84,49 @@ class _LowpLogits(torch.autograd.Function):
         return dx, dw
 
 
+class _LowpLogitsFork(torch.autograd.Function):
+    """``_LowpLogits`` that also passes x on: ``(logits, x_pass)``, x_pass an alias of x (no copy). The experts
+    dispatch from x_pass (``RoutingPlan.dispatch_x``), so both of x's gradients - the router's and the
+    experts' - reach this one node, and its backward makes x's gradient ``g_pass + g_logits @ w`` in one pass
+    (``kernels/triton/router.py``'s ``router_dx_triton``: the fp32 logit gradient read as it is) where autograd
+    would run a GEMM writing (T, D) and an add reading it back and writing the sum. Without the Triton kernel
+    (or E > its limit) the same sum is ``addmm``. Taken where ``_LowpLogits`` is and x requires a gradient
+    (``kernels.use_fused_x_grad``, on by default)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        ctx.set_materialize_grads(False)
+        logits = _mm_f32out(x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], w.shape[0])
+        return logits, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, g_pass):
+        x, w = ctx.saved_tensors
+        D, E = x.shape[-1], w.shape[0]
+        if g is None:  # nothing reached the logits (e.g. only the output's gradient, no router path)
+            return g_pass, None
+        g2 = g.reshape(-1, E)
+        gp = None if g_pass is None else g_pass.reshape(-1, D)
+        dx = dw = gl = None
+        if ctx.needs_input_grad[0]:
+            if _triton_router_dx is not None and x.is_cuda and E <= _ROUTER_DX_MAX_E:
+                dx = _triton_router_dx(g2, w, gp).view_as(x)
+            else:
+                gl = g2.to(x.dtype)
+                dx = (gl @ w if gp is None else torch.addmm(gp, gl, w)).view_as(x)
+        if ctx.needs_input_grad[1]:
+            gl = g2.to(x.dtype) if gl is None else gl
+            dw = _mm_f32out(gl.t(), x.reshape(-1, D)).to(w.dtype)
+        return dx, dw
+
+
+_triton_router_dx = None  # kernels.triton.router.router_dx_triton, set by moevision.kernels (Triton present)
+_ROUTER_DX_MAX_E = 64  # that kernel's limit (kernels.triton.router.ROUTER_DX_MAX_E); above it, addmm
+_XGRAD = {"on": True}  # kernels.use_fused_x_grad: the A/B switch of _LowpLogitsFork
+
+
 def _lowp_router_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Take ``_LowpLogits``: CUDA, x and w of one 16-bit dtype, outside torch.func (no vmap rule), eager
     (under torch.compile only with ``_LOWP_ROUTER["compile"]``)."""
@@ -182,11 +225,15 @@ class _LinearRouter(nn.Module):
         std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.dim)
         nn.init.normal_(self.weight, std=std) if std > 0 else nn.init.zeros_(self.weight)
 
+    def _lowp_applies(self, x_GSD: torch.Tensor, task) -> bool:
+        """The plain linear logits of 16-bit x and weight on CUDA: ``_LowpLogits`` (see ``_lowp_router_ok``)."""
+        return (task is None and type(self)._logits in (_LinearRouter._logits, TopKRouter._logits)
+                and getattr(self, "task_routing", "none") == "none" and getattr(self, "logit_type", "linear") == "linear"
+                and _lowp_router_ok(x_GSD, self.weight))
+
     def logits(self, x_GSD: torch.Tensor, task: torch.Tensor | int | None = None) -> torch.Tensor:
         dev = x_GSD.device.type
-        if (task is None and type(self)._logits in (_LinearRouter._logits, TopKRouter._logits)
-                and getattr(self, "task_routing", "none") == "none" and getattr(self, "logit_type", "linear") == "linear"
-                and _lowp_router_ok(x_GSD, self.weight)):
+        if self._lowp_applies(x_GSD, task):
             return _LowpLogits.apply(x_GSD, self.weight)  # fp32 logits, autocast or not
         if not _autocast_available(dev):  # meta tensors, backends without autocast
             return self._logits(_fp32(x_GSD), task)
@@ -195,6 +242,15 @@ class _LinearRouter(nn.Module):
 
     def _logits(self, x_GSD: torch.Tensor, task) -> torch.Tensor:
         return x_GSD @ _fp32(self.weight).t()
+
+    def _logits_passing_x(self, x_GSD: torch.Tensor, task) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits, x_pass)``: with ``_LowpLogitsFork`` (16-bit GPU training, see there) x_pass is x passed on
+        through the logits' node, for the experts to dispatch from (``RoutingPlan.dispatch_x``); else
+        ``(self.logits(x, task), None)``."""
+        if (_XGRAD["on"] and x_GSD.requires_grad and torch.is_grad_enabled()
+                and type(self).logits is _LinearRouter.logits and self._lowp_applies(x_GSD, task)):
+            return _LowpLogitsFork.apply(x_GSD, self.weight)
+        return self.logits(x_GSD, task), None
 
 
 TASK_ROUTING = ("none", "multi_gate", "task_conditioned")
@@ -407,6 +463,7 @@ class TopKRouter(_LinearRouter):
         w = _fp32(self.weight) if ops is not None else None
         x32 = _fp32(x_GSD) if ops is not None else None
         imp_loss = load_loss = clean_probs = None  # the losses and clean softmax, when the Triton core made them
+        x_pass = None  # x passed on through the logits' node (_LowpLogitsFork), for the experts to dispatch from
         core_aux, folded = None, set()  # ... and its weighted sum of the losses in ``folded``
         if ops is not None and x32.dtype == w.dtype:  # the fused native core (same function; the eager form
             # below is its reference). The noise draws the same numbers as randn_like there
@@ -422,7 +479,7 @@ class TopKRouter(_LinearRouter):
               and not torch.compiler.is_compiling() and not _functorch_active()):
             # softmax(es), top-k, the importance sums and (with noise) the smooth load in one Triton kernel each
             # way (kernels/triton/router.py); the noise is the eager branch's draw (same numbers for a seed)
-            logits = self.logits(x_GSD, task)
+            logits, x_pass = self._logits_passing_x(x_GSD, task)
             noise = torch.randn_like(logits) if sigma > 0 else None
             # the weighted sum of the importance and load losses comes from the loss kernel too
             w_imp = float(self.weights["importance"]) if self.importance_on != "gates" and _LEAN["on"] else 0.0
@@ -432,7 +489,7 @@ class TopKRouter(_LinearRouter):
             folded = {n for n, w in (("importance", w_imp), ("load", w_load)) if w}
             probs, noisy = clean_probs, None  # the noisy logits and their softmax stay inside the kernel
         else:
-            logits = self.logits(x_GSD, task)  # (G, S, E) clean
+            logits, x_pass = self._logits_passing_x(x_GSD, task)  # (G, S, E) clean
             if expert_mask_GSE is not None:
                 if bool((expert_mask_GSE.sum(-1) < K).any()):
                     raise ValueError(f"expert_mask allows fewer than top_k={K} experts for some token")
@@ -531,6 +588,7 @@ class TopKRouter(_LinearRouter):
             aux_losses=aux_losses,
             aux_loss=aux,
             top_k=K,
+            dispatch_x=None if x_pass is None else x_pass.reshape(G * S, D),
         )
 
     def _slots(self, top_i: torch.Tensor, top_v: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,10 @@ class RoutingPlan:
     aux_losses: dict[str, torch.Tensor]  # unweighted loss values, by name
     aux_loss: torch.Tensor  # weighted sum, scalar
     top_k: int = 1  # assignments per token for token-choice plans (0 for expert choice)
+    # (T, D): x as the router's logits node passed it on (moe.router._LowpLogitsFork), or None. Dispatching
+    # from it instead of x gives the same values and gradients; x's two gradients then meet in that node,
+    # which sums them inside its own backward pass (one kernel fewer, one (T, D) round trip less)
+    dispatch_x: torch.Tensor | None = None
 
     def fp32_gates(self) -> torch.Tensor | None:
         """The router's fp32 gates that ``gates`` is the rounding of (a plan made with ``LowpGates``), while
