@@ -140,6 +140,38 @@ if kernels.TRITON_AVAILABLE:
         print(f"triton router noise_std={noise} {str(dtype):<15} rel err out/aux/dx/d router w/losses "
               + " ".join(f"{e:.1e}" for e in errs) + (" ok" if ok else " FAIL"))
 
+# x's gradient summed in the router's logits node (session 17: kernels.use_fused_x_grad): its Triton kernel against
+# the fp64 sum at the ViT-S shape, and the bf16 layer (K = 1, 2, training noise) with the switch off vs on
+if kernels.TRITON_AVAILABLE:
+    from moevision.kernels.triton.router import router_dx_triton
+    torch.manual_seed(0)
+    g, w = torch.randn(25216, 8, device=dev), torch.randn(8, 384, device=dev, dtype=torch.bfloat16)
+    gp = torch.randn(25216, 384, device=dev, dtype=torch.bfloat16)
+    ref = g.double() @ w.double() + gp.double()
+    err = rel(router_dx_triton(g, w, gp), ref)
+    ok = err < 4e-3
+    failures += not ok
+    print(f"triton router dx (25216 x 384, E=8, bf16) rel err {err:.1e} {'ok' if ok else 'FAIL'}")
+    for K in (1, 2):
+        torch.manual_seed(0)
+        m = MoE(384, 1536, 8, K, impl="fused", noise_std=1.0).to(dev, torch.bfloat16)
+        x = torch.randn(8192, 384, device=dev, dtype=torch.bfloat16)
+        res = []
+        for on in (False, True):
+            kernels.use_fused_x_grad(on)
+            m.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_()
+            torch.manual_seed(1)
+            o = m(xr)
+            (o.out.float().square().mean() + o.aux_loss).backward()
+            res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in m.parameters()])
+        kernels.use_fused_x_grad(True)
+        errs = [rel(a, b) for a, b in zip(*res)]
+        ok = max(errs) < 1e-2
+        failures += not ok
+        print(f"fused x-grad in the router node K={K} bf16, off vs on: rel err out/aux/dx/params "
+              + " ".join(f"{e:.1e}" for e in errs) + (" ok" if ok else " FAIL"))
+
 # torch.compile sees the fused layer as one graph on CUDA too (no host sync, no graph break)
 torch._dynamo.reset()
 mc = MoE(256, 512, 8, 2, noise_std=1.0).to(dev)

@@ -246,8 +246,8 @@ class _LinearRouter(nn.Module):
     def _logits_passing_x(self, x_GSD: torch.Tensor, task) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(logits, x_pass)``: with ``_LowpLogitsFork`` (16-bit GPU training, see there) x_pass is x passed on
         through the logits' node, for the experts to dispatch from (``RoutingPlan.dispatch_x``); else
-        ``(self.logits(x, task), None)``."""
-        if (_XGRAD["on"] and x_GSD.requires_grad and torch.is_grad_enabled()
+        ``(self.logits(x, task), None)`` (also under torch.compile: eager only, not measured there)."""
+        if (_XGRAD["on"] and x_GSD.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and type(self).logits is _LinearRouter.logits and self._lowp_applies(x_GSD, task)):
             return _LowpLogitsFork.apply(x_GSD, self.weight)
         return self.logits(x_GSD, task), None
