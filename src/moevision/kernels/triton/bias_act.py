@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import narrow_ids
+from ._util import narrow_ids, cdiv
 
 ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 _SQRT1_2 = 0.7071067811865476
@@ -116,7 +116,7 @@ ROWBIAS = False
 
 
 def _grid(A, F, blocks):
-    return (triton.cdiv(A, blocks[0]), triton.cdiv(F, blocks[1]))
+    return (cdiv(A, blocks[0]), cdiv(F, blocks[1]))
 
 
 class _TritonBiasAct(torch.autograd.Function):

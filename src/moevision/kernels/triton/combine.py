@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import narrow_ids
+from ._util import narrow_ids, cdiv
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def segment_sum(v_AD: torch.Tensor, expert_of_row: torch.Tensor, num_experts: in
     out = torch.zeros(num_experts, D, device=v_AD.device, dtype=torch.float32)
     if A:
         BM, BN = 64, 128
-        _segment_sum_kernel[(triton.cdiv(A, BM), triton.cdiv(D, BN))](
+        _segment_sum_kernel[(cdiv(A, BM), cdiv(D, BN))](
             v_AD, narrow_ids(expert_of_row), out, A, D, v_AD.stride(0), BM=BM, BN=BN)
     return out
 
@@ -112,7 +112,7 @@ def gather_sum(g_AD: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(T, D, device=g_AD.device, dtype=g_AD.dtype)
     if T:
         pos32 = narrow_ids(pos)  # the combine kernel, no gates and no bias (placeholder pointers)
-        _combine_fwd_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](
+        _combine_fwd_kernel[(cdiv(T, _BT), cdiv(D, _BD))](
             g_AD, g_AD, g_AD, pos32, pos32, out, T, D, g_AD.stride(0), 0, out.stride(0), K=k, HAS_BIAS=False,
             BT=_BT, BD=_BD, HAS_GATES=False)
     return out
@@ -134,7 +134,7 @@ class _TritonCombine(torch.autograd.Function):
         e32 = narrow_ids(expert_tok) if has_bias else pos32
         out = torch.empty(T, D, device=y_AD.device, dtype=y_AD.dtype)
         if T:
-            _combine_fwd_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](
+            _combine_fwd_kernel[(cdiv(T, _BT), cdiv(D, _BD))](
                 y_AD, b, g, pos32, e32, out, T, D, y_AD.stride(0), b.stride(0), out.stride(0),
                 K=K, HAS_BIAS=has_bias, BT=_BT, BD=_BD)
         ctx.save_for_backward(y_AD, g, pos32, e32, b, e_sorted if has_bias else None)
@@ -150,7 +150,7 @@ class _TritonCombine(torch.autograd.Function):
         gy = torch.empty_like(y_AD)
         gg = torch.empty(T, K, device=g.device, dtype=torch.float32)
         if T:
-            _combine_bwd_kernel[(triton.cdiv(T, _BT),)](
+            _combine_bwd_kernel[(cdiv(T, _BT),)](
                 go_TD, y_AD, b, g, pos32, e32, gy, gg, T, D, go_TD.stride(0), y_AD.stride(0), b.stride(0),
                 gy.stride(0), K=K, HAS_BIAS=ctx.has_bias, BT=_BT, BD=_BD)
         gb = segment_sum(gy, e_sorted, ctx.E).to(b.dtype) if ctx.has_bias else None

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import cdiv
+
 from .bias_act import ACT_IDS, _act, _dact
 
 # (BM, BN, BK, num_warps, num_stages) of the row-tile GEMM and (BM, BK, BN, warps, stages) of the wgrad
@@ -202,7 +204,7 @@ def _tile_table(offs: torch.Tensor, A: int, BM: int):
     counts = offs[1:] - offs[:-1]
     n_tiles = torch.div(counts + (BM - 1), BM, rounding_mode="floor")
     tile_end = n_tiles.cumsum(0)
-    t = torch.arange(triton.cdiv(A, BM) + E, device=offs.device)
+    t = torch.arange(cdiv(A, BM) + E, device=offs.device)
     te = torch.searchsorted(tile_end, t, right=True)
     ec = te.clamp(max=E - 1)
     row0 = offs.index_select(0, ec) + (t - (tile_end - n_tiles).index_select(0, ec)) * BM
@@ -222,7 +224,7 @@ def _gmm(a, w, offs, tiles, n_rows_out, *, a_idx=None, bias=None, act=-1, scale=
         out = a.new_empty(n_rows_out, N)
     te, tr = tiles
     dummy = te
-    grid = (te.numel(), triton.cdiv(N, BN))
+    grid = (te.numel(), cdiv(N, BN))
     _gmm_kernel[grid](
         a, a_idx if a_idx is not None else dummy, w, bias if bias is not None else dummy,
         scale if scale is not None else dummy, hact if hact is not None else dummy,
@@ -241,7 +243,7 @@ def _wgrad(x, g, offs, dw, db, *, x_idx=None, g_idx=None, g_scale=None, blocks):
     BM, BK, BN, warps, stages = blocks
     E, KD, N = dw.shape
     dummy = offs
-    grid = (E, triton.cdiv(KD, BK) * triton.cdiv(N, BN))
+    grid = (E, cdiv(KD, BK) * cdiv(N, BN))
     _wgrad_kernel[grid](
         x, x_idx if x_idx is not None else dummy, g, g_idx if g_idx is not None else dummy,
         g_scale if g_scale is not None else dummy, offs, dw, db if db is not None else dummy, KD, N,

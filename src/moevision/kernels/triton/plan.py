@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import cdiv, next_pow2
+
 from ..ops import plan_indices_torch
 
 
@@ -71,9 +73,9 @@ def plan_indices(order: torch.Tensor, e_sorted: torch.Tensor, num_experts: int, 
     if A == 0:
         return pos, torch.zeros(E, dtype=torch.int32, device=dev), tok
     offs = torch.empty(E, dtype=torch.int32, device=dev)
-    EP = triton.next_power_of_2(E)
+    EP = next_pow2(E)
     BA = max(16, min(1024, 8192 // EP))
     order = order.contiguous()
-    _plan_index_kernel[(triton.cdiv(A, BA),)](order, e_sorted.contiguous(), pos, offs, tok if K > 1 else pos, A, E,
+    _plan_index_kernel[(cdiv(A, BA),)](order, e_sorted.contiguous(), pos, offs, tok if K > 1 else pos, A, E,
                                               K=K, EP=EP, BA=BA)
     return pos, offs, tok

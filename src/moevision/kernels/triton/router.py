@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import cdiv, next_pow2
+
 
 @triton.jit
 def _row_block(T, E, EP: tl.constexpr, BT: tl.constexpr):
@@ -195,7 +197,7 @@ def _router_bwd_kernel(p_ptr, pn_ptr, l_ptr, thr_ptr, ti_ptr, gtv_ptr, gp_ptr, i
 
 
 def _blocks(E: int) -> tuple[int, int]:
-    EP = triton.next_power_of_2(E)
+    EP = next_pow2(E)
     return EP, max(16, min(128, 4096 // EP))
 
 
@@ -220,7 +222,7 @@ class _TritonRouterCore(torch.autograd.Function):
         EP, BT = _blocks(E)
         n = noise_GSE.float().contiguous() if noisy else lg
         if T:
-            _router_fwd_kernel[(triton.cdiv(T, BT),)](lg, n, probs, pn, top_v, top_i, thr, sums[0], sums[-1],
+            _router_fwd_kernel[(cdiv(T, BT),)](lg, n, probs, pn, top_v, top_i, thr, sums[0], sums[-1],
                                                       float(sigma), T, E, S, K=k, EP=EP, BT=BT, NOISY=noisy)
             _cv2_mean_kernel[(1,)](sums, losses, G, E, _EPS, 1.0 / S, float(w_imp), float(w_load) if noisy else 0.0,
                                    NB=sums.shape[0], EP=EP, BG=max(1, min(64, 4096 // EP)))
@@ -249,7 +251,7 @@ class _TritonRouterCore(torch.autograd.Function):
         def arg(t):
             return dummy if t is None else t.float().contiguous()
         if T:
-            _router_bwd_kernel[(triton.cdiv(T, BT),)](
+            _router_bwd_kernel[(cdiv(T, BT),)](
                 probs, pn, dummy if lg is None else lg, thr, top_i, arg(g_topv), arg(g_probs), sums[0], sums[-1],
                 arg(g_imp), arg(g_load), arg(g_aux), gl, ctx.sigma, ctx.w[0], ctx.w[1], T, E, S, G, _EPS, K=ctx.k,
                 HAS_GP=g_probs is not None, HAS_GTV=g_topv is not None, HAS_GLOSS=g_imp is not None,
@@ -327,7 +329,7 @@ def router_dx_triton(g_TE: torch.Tensor, w_ED: torch.Tensor, gp_TD: torch.Tensor
     gp = None if gp_TD is None else (gp_TD if gp_TD.stride(-1) == 1 else gp_TD.contiguous())
     out = torch.empty(T, D, device=w.device, dtype=w.dtype)
     if T and D:
-        _router_dx_kernel[(triton.cdiv(T, _DX_BT), triton.cdiv(D, _DX_BD))](
+        _router_dx_kernel[(cdiv(T, _DX_BT), cdiv(D, _DX_BD))](
             w if gp is None else gp, g, w, out, T, D, E, 0 if gp is None else gp.stride(0), g.stride(0), w.stride(0),
             out.stride(0), HAS_GP=gp is not None, BT=_DX_BT, BD=_DX_BD)
     return out
