@@ -457,7 +457,7 @@ def test_fused_layer_on_its_cuda_code_path_equals_loop_in_interpreter():
         comb = FU._triton_combine
         FU._triton_combine = lambda y, g, *a: seen.append(g.dtype) or comb(y, g, *a)
         rdx = R._triton_router_dx
-        R._triton_router_dx = lambda *a: dx_calls.append(1) or rdx(*a)
+        R._triton_router_dx = lambda *a, **k: dx_calls.append(1) or rdx(*a, **k)
         torch.manual_seed(0)
         m = MoE(16, 32, 6, 2, impl="fused", noise_std=1.0).to(torch.bfloat16)
         ref = MoE(16, 32, 6, 2, impl="loop", noise_std=1.0)
@@ -504,6 +504,9 @@ def test_router_dx_kernel_equals_reference_in_interpreter():
             w = torch.randn(E, D, dtype=dt)
             gp = torch.randn(D, T, dtype=dt).t() if with_gp else None  # strided rows
             out = router_dx_triton(g, w, gp)
+            out2, gl = router_dx_triton(g, w, gp, with_lowp_g=True)  # + the logit gradient rounded to w's dtype
+            assert torch.equal(out2, out) and gl.dtype == dt and gl.shape == (T, E)
+            assert bool(((gl.double() - g.double()).abs() <= 8e-3 * g.double().abs()).all())  # <= 1 ulp (bf16)
             ref = g.double() @ w.double() + (gp.double() if with_gp else 0)
             assert out.dtype == dt and out.shape == (T, D)
             # fp32 sums (error ~E * 2^-24 of the terms' magnitude), then for bf16 one rounding, under 1 ulp (2^-7

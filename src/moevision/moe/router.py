@@ -112,7 +112,10 @@ class _LowpLogitsFork(torch.autograd.Function):
         dx = dw = gl = None
         if ctx.needs_input_grad[0]:
             if _triton_router_dx is not None and x.is_cuda and E <= _ROUTER_DX_MAX_E:
-                dx = _triton_router_dx(g2, w, gp).view_as(x)
+                # the kernel also writes the rounded logit gradient the weight's GEMM reads (no conversion kernel)
+                r = _triton_router_dx(g2, w, gp, with_lowp_g=ctx.needs_input_grad[1])
+                dx, gl = r if ctx.needs_input_grad[1] else (r, None)
+                dx = dx.view_as(x)
             else:
                 gl = g2.to(x.dtype)
                 dx = (gl @ w if gp is None else torch.addmm(gp, gl, w)).view_as(x)

@@ -288,10 +288,11 @@ def router_core_triton(logits_GSE: torch.Tensor, k: int, noise_GSE: torch.Tensor
 
 
 @triton.jit
-def _router_dx_kernel(gp_ptr, g_ptr, w_ptr, out_ptr, T, D, E, stride_gp, stride_g, stride_w, stride_o,
-                      HAS_GP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _router_dx_kernel(gp_ptr, g_ptr, w_ptr, out_ptr, gl_ptr, T, D, E, stride_gp, stride_g, stride_w, stride_o,
+                      HAS_GP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, WRITE_GL: tl.constexpr):
     """out[t] = gp[t] + sum_e g[t, e] * w[e] in fp32, rounded once: a (BT, BD) tile of x's gradient from the
-    router's logit gradient (E terms of fused multiply-adds: E is small) plus the experts' gradient read once."""
+    router's logit gradient (E terms of fused multiply-adds: E is small) plus the experts' gradient read once.
+    WRITE_GL: the first column block's programs also write g rounded to gl's dtype (T, E), contiguous."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     rmask = rows < T
@@ -305,6 +306,9 @@ def _router_dx_kernel(gp_ptr, g_ptr, w_ptr, out_ptr, T, D, E, stride_gp, stride_
         ge = tl.load(g_ptr + rows * stride_g + e, mask=rmask, other=0.0).to(tl.float32)
         we = tl.load(w_ptr + e * stride_w + cols, mask=cmask, other=0.0).to(tl.float32)
         acc += ge[:, None] * we[None, :]
+        if WRITE_GL:
+            if tl.program_id(1) == 0:
+                tl.store(gl_ptr + rows * E + e, ge.to(gl_ptr.dtype.element_ty), mask=rmask)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -312,11 +316,14 @@ ROUTER_DX_MAX_E = 64  # above this the E-term loop loses to a GEMM: router_dx_tr
 _DX_BT, _DX_BD = 32, 128
 
 
-def router_dx_triton(g_TE: torch.Tensor, w_ED: torch.Tensor, gp_TD: torch.Tensor | None = None) -> torch.Tensor:
+def router_dx_triton(g_TE: torch.Tensor, w_ED: torch.Tensor, gp_TD: torch.Tensor | None = None,
+                     with_lowp_g: bool = False):
     """x's gradient ``gp + g @ w`` (T, D) in w's dtype from the router's logit gradient ``g`` (T, E; read as it
     is, fp32 from the router kernels - not rounded to 16 bits first) and the gradient ``gp`` that x got from the
     experts (None: zero), in one pass: what is otherwise a GEMM writing (T, D) and an add reading it back
-    (``moe.router._LowpLogitsFork``). Sums in fp32, one rounding. E <= ROUTER_DX_MAX_E."""
+    (``moe.router._LowpLogitsFork``). Sums in fp32, one rounding. E <= ROUTER_DX_MAX_E.
+    ``with_lowp_g``: returns ``(dx, g.to(w.dtype))``, the rounded logit gradient (for the weight's gradient GEMM)
+    written by the same kernel instead of a conversion kernel."""
     T, E = g_TE.shape
     if w_ED.dim() != 2 or w_ED.shape[0] != E or not 1 <= E <= ROUTER_DX_MAX_E:
         raise ValueError(f"router_dx_triton: g must be (T, E) and w (E, D) with 1 <= E <= {ROUTER_DX_MAX_E}, got "
@@ -328,8 +335,11 @@ def router_dx_triton(g_TE: torch.Tensor, w_ED: torch.Tensor, gp_TD: torch.Tensor
     g = g_TE if g_TE.stride(-1) == 1 else g_TE.contiguous()
     gp = None if gp_TD is None else (gp_TD if gp_TD.stride(-1) == 1 else gp_TD.contiguous())
     out = torch.empty(T, D, device=w.device, dtype=w.dtype)
+    gl = torch.empty(T, E, device=w.device, dtype=w.dtype) if with_lowp_g else None
     if T and D:
         _router_dx_kernel[(cdiv(T, _DX_BT), cdiv(D, _DX_BD))](
-            w if gp is None else gp, g, w, out, T, D, E, 0 if gp is None else gp.stride(0), g.stride(0), w.stride(0),
-            out.stride(0), HAS_GP=gp is not None, BT=_DX_BT, BD=_DX_BD)
-    return out
+            w if gp is None else gp, g, w, out, out if gl is None else gl, T, D, E, 0 if gp is None else gp.stride(0),
+            g.stride(0), w.stride(0), out.stride(0), HAS_GP=gp is not None, BT=_DX_BT, BD=_DX_BD, WRITE_GL=with_lowp_g)
+    elif with_lowp_g:
+        gl.copy_(g)  # no programs ran (D = 0): the rounding is still owed
+    return (out, gl) if with_lowp_g else out
