@@ -19,6 +19,22 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def off_vs_on(m, x, switch, extra):
+    """[out, aux loss, x's gradient] + ``extra(o)`` of the layer ``m`` on ``x`` with ``switch(False)``, then with
+    ``switch(True)`` (the same router noise both ways); the switch is left on."""
+    res = []
+    for on in (False, True):
+        switch(on)
+        m.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        o = m(xr)
+        (o.out.float().square().mean() + o.aux_loss).backward()
+        res.append([o.out, o.aux_loss, xr.grad] + extra(o))
+    switch(True)
+    return res
+
+
 if kernels.TRITON_AVAILABLE:
     from moevision.kernels.triton.bias_act import bias_act_triton
     for act in ("gelu", "gelu_tanh", "relu", "silu"):
@@ -122,17 +138,8 @@ if kernels.TRITON_AVAILABLE:
         torch.manual_seed(0)
         m = MoE(256, 512, 8, 2, impl="fused", noise_std=noise).to(dev, dtype)
         x = torch.randn(4096, 256, device=dev, dtype=dtype)
-        res = []
-        for on in (False, True):
-            kernels.use_triton_router(on)
-            m.zero_grad(set_to_none=True)
-            xr = x.clone().requires_grad_()
-            torch.manual_seed(1)
-            o = m(xr)
-            (o.out.float().square().mean() + o.aux_loss).backward()
-            res.append([o.out, o.aux_loss, xr.grad, m.router.weight.grad]
-                       + [o.stats.aux_losses[k] for k in sorted(o.stats.aux_losses)])
-        kernels.use_triton_router(True)
+        res = off_vs_on(m, x, kernels.use_triton_router,
+                        lambda o: [m.router.weight.grad] + [o.stats.aux_losses[k] for k in sorted(o.stats.aux_losses)])
         errs = [rel(a, b) for a, b in zip(*res)]
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         ok = max(errs) < tol and len(res[0]) == len(res[1]) == 4 + 1 + (noise > 0)
@@ -156,16 +163,7 @@ if kernels.TRITON_AVAILABLE:
         torch.manual_seed(0)
         m = MoE(384, 1536, 8, K, impl="fused", noise_std=1.0).to(dev, torch.bfloat16)
         x = torch.randn(8192, 384, device=dev, dtype=torch.bfloat16)
-        res = []
-        for on in (False, True):
-            kernels.use_fused_x_grad(on)
-            m.zero_grad(set_to_none=True)
-            xr = x.clone().requires_grad_()
-            torch.manual_seed(1)
-            o = m(xr)
-            (o.out.float().square().mean() + o.aux_loss).backward()
-            res.append([o.out, o.aux_loss, xr.grad] + [p.grad for p in m.parameters()])
-        kernels.use_fused_x_grad(True)
+        res = off_vs_on(m, x, kernels.use_fused_x_grad, lambda o: [p.grad for p in m.parameters()])
         errs = [rel(a, b) for a, b in zip(*res)]
         ok = max(errs) < 1e-2
         failures += not ok
