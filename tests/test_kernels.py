@@ -523,6 +523,45 @@ def test_router_dx_kernel_equals_reference_in_interpreter():
     _run_interpreted(code, "ROUTER-DX-OK")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (optional extra)")
+def test_router_x_grad_fork_double_backward_and_lifetime_in_interpreter():
+    """With x's gradient summed in the router's node (CUDA code path, bf16): a gradient penalty (create_graph) through
+    a differentiable dispatcher gives what it gives without the fork (the router's part a constant, as before), and
+    the layer's output (its lazy stats hold the plan) does not keep the layer's input alive after backward."""
+    code = textwrap.dedent("""
+        import gc, weakref, torch
+        torch.Tensor.is_cuda = property(lambda t: True)
+        torch.cuda.get_device_capability = lambda *a: (9, 0)
+        from moevision import MoE, kernels
+        from moevision.moe import router as R
+        kernels.use_native(False)
+        R._TRITON_ROUTER_CPU["on"] = True
+        res, alive = [], []
+        for on in (False, True):
+            kernels.use_fused_x_grad(on)
+            torch.manual_seed(0)
+            m = MoE(16, 32, 6, 2, impl="loop", noise_std=0.0).to(torch.bfloat16)
+            x = torch.randn(4, 24, 16, dtype=torch.bfloat16).requires_grad_()
+            g, = torch.autograd.grad(m(x).out.float().sum(), x, create_graph=True)
+            g.float().square().sum().backward()
+            res.append([p.grad.float() for p in m.parameters() if p.grad is not None])
+            h = torch.nn.functional.layer_norm(x, (16,))
+            ref = weakref.ref(h)
+            out = m(h)
+            (out.out.float().square().mean() + out.aux_loss).backward()
+            del h
+            gc.collect()
+            alive.append(ref() is not None)
+        kernels.use_fused_x_grad(True)
+        assert len(res[0]) == len(res[1]) > 0
+        for a, b in zip(*res):
+            assert (a - b).abs().max() <= 2e-2 * a.abs().max() + 1e-6, (a - b).abs().max()
+        assert alive == [False, False], alive
+        print("FORK-OK")
+    """)
+    _run_interpreted(code, "FORK-OK")
+
+
 def test_router_logits_fork_passes_x_on_and_sums_its_gradients():
     """``_LowpLogitsFork`` (16-bit router logits that pass x on): the same logits as ``_LowpLogits``, x passed on
     unchanged (an alias, no copy), and x's gradient the sum of both paths' - here through its ``addmm`` form (no

@@ -292,6 +292,7 @@ class MoE(nn.Module):
         else:
             x_d = x_TD if plan.dispatch_x is None else plan.dispatch_x  # the same values (see RoutingPlan)
             out = get_dispatch(impl)(x_d, plan, self.experts, num_groups=G, group_size=S)
+            plan.dispatch_x = None  # the lazy stats keep the plan: not x with it (it would outlive the backward)
             stats = self._stats(plan, T, lead)
         return MoEOutput(out=out.view(*lead, self.dim), aux_loss=plan.aux_loss, stats=stats)
 

@@ -101,12 +101,22 @@ class _LowpLogitsFork(torch.autograd.Function):
         return logits, x.view_as(x)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g, g_pass):
-        x, w = ctx.saved_tensors
-        D, E = x.shape[-1], w.shape[0]
         if g is None:  # nothing reached the logits (e.g. only the output's gradient, no router path)
             return g_pass, None
+        if torch.is_grad_enabled() and g_pass is not None and g_pass.requires_grad:
+            # create_graph (a gradient penalty, say): the experts' gradient stays differentiable, the router's
+            # part is a constant, as ``_LowpLogits``'s once-differentiable gradient was before the fork
+            with torch.no_grad():
+                dx, dw = _LowpLogitsFork._grads(ctx, g, None)
+            return (None if dx is None else g_pass + dx), dw
+        with torch.no_grad():
+            return _LowpLogitsFork._grads(ctx, g, g_pass)
+
+    @staticmethod
+    def _grads(ctx, g, g_pass):
+        x, w = ctx.saved_tensors
+        D, E = x.shape[-1], w.shape[0]
         g2 = g.reshape(-1, E)
         gp = None if g_pass is None else g_pass.reshape(-1, D)
         dx = dw = gl = None

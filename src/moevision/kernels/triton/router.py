@@ -298,6 +298,7 @@ def _router_dx_kernel(gp_ptr, g_ptr, w_ptr, out_ptr, gl_ptr, T, D, E, stride_gp,
     rmask = rows < T
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
+    rows = rows.to(tl.int64)  # row offsets past 2^31 elements (T * D)
     if HAS_GP:
         acc = tl.load(gp_ptr + rows[:, None] * stride_gp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
