@@ -320,6 +320,35 @@ def test_soft_moe_axis_check_identity(m, p):
     torch.testing.assert_close(moe(x).out, ref, atol=1e-3, rtol=1e-3)
 
 
+def test_soft_moe_noise_is_absolute_and_capacity_factor_warns():
+    # vmoe's SoftRouter adds noise_std * N(0, 1) to the logits (no 1/E, unlike topk / expert_choice)
+    moe = MoE(8, 12, 4, router="soft", noise_std=2.0).train()
+    x = torch.randn(64, 6, 8)
+    torch.manual_seed(0)
+    noisy = moe.router(x).logits_GSP
+    clean = moe.eval().router(x).logits_GSP
+    assert abs((noisy - clean).std().item() - 2.0) < 0.1
+    with pytest.warns(UserWarning, match=r"soft.*capacity_factor=1\.25.*slots_per_expert"):
+        MoE(8, 12, 4, router="soft", capacity_factor=1.25)
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_stats_with_float64_default_dtype(router):
+    # the statistics' buffers take the kept mask's dtype, not the default one (was a scatter dtype error)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        moe = MoE(8, 12, 4, 1, router=router, capacity_factor=1.0)
+        st = moe(torch.randn(20, 8)).stats
+        # token choice: kept assignments; expert choice: each expert takes its C tokens
+        want = 20 * (1 - float(st.dropped_fraction)) if router == "topk" else 4 * st.capacity
+        assert float(st.tokens_per_expert.sum()) == pytest.approx(want)
+        assert st.tokens_per_expert.dtype == torch.float32
+        assert 0.0 <= float(st.dropped_token_fraction) <= 1.0
+    finally:
+        torch.set_default_dtype(old)
+
+
 def test_soft_moe_grads_reach_phi_and_scale():
     moe = MoE(8, 12, 4, router="soft")
     moe(torch.randn(2, 6, 8)).out.square().sum().backward()

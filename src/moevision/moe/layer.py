@@ -12,6 +12,7 @@ P soft-MoE slots.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn as nn
@@ -52,8 +53,9 @@ class MoE(nn.Module):
             after (Tutel). Default False.
         softmax_order: ``before_topk`` (softmax over all E, then top-k; default) or ``after_topk``
             (softmax over the K selected logits, Mixtral's formulation).
-        noise_std: router logit noise in training, as a multiple of 1/E (V-MoE: 1.0). None = the
-            router's default (topk 1.0, expert_choice 0.0, soft 0.0). Never applied in eval.
+        noise_std: router logit noise in training: for ``topk`` and ``expert_choice`` its std is
+            ``noise_std / E`` (V-MoE: 1.0); for ``soft`` it is ``noise_std`` itself (vmoe's SoftRouter).
+            None = the router's default (topk 1.0, expert_choice 0.0, soft 0.0). Never applied in eval.
         batch_priority: Batch Prioritized Routing (fill buffers by router confidence). Default False.
         bpr_score: ``max`` (max gate, default) or ``sum`` (sum of top-k gates) as BPR priority [R].
         capacity_mode / capacity_multiple_of: ``ceil`` and 4 (V-MoE); ``round`` and 1 for the Soft MoE
@@ -61,7 +63,10 @@ class MoE(nn.Module):
         group_size: tokens per routing group (V-MoE routes groups independently; capacity is per
             group). None = all tokens of the call form one group, except ``soft``, whose group is one
             image (the second-to-last input axis).
-        slots_per_expert: Soft MoE slots per expert (default 1, the JFT configs).
+        slots_per_expert: Soft MoE slots per expert (default 1, the JFT configs). Soft MoE has no
+            capacity factor: vmoe's ``p = round(m * c / E)`` for m tokens per image is this number, which
+            the parameters' shape needs at construction (a ``capacity_factor`` given with ``soft`` is
+            ignored with a warning).
         importance_loss_weight, load_loss_weight: V-MoE aux losses (0.005 each; load needs noise > 0).
         importance_on: ``probs`` (V-MoE: CV² of the summed clean softmax, default) or ``gates`` (Shazeer
             et al. 2017 / M³ViT: CV² of the summed sparse top-k gates; ``topk`` router only).
@@ -156,6 +161,11 @@ class MoE(nn.Module):
             raise ConfigError(f"noise_std must be >= 0, got {noise_std!r}")
         if impl != "auto":
             get_dispatch(impl)  # validates the name
+        if router == "soft" and (capacity_factor is not None or eval_capacity_factor is not None):
+            c = capacity_factor if capacity_factor is not None else eval_capacity_factor
+            warnings.warn(f"router='soft' ignores capacity_factor={c!r}: a Soft MoE layer's capacity is its "
+                          f"slots_per_expert={slots_per_expert} (vmoe's p = round(m * c / E) for m tokens per "
+                          f"image; pass slots_per_expert=p for that)", stacklevel=2)
         noise = _DEFAULT_NOISE.get(router, 0.0) if noise_std is None else noise_std
         if router_logits != "linear" and router != "topk":
             raise ConfigError(f"router_logits={router_logits!r} needs router='topk', got router={router!r}")
@@ -329,8 +339,8 @@ class MoE(nn.Module):
     def _compute_stats(self, plan: RoutingPlan, T: int, lead) -> RoutingStats:
         E = self.num_experts
         kept = plan.kept.float()
-        tpe = torch.zeros(E, device=kept.device).scatter_add_(0, plan.expert_idx, kept)
-        per_token = torch.zeros(T, device=kept.device).scatter_add_(0, plan.token_idx, kept)
+        tpe = torch.zeros(E, device=kept.device, dtype=kept.dtype).scatter_add_(0, plan.expert_idx, kept)
+        per_token = torch.zeros(T, device=kept.device, dtype=kept.dtype).scatter_add_(0, plan.token_idx, kept)
         dropped_tokens = (per_token == 0).float().mean()
         # expert choice drops no assignment; the tokens nobody picked are its dropped ones
         dropped = dropped_tokens if plan.top_k == 0 else 1.0 - kept.mean()
