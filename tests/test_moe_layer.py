@@ -470,6 +470,65 @@ def test_load_cv2_matches_monte_carlo():
     assert abs(float(analytic) - float(mc)) < 2e-2
 
 
+def _phi(z):
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def test_prob_in_top_k_thresholds_by_hand():
+    # E=4, k=2, noisy [3, 1, 2, 0]: experts 0 and 2 are in the top-2; the 2nd largest noisy logit is 2, the 3rd 1
+    clean = torch.tensor([[2.5, 0.5, 1.5, 0.2]], dtype=torch.float64)
+    noisy = torch.tensor([[3.0, 1.0, 2.0, 0.0]], dtype=torch.float64)
+    sig = 0.5
+    kth = [_phi((c - 2.0) / sig) for c in (2.5, 0.5, 1.5, 0.2)]  # vmoe: the k-th (2) for every expert
+    inout = [_phi((2.5 - 1.0) / sig), _phi((0.5 - 2.0) / sig), _phi((1.5 - 1.0) / sig), _phi((0.2 - 2.0) / sig)]
+    torch.testing.assert_close(L.prob_in_top_k(clean, noisy, sig, 2), torch.tensor([kth], dtype=torch.float64))
+    torch.testing.assert_close(L.prob_in_top_k(clean, noisy, sig, 2, "shazeer_in_out"),
+                               torch.tensor([inout], dtype=torch.float64))
+    assert torch.equal(L.prob_in_top_k(clean, noisy, sig, 4, "shazeer_in_out"), torch.ones(1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="threshold_mode"):
+        L.prob_in_top_k(clean, noisy, sig, 2, "kth+1")
+
+
+@pytest.mark.parametrize("impl", ["auto", "loop"])
+@pytest.mark.parametrize("mode", ["kth", "shazeer_in_out"])
+def test_layer_load_loss_threshold(impl, mode):
+    # the layer's load loss against the one made from its own logits and noise (replayed from the seed)
+    E, K, G, S, D = 4, 2, 1, 24, 8
+    moe = MoE(D, 16, E, K, noise_std=1.0, load_threshold=mode, impl=impl).train()
+    x = torch.randn(S, D)
+    torch.manual_seed(3)
+    got = moe(x).stats.aux_losses["load"]
+    with torch.no_grad():
+        logits = (x @ moe.router.weight.t()).view(G, S, E)
+    torch.manual_seed(3)
+    sigma = 1.0 / E
+    noisy = logits + sigma * torch.randn(G, S, E)
+    torch.testing.assert_close(got, L.load_cv2(logits, noisy, sigma, K, mode))
+    other = "kth" if mode != "kth" else "shazeer_in_out"
+    assert abs(float(got) - float(L.load_cv2(logits, noisy, sigma, K, other))) > 1e-6  # the modes differ here
+    with pytest.raises(Exception, match="load_threshold"):
+        MoE(D, 16, E, router="expert_choice", load_threshold="shazeer_in_out")
+
+
+def test_triton_router_core_steps_aside_for_shazeer_load(monkeypatch):
+    # the Triton core's load loss is vmoe's k-th threshold: with the in/out form (noise and a load weight) the
+    # eager ops run; with kth it is taken (stubbed here: it would run in Triton's interpreter)
+    from moevision.moe import router as R
+    calls = []
+
+    def core(*a, **k):
+        calls.append(1)
+        raise RuntimeError("taken")
+    monkeypatch.setattr(R, "_triton_router_core", core)
+    monkeypatch.setitem(R._TRITON_ROUTER_CPU, "on", True)
+    monkeypatch.setattr(R, "_native_router_ops", lambda x: None)  # else the native CPU router core runs first
+    x = torch.randn(16, 8)
+    MoE(8, 16, 4, 2, load_threshold="shazeer_in_out", impl="loop").train()(x)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="taken"):
+        MoE(8, 16, 4, 2, impl="loop").train()(x)
+
+
 # ---------------------------------------------------------------- contract and errors
 def test_state_dict_keys_and_shapes():
     sd = MoE(8, 16, 4, 2).state_dict()

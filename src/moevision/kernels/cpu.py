@@ -400,7 +400,7 @@ def topk_moe_fused(moe, x_TD: torch.Tensor, G: int, S: int):
     r, ex = moe.router, moe.experts
     if (not _FOLD_ROUTER["on"] or type(r) is not TopKRouter or x_TD.device.type != "cpu" or r.logit_type != "linear"
             or r.task_routing != "none" or r.softmax_order != "before_topk" or r.normalize_topk
-            or r.importance_on != "probs" or r.weights["switch"] or r.weights["z"]
+            or r.importance_on != "probs" or r.weights["switch"] or r.weights["z"] or r.load_threshold != "kth"
             or (r.second_expert_noise == "gumbel" and r.top_k > 1
                 and (r.training or r.second_expert_noise_in_eval))):
         return None

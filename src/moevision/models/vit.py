@@ -25,6 +25,7 @@ from ..layers import Attention, ConvStem, DropPath, LayerScale, Mlp, PatchEmbed,
 from ..moe import ROUTERS, MoE, moe_layer_indices
 from ..moe.router import TASK_ROUTING
 from ..moe.types import MoEOutput
+from ..moe.losses import LOAD_THRESHOLDS
 from ._builder import ModelOutput, register_arch, register_model
 
 
@@ -79,6 +80,7 @@ class ViTConfig:
     expert_init: str = "independent"
     importance_loss_weight: float = 0.005
     importance_on: str = "probs"  # "probs" (V-MoE) | "gates" (Shazeer / M³ViT): see moevision.MoE
+    load_threshold: str = "kth"  # the load loss's: "kth" (vmoe) | "shazeer_in_out" (Shazeer / M³ViT): see moevision.MoE
     router_logits: str = "linear"  # "linear" | "cosine" (SwinV2-MoE / Tutel cosine_top): see moevision.MoE
     second_expert_noise: str = "none"  # "none" | "gumbel" (DeepSpeed's sampled 2nd expert): see moevision.MoE
     load_loss_weight: float = 0.005
@@ -134,6 +136,10 @@ class ViTConfig:
                 "must be 'probs' or 'gates'")
         C.check(self.importance_on == "probs" or self.router == "topk", "model.importance_on",
                 self.importance_on, "'gates' needs model.router='topk'")
+        C.check(self.load_threshold in LOAD_THRESHOLDS, "model.load_threshold", self.load_threshold,
+                f"must be one of {LOAD_THRESHOLDS}")
+        C.check(self.load_threshold == "kth" or self.router == "topk", "model.load_threshold",
+                self.load_threshold, "'shazeer_in_out' needs model.router='topk'")
         C.check(self.router_logits in ("linear", "cosine"), "model.router_logits", self.router_logits,
                 "must be 'linear' or 'cosine'")
         C.check(self.router_logits == "linear" or self.router == "topk", "model.router_logits",
@@ -178,7 +184,7 @@ class ViTConfig:
             switch_loss_weight=self.switch_loss_weight, z_loss_weight=self.z_loss_weight, impl=self.moe_impl,
             activation=self.mlp_act, task_routing=self.task_routing, num_tasks=self.num_tasks,
             task_embed_dim=self.task_embed_dim, importance_on=self.importance_on, router_logits=self.router_logits,
-            second_expert_noise=self.second_expert_noise)
+            second_expert_noise=self.second_expert_noise, load_threshold=self.load_threshold)
 
 
 # MLP activations by name; each is also an expert activation of ``moevision.MoE`` (same function)

@@ -68,6 +68,9 @@ class MoE(nn.Module):
             the parameters' shape needs at construction (a ``capacity_factor`` given with ``soft`` is
             ignored with a warning).
         importance_loss_weight, load_loss_weight: V-MoE aux losses (0.005 each; load needs noise > 0).
+        load_threshold: the load loss's threshold: ``kth`` (vmoe: the k-th largest noisy logit, default) or
+            ``shazeer_in_out`` (Shazeer et al. 2017 / M³ViT / ShiftAddViT: the (k+1)-th for the experts already
+            in the top-k); ``topk`` router only. See ``moe.losses.prob_in_top_k``.
         importance_on: ``probs`` (V-MoE: CV² of the summed clean softmax, default) or ``gates`` (Shazeer
             et al. 2017 / M³ViT: CV² of the summed sparse top-k gates; ``topk`` router only).
         router_logits: ``linear`` (x @ W^T, default) or ``cosine`` (SwinV2-MoE / Tutel ``cosine_top``:
@@ -136,6 +139,7 @@ class MoE(nn.Module):
         cosine_dim: int = 256,
         second_expert_noise: str = "none",
         second_expert_noise_in_eval: bool = False,
+        load_threshold: str = "kth",
     ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
@@ -169,6 +173,8 @@ class MoE(nn.Module):
         noise = _DEFAULT_NOISE.get(router, 0.0) if noise_std is None else noise_std
         if router_logits != "linear" and router != "topk":
             raise ConfigError(f"router_logits={router_logits!r} needs router='topk', got router={router!r}")
+        if load_threshold != "kth" and router != "topk":
+            raise ConfigError(f"load_threshold={load_threshold!r} needs router='topk', got router={router!r}")
         if importance_on != "probs" and router != "topk":
             raise ConfigError(f"importance_on={importance_on!r} needs router='topk', got router={router!r}")
         if second_expert_noise != "none" and (router != "topk" or top_k < 2):
@@ -191,7 +197,7 @@ class MoE(nn.Module):
                 switch_use_all_k=switch_use_all_k, z_loss_weight=z_loss_weight, init_std=router_init_std,
                 num_tasks=num_tasks, task_routing=task_routing, task_embed_dim=task_embed_dim,
                 task_init_std=task_init_std, importance_on=importance_on, logits=router_logits,
-                cosine_dim=cosine_dim, second_expert_noise=second_expert_noise,
+                cosine_dim=cosine_dim, second_expert_noise=second_expert_noise, load_threshold=load_threshold,
                 second_expert_noise_in_eval=second_expert_noise_in_eval)
         elif router == "expert_choice":
             self.router = ExpertChoiceRouter(

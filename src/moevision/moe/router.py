@@ -278,7 +278,10 @@ class TopKRouter(_LinearRouter):
     Gaussian logit noise with std ``noise_std / E`` in training only (noise_std=1.0), capacity rounded up
     to a multiple of 4, priority by token position, importance + load losses (0.005 each).
     ``importance_on="gates"`` computes the importance loss on the summed sparse top-k gates (Shazeer et
-    al. 2017, M³ViT) instead of the clean softmax (V-MoE, the default).
+    al. 2017, M³ViT) instead of the clean softmax (V-MoE, the default). ``load_threshold`` is the load
+    loss's threshold (``moe.losses.prob_in_top_k``): ``kth`` (vmoe, default) or ``shazeer_in_out`` (Shazeer
+    et al. 2017: the (k+1)-th noisy logit for the experts already in the top-k; M³ViT's and ShiftAddViT's
+    gates).
     ``normalize_topk=True`` renormalises the selected gates (Mixtral, MoE-LLaVA, CLIP-MoE);
     ``normalize_after_drop`` decides whether dropped assignments are zeroed before that normalisation
     (DeepSpeed / MoE-LLaVA: True) or after it (Tutel: False, the default).
@@ -347,7 +350,11 @@ class TopKRouter(_LinearRouter):
         cosine_max_scale: float = 100.0,
         second_expert_noise: str = "none",
         second_expert_noise_in_eval: bool = False,
+        load_threshold: str = "kth",
     ):
+        if load_threshold not in L.LOAD_THRESHOLDS:
+            raise ConfigError(f"load_threshold must be one of {L.LOAD_THRESHOLDS}, got {load_threshold!r}")
+        self.load_threshold = load_threshold
         if second_expert_noise not in SECOND_EXPERT_NOISE:
             raise ConfigError(f"second_expert_noise must be one of {SECOND_EXPERT_NOISE}, got {second_expert_noise!r}")
         self.second_expert_noise, self.second_expert_noise_in_eval = second_expert_noise, bool(second_expert_noise_in_eval)
@@ -489,6 +496,7 @@ class TopKRouter(_LinearRouter):
             noisy = logits + noise if sigma > 0 else logits
         elif (_triton_router_core is not None and not gumbel and expert_mask_GSE is None
               and self.softmax_order == "before_topk" and E <= 256 and (x_GSD.is_cuda or _TRITON_ROUTER_CPU["on"])
+              and (self.load_threshold == "kth" or sigma == 0 or not self.weights["load"])  # its load is vmoe's
               and not torch.compiler.is_compiling() and not _functorch_active()):
             # softmax(es), top-k, the importance sums and (with noise) the smooth load in one Triton kernel each
             # way (kernels/triton/router.py); the noise is the eager branch's draw (same numbers for a seed)
@@ -555,7 +563,8 @@ class TopKRouter(_LinearRouter):
             else:  # V-MoE: CV² of the summed clean softmax
                 aux_losses["importance"] = L.importance_cv2(clean_probs)
         if self.weights["load"] and sigma > 0:
-            aux_losses["load"] = load_loss if load_loss is not None else L.load_cv2(logits, noisy, sigma, K)
+            aux_losses["load"] = (load_loss if load_loss is not None
+                                  else L.load_cv2(logits, noisy, sigma, K, self.load_threshold))
         if self.weights["switch"]:
             aux_losses["switch"] = L.switch_loss(clean_probs, top_i, use_all_k=self.switch_use_all_k)
         if self.weights["z"]:

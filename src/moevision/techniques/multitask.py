@@ -27,7 +27,8 @@ around them:
   usage matrix and the active FLOPs of one task's inference (``moevision multitask``).
 
 Deviations, stated: the aux loss is V-MoE's importance (+ load with noise) at our weights, where M³ViT uses
-CV²(Σ gates) + CV²(load) at 0.01; the experiment is classification + per-patch regression on 28x28 images,
+CV²(Σ gates) + CV²(load) at 0.01 (its forms are the layer options ``importance_on="gates"`` and
+``load_threshold="shazeer_in_out"``; the experiment keeps V-MoE's); the experiment is classification + per-patch regression on 28x28 images,
 not dense prediction on PASCAL-Context; AdamW with warmup + cosine instead of SGD with a poly schedule.
 
 Shape legend: B batch, N tokens (incl. class token), D width, E experts, T tasks.

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..moe.losses import cv_squared
+from ..moe.losses import prob_in_top_k as prob_in_top_k_core
 from ..moe.types import MoEOutput
 
 
@@ -183,17 +184,9 @@ class NoisyGate(nn.Module):
 
 def prob_in_top_k(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, std_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Shazeer's smooth load: P(expert e is in x's top-k) when only e's noise is resampled, (T, E).
-    If e is in the top-k now, the bar is the (k+1)-th largest noisy logit; otherwise the k-th."""
-    E = clean_TE.shape[-1]
-    if k >= E:
-        return torch.ones_like(clean_TE)
-    top = noisy_TE.topk(k + 1, dim=-1).values
-    thr_in, thr_out = top[:, k:k + 1], top[:, k - 1:k]
-    is_in = noisy_TE > thr_in
-    normal = torch.distributions.Normal(0.0, 1.0)
-    p_in = normal.cdf((clean_TE - thr_in) / std_TE)
-    p_out = normal.cdf((clean_TE - thr_out) / std_TE)
-    return torch.where(is_in, p_in, p_out)
+    If e is in the top-k now, the bar is the (k+1)-th largest noisy logit; otherwise the k-th
+    (``moe.losses.prob_in_top_k`` with ``threshold_mode="shazeer_in_out"``)."""
+    return prob_in_top_k_core(clean_TE, noisy_TE, std_TE, k, "shazeer_in_out")
 
 
 # ---------------------------------------------------------------------------------------------------
