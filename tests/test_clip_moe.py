@@ -130,3 +130,23 @@ def test_an_mcl_step_changes_only_ffn_parameters():
     run_steps(params, [(x, y)] * 2, lambda a, b: mcl_loss(m(a).logits, b), total_steps=2, lr=1e-2)
     changed = {k for k, v in m.state_dict().items() if not torch.equal(v, snap[k])}
     assert changed == {k for k in snap if ".mlp." in k}
+
+
+def test_float64_base_keeps_its_dtype_and_exact_expert_copies():
+    base = _base().double()
+    ffns = [mlp_state(base)]
+    torch.manual_seed(1)
+    ffns += [{k: v + 1e-3 * torch.randn_like(v) for k, v in ffns[0].items()} for _ in range(2)]  # off the fp32 grid
+    moe = build_clip_moe(base, ffns, top_k=2).eval()
+    assert all(p.dtype == torch.float64 for p in moe.parameters())
+    for i in moe.moe_layers:
+        ex = moe.blocks[i].mlp.experts
+        for e in range(3):
+            assert torch.equal(ex.w1[e], ffns[e][f"blocks.{i}.mlp.fc1.weight"].t())
+            assert torch.equal(ex.b2[e], ffns[e][f"blocks.{i}.mlp.fc2.bias"])
+    assert torch.equal(moe.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)
+    same = build_clip_moe(base, [ffns[1]] * 3).eval()  # equal experts: the base model with FFN set 1
+    ref = _base().double()
+    ref.load_state_dict({**base.state_dict(), **ffns[1]})
+    x = torch.randn(4, 1, 16, 16, dtype=torch.float64)
+    assert (same(x).logits - ref.eval()(x).logits).abs().max() <= 1e-12

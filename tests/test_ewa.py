@@ -85,3 +85,90 @@ def test_others_and_mean_modes_agree_with_rescaled_beta():
     ewa_update(ewa_layers(a), (n - 1) / n, mode="others")
     w = ewa_layers(a)[0].experts.w1
     torch.testing.assert_close(w, w[:1].expand_as(w))
+
+
+def _early_ewa_cfg(**sets):
+    from moevision import config as C
+    from moevision.recipes import get_recipe
+
+    cfg = get_recipe("smoke_synthetic")  # top-k routed MoE ViT (router-based MoE kept at inference)
+    cfg.train.num_threads = None
+    for k, v in {"techniques.ewa.enabled": True, **sets}.items():
+        C.set_by_path(cfg, k, v)
+    C.validate_config(cfg)
+    return cfg
+
+
+def test_early_ewa_on_topk_moe_acts_only_during_first_fraction():
+    """vision_moe.md §6(b)/(c) Early EWA: on a router-based MoE, EWA for the first part of training only.
+    Each hook call is checked against the paper's share-rate formula written out term by term."""
+    from moevision.train.engine import build_model
+    from moevision.train.hooks import build_step_hooks
+
+    beta, total, stop = 0.3, 8, 0.5
+    cfg = _early_ewa_cfg(**{"techniques.ewa.beta": beta, "techniques.ewa.stop_fraction": stop})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    layers = [m for m in model.modules() if isinstance(m, mv.MoE)]
+    assert layers and all(m.router_name == "topk" for m in layers)
+    hooks = build_step_hooks(cfg, model)
+    assert len(hooks) == 1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    n = layers[0].num_experts
+    for step in range(1, total + 1):
+        x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 4, (16,))
+        out = model(x)
+        opt.zero_grad()
+        (torch.nn.functional.cross_entropy(out.logits, y) + 0.01 * out.aux_loss).backward()
+        opt.step()
+        before = [{k: p.detach().clone() for k, p in m.experts.named_parameters()} for m in layers]
+        hooks[0](model, step, total)
+        for m, b in zip(layers, before):
+            for k, p in m.experts.named_parameters():
+                P = b[k]
+                if step <= stop * total:  # P_i <- (1 - beta) P_i + beta / (N - 1) sum_{j != i} P_j
+                    exp = torch.stack([(1 - beta) * P[i] + beta / (n - 1) * sum(P[j] for j in range(n) if j != i)
+                                       for i in range(n)])
+                    torch.testing.assert_close(p, exp, rtol=1e-5, atol=1e-6)
+                    dev, dev0 = (p - p.mean(0)).norm(), (P - P.mean(0)).norm()
+                    if dev0 > 0:  # experts move toward each other
+                        assert dev < dev0
+                else:
+                    assert torch.equal(p, P)  # EWA has stopped
+
+
+def test_early_ewa_through_fit_and_config_validation(tmp_path, monkeypatch):
+    import moevision.train.engine as engine
+
+    built = []
+    real_build = engine.build_model
+    monkeypatch.setattr(engine, "build_model", lambda cfg: built.append(real_build(cfg)) or built[-1])
+    # beta = 1 in "mean" mode makes every expert the mean after each EWA step: equal experts while EWA runs,
+    # diverging (top-k routing sends them different tokens) once it stops after 3 of 6 steps
+    cfg = _early_ewa_cfg(**{"techniques.ewa.beta": 1.0, "techniques.ewa.mode": "mean",
+                            "techniques.ewa.stop_fraction": 0.5, "train.max_steps": 6})
+    spread = {}
+
+    def on_step(step):
+        w = built[0].blocks[1].mlp.experts.w1.detach()
+        spread[step] = float((w - w[:1]).abs().max())
+
+    engine.fit(cfg, tmp_path / "run", progress=False, log=lambda *_: None, on_step=on_step)
+    assert built[0].blocks[1].mlp.router_name == "topk"
+    assert [spread[s] == 0.0 for s in range(1, 7)] == [True, True, True, False, False, False]
+    # whole-training EWA on a router-based MoE is not Early EWA: refused, pointing at stop_fraction
+    with pytest.raises(mv.ConfigError, match="stop_fraction < 1"):
+        engine.fit(_early_ewa_cfg(), tmp_path / "bad", progress=False, log=lambda *_: None)
+
+
+def test_merge_of_float64_model_is_float64_and_exact():
+    torch.manual_seed(0)
+    m = _ewa_model().double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # fp64 values off the fp32 grid
+    d = merge_experts_to_dense(m)
+    assert all(p.dtype == torch.float64 for p in d.parameters())
+    assert torch.equal(d.blocks[0].attn.qkv.weight, m.blocks[0].attn.qkv.weight)
+    assert torch.equal(d.blocks[1].mlp.fc1.weight, m.blocks[1].mlp.experts.w1.mean(0).t())
+    assert torch.equal(d.blocks[1].mlp.fc2.bias, m.blocks[1].mlp.experts.b2.mean(0))

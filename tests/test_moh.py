@@ -64,3 +64,37 @@ def test_moh_in_vit_trains_and_round_trips(tmp_path):
         mv.create_model("vit_tiny_test", attention="moh", attention_options={"shared_headz": 1})
     with pytest.raises(mv.ConfigError, match="top_k"):
         mv.create_model("vit_tiny_test", attention="moh", attention_options={"shared_heads": 0, "top_k": 5})
+
+
+def _oracle_head_balance(attn, x):
+    """L_b = h_r * sum_i f_i P_i from the layer's router weight (vision_moe.md §7(b)), by hand."""
+    r = torch.softmax(x.double() @ attn.wg_routed.weight.detach().double().T, -1)
+    mask = torch.zeros_like(r).scatter(-1, r.topk(attn.top_k, -1).indices, 1.0)
+    return attn.routed_heads * (mask.mean((0, 1)) * r.mean((0, 1))).sum()
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_test", "moe_vit_tiny_test"])
+def test_model_head_balance_loss_is_mean_over_moh_layers(arch):
+    """Reference MoH-ViT engine: loss += 0.01 * sum(LOSSES) / len(LOSSES) -- the MEAN over MoH layers
+    (the sum would be 4x too large at depth 4); MoE-FFN aux losses are still added per layer."""
+    torch.manual_seed(0)
+    m = mv.create_model(arch, depth=4, num_heads=4, attention="moh",
+                        attention_options={"shared_heads": 1, "top_k": 1}).train()
+    inputs, moe_aux = [], []
+    for b in m.blocks:
+        b.attn.register_forward_pre_hook(lambda mod, a: inputs.append(a[0].detach()))
+        if isinstance(b.mlp, mv.moe.MoE):
+            b.mlp.register_forward_hook(lambda mod, a, o: moe_aux.append(float(o.aux_loss.detach())))
+    out = m(torch.randn(3, 1, 16, 16))
+    lb = [float(_oracle_head_balance(b.attn, x)) for b, x in zip(m.blocks, inputs)]
+    assert len(lb) == 4 and all(0.99 < v < 1.5 for v in lb)
+    expected = 0.01 * sum(lb) / len(lb) + sum(moe_aux)
+    assert (arch == "moe_vit_tiny_test") == bool(moe_aux)
+    assert abs(float(out.aux_loss.detach()) - expected) < 1e-7
+    # a standalone layer (no model around it) keeps 0.01 * L_b
+    attn = m.blocks[0].attn
+    solo = MoHAttention(32, 4, shared_heads=1, top_k=1)
+    solo.load_state_dict(attn.state_dict())
+    assert solo.aux_layers == 1 and attn.aux_layers == 4
+    x = inputs[0]
+    assert abs(float(solo(x).aux_loss.detach()) - 0.01 * float(_oracle_head_balance(solo, x))) < 1e-8

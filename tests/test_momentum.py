@@ -91,3 +91,57 @@ def test_bad_block_options():
         mv.create_model("moe_vit_tiny_test", block="momentum", block_options={"variant": "nesterov"})
     with pytest.raises(mv.ConfigError, match="unknown block"):
         mv.create_model("moe_vit_tiny_test", block="wavy")
+
+
+def test_default_has_no_momentum_parameters():
+    """learnable=False (default): mu, gamma stay plain floats; no parameter or state-dict key is added."""
+    plain = mv.create_model("moe_vit_tiny_test", depth=4)
+    mom = mv.create_model("moe_vit_tiny_test", depth=4, block="momentum", block_options={"mu": 0.7, "gamma": 0.5})
+    assert [n for n, _ in mom.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(mom.state_dict()) == list(plain.state_dict())
+    assert all(type(b.mu) is float and type(b.gamma) is float for b in mom.blocks)
+
+
+def test_learnable_mu_gamma_are_trained_scalar_parameters():
+    """learnable=True (paper ablation): per MoE block scalar parameters initialised to mu, gamma; the
+    forward is unchanged at init and the gradients match the two-layer closed form
+    x2 = x0 + g1 c1 + mu2 g1 c1 + g2 c2 (summed over the B*N tokens)."""
+    c1, c2 = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    mu, g = 0.75, 0.5  # exact in fp32 (parameters are created in the default dtype, then .double())
+    fixed = _constant_moe_model(c1, c2, mu=mu, gamma=g)
+    m = _constant_moe_model(c1, c2, mu=mu, gamma=g, learnable=True)
+    for blk in m.blocks:
+        assert isinstance(blk.mu, torch.nn.Parameter) and blk.mu.shape == () and blk.mu.item() == mu
+        assert isinstance(blk.gamma, torch.nn.Parameter) and blk.gamma.item() == g
+    assert {"blocks.0.mu", "blocks.0.gamma", "blocks.1.mu", "blocks.1.gamma"} <= set(m.state_dict())
+    x0 = torch.randn(2, 5, 32, dtype=torch.float64)
+    x2, _ = _run_blocks(m, x0)
+    assert torch.equal(x2, _run_blocks(fixed, x0)[0])
+    x2.sum().backward()
+    b0, b1 = m.blocks
+    n = 2 * 5
+    torch.testing.assert_close(b1.mu.grad, n * g * c1.sum())
+    torch.testing.assert_close(b1.gamma.grad, n * c2.sum())
+    torch.testing.assert_close(b0.gamma.grad, n * (1 + mu) * c1.sum())
+    assert b0.mu.grad is None  # the first MoE block has no buffer to carry
+    with pytest.raises(mv.ConfigError, match="robust"):
+        mv.create_model("moe_vit_tiny_test", block="momentum", block_options={"variant": "robust", "learnable": True})
+
+
+def test_learnable_momentum_from_run_config_trains_and_round_trips(tmp_path):
+    from moevision import config as C
+    from moevision.recipes import get_recipe
+    from moevision.train import fit
+
+    cfg = get_recipe("smoke_synthetic")
+    cfg.train.num_threads = None
+    for k, v in {"model.block": "momentum", "model.block_options": {"mu": 0.7, "gamma": 1.0, "learnable": True},
+                 "train.max_steps": 4}.items():
+        C.set_by_path(cfg, k, v)
+    C.validate_config(cfg)
+    fit(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    m = mv.from_pretrained(tmp_path / "run" / "model")
+    moe_blocks = [b for b in m.blocks if isinstance(b.mlp, mv.MoE)]
+    assert moe_blocks and all(isinstance(b.gamma, torch.nn.Parameter) for b in moe_blocks)
+    assert all(b.gamma.item() != 1.0 for b in moe_blocks)  # the optimiser moved them
+    assert all(type(b.mu) is float for b in m.blocks if not isinstance(b.mlp, mv.MoE))  # dense: no parameters

@@ -90,3 +90,38 @@ def test_bad_arguments():
         G.gptq(torch.zeros(2, 3, 4), torch.zeros(2, 3, 3))
     with pytest.raises(Exception, match="bits"):
         G.make_grid(torch.zeros(1, 1, 2), "3bit")
+
+
+def _textbook_gptq(W, H, bits, percdamp=0.1):
+    """Unblocked single-expert GPTQ in fp64 with the reference batch_gptq's dampening (no special case for
+    dead columns): H += max(percdamp * mean diag H, 1e-6) I; U = chol(H^-1, upper); column by column."""
+    W, H = W.double().clone(), H.double().clone()
+    C = W.shape[1]
+    grid = G.make_grid(W[None].float(), bits, torch.float32)[0].double()
+    H += max(percdamp * H.diag().mean().item(), 1e-6) * torch.eye(C, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(W.shape, dtype=torch.long)
+    for i in range(C):
+        q, c = G.quantize_column(W[None, :, i], grid[None], bits)
+        codes[:, i] = c[0]
+        W[:, i:] -= ((W[:, i] - q[0]) / U[i, i])[:, None] * U[i, i:][None]
+    return codes
+
+
+@pytest.mark.parametrize("bits", ["ternary", "2bit"])
+def test_dead_column_keeps_scale_invariance_and_matches_reference_damping(bits):
+    """An input that never fired (zero row/column of H): GPTQ(c H) == GPTQ(H) exactly (spec §1(d) test 2),
+    and the codes equal the textbook algorithm with the reference's damping (dead diagonal = damp only)."""
+    _, W, H = _correlated(seed=3, C=20, R=12)
+    W, H = W.double(), H.double().clone()
+    H[:, 3, :] = 0.0
+    H[:, :, 3] = 0.0
+    kw = dict(scale_dtype=torch.float32, compute_dtype=torch.float64)
+    base = G.gptq(W, H, bits, **kw)
+    assert not base.fallback.any()
+    for c in (1e-4, 64.0):
+        assert torch.equal(G.gptq(W, c * H, bits, **kw).codes, base.codes), c
+    ref = torch.stack([_textbook_gptq(W[e], H[e], bits) for e in range(W.shape[0])])
+    assert torch.equal(base.codes, ref)
+    # the dead column is quantised, not zeroed, and uncoupled: its codes are round to nearest
+    assert torch.equal(base.codes[:, :, 3], G.rtn(W.float(), bits, torch.float32).codes[:, :, 3])

@@ -271,3 +271,26 @@ def test_save_load_round_trip(tmp_path):
     r = mv.from_pretrained(tmp_path / "up")
     assert r.config == m.config and r.moe_layers == (2, 3)
     assert all(torch.equal(v, r.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_float64_parent_with_non_fp32_values_upcycles_bit_exactly():
+    """Weights that fp32 cannot represent survive upcycling bit for bit (no fp32 round trip)."""
+    d = _dense().double()
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # fp64 values off the fp32 grid
+    w = d.blocks[0].attn.qkv.weight
+    assert not torch.equal(w, w.float().double())
+    m = upcycle(d, num_experts=4, top_k=2).eval()
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    ms = m.state_dict()
+    for k, v in d.state_dict().items():
+        if ".mlp." not in k:
+            assert torch.equal(ms[k], v), k
+    for i in m.moe_layers:
+        ex = m.blocks[i].mlp.experts
+        for e in range(4):
+            assert torch.equal(ex.w1[e], d.blocks[i].mlp.fc1.weight.t())
+            assert torch.equal(ex.b2[e], d.blocks[i].mlp.fc2.bias)
+    x = torch.randn(5, 1, 16, 16, dtype=torch.float64)
+    assert (m(x).logits - d(x).logits).abs().max() <= 1e-12

@@ -130,8 +130,8 @@ class ViTConfig:
         for k in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, k)
             C.check(v is None or v > 0, f"model.{k}", v, "must be > 0, or none for dropless")
-        moe_layer_indices(self.moe_layers, self.depth)  # raises on a bad spec
-        moe_layer_indices(self.attention_layers, self.depth)
+        moe_layer_indices(self.moe_layers, self.depth, "model.moe_layers")  # raises on a bad spec
+        moe_layer_indices(self.attention_layers, self.depth, "model.attention_layers")
         C.check(self.importance_on in ("probs", "gates"), "model.importance_on", self.importance_on,
                 "must be 'probs' or 'gates'")
         C.check(self.importance_on == "probs" or self.router == "topk", "model.importance_on",
@@ -226,7 +226,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
         """Returns (x, aux loss or None, MoE-FFN routing stats or None). Attention layers that route
-        (MoH) return an ``MoEOutput`` too; their aux loss is added, their stats are not reported.
+        (MoH) return an ``MoEOutput`` too; their aux loss is added (MoH reports its share of the mean over
+        the model's MoH layers), their stats are not reported.
         ``state`` is a dict threaded through the blocks of one forward pass (used by block variants
         such as MomentumSMoE's; the standard block ignores it)."""
         aux = None
@@ -299,6 +300,11 @@ class VisionTransformer(nn.Module):
                 raise ConfigError(f"model.block_options={cfg.block_options!r} not accepted by block "
                                   f"{cfg.block!r}: {e}") from None
         self.blocks = nn.ModuleList(blocks)
+        # attention layers whose aux loss is averaged over layers (MoH: 0.01 * mean_l L_b, as the
+        # reference engine) get the count; the block still adds their per-layer share
+        averaged = [b.attn for b in self.blocks if hasattr(b.attn, "aux_layers")]
+        for a in averaged:
+            a.aux_layers = len(averaged)
         self.norm = norm_layer(D)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes)

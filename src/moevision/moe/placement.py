@@ -13,7 +13,8 @@ from typing import Sequence
 from ..errors import ConfigError
 
 
-def moe_layer_indices(spec: str | Sequence[int] | None, depth: int) -> tuple[int, ...]:
+def moe_layer_indices(spec: str | Sequence[int] | None, depth: int, key: str = "moe_layers") -> tuple[int, ...]:
+    """The block indices ``spec`` names in a model of ``depth`` blocks; ``key`` names the field in errors."""
     if spec is None or spec == "none":
         return ()
     if isinstance(spec, str):
@@ -21,11 +22,11 @@ def moe_layer_indices(spec: str | Sequence[int] | None, depth: int) -> tuple[int
             return tuple(range(depth))
         m = re.fullmatch(r"(every|last_odd|last)_(\d+)", spec)
         if not m:
-            raise ConfigError(f"moe_layers={spec!r} is not understood; use a list of block indices, "
+            raise ConfigError(f"{key}={spec!r} is not understood; use a list of block indices, "
                               f"'every_N', 'last_odd_N', 'last_N', 'all' or 'none'")
         kind, n = m.group(1), int(m.group(2))
         if n < 1:
-            raise ConfigError(f"moe_layers={spec!r}: N must be >= 1")
+            raise ConfigError(f"{key}={spec!r}: N must be >= 1")
         if kind == "every":
             return tuple(range(n - 1, depth, n))
         if kind == "last_odd":
@@ -35,7 +36,8 @@ def moe_layer_indices(spec: str | Sequence[int] | None, depth: int) -> tuple[int
     idx = tuple(int(i) for i in spec)
     bad = [i for i in idx if not 0 <= i < depth]
     if bad:
-        raise ConfigError(f"moe_layers has block indices {bad} outside [0, depth={depth})")
+        raise ConfigError(f"{key}={list(spec)!r} has block indices {bad} outside [0, depth={depth}); use indices "
+                          f"0 to {depth - 1}")
     if len(set(idx)) != len(idx):
-        raise ConfigError(f"moe_layers has repeated indices: {list(idx)}")
+        raise ConfigError(f"{key}={list(idx)!r} has repeated indices")
     return tuple(sorted(idx))

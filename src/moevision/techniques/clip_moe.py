@@ -225,7 +225,8 @@ def build_clip_moe(base: VisionTransformer, expert_ffns: list[dict[str, torch.Te
                    moe_layers: Any = "all", router_init: str = "linear", balance_weight: float = 0.01,
                    seed: int = 0) -> VisionTransformer:
     """The MoE whose expert e in each MoE block is ``expert_ffns[e]``'s FFN of that block; all other weights
-    from ``base``. With all FFN sets equal this is plain upcycling (and equals ``base``)."""
+    from ``base``, in ``base``'s dtype (copied bit for bit; on CPU). With all FFN sets equal this is plain
+    upcycling (and equals ``base``)."""
     E = len(expert_ffns)
     blocks = upcycled_config(base.config, num_experts=E, top_k=top_k, moe_layers=moe_layers).moe_block_indices
     cfg = upcycled_config(base.config, num_experts=E, top_k=top_k, moe_layers=moe_layers, router="topk",
@@ -237,7 +238,7 @@ def build_clip_moe(base: VisionTransformer, expert_ffns: list[dict[str, torch.Te
         mapped = upcycle_named_tensors({k: v for k, v in ffn.items() if _block_of(k) in blocks}, cfg)
         for k, v in mapped.items():
             state[k][e] = v[e]
-    model = VisionTransformer(cfg)
+    model = VisionTransformer(cfg).to(next(base.parameters()).dtype)  # base's dtype: exact copies (fp64 too)
     gen = torch.Generator().manual_seed(int(seed))
     for i in blocks:
         layer = model.blocks[i].mlp

@@ -10,6 +10,12 @@ No official code was found; every choice below is [R] in the spec and is an opti
 - ``mode="others"`` (paper's share-rate form): P_i <- (1 - beta) P_i + beta / (N - 1) * sum_{j != i} P_j;
   ``mode="mean"``: P_i <- (1 - beta) P_i + beta * mean_j P_j. Both leave the expert mean unchanged.
 - The optimiser state (Adam moments) is per expert and is not averaged.
+- "Early EWA" (the paper's fix for a naive router-based MoE kept at inference; details [R]): with
+  ``techniques.ewa.stop_fraction < 1`` on a model whose MoE layers have a learned router (top-k, expert
+  choice, soft, ...) and no random-partition layers, the same update acts on those layers' experts during
+  the first ``stop_fraction`` of the optimiser steps and then stops; the model is not merged afterwards.
+  A model with random-partition layers always gets EWA on those layers only (the default, unchanged).
+  Whole-training EWA (``stop_fraction = 1``) on router-based layers is refused as a config error.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ def merge_experts_to_dense(model: torch.nn.Module) -> torch.nn.Module:
     """A dense ViT whose MLP in each MoE block is the average of that block's experts (biases too).
 
     Exact when the experts are equal (then the merged model computes what the MoE computes with
-    weight-1 gates). Requires GELU-style experts of the dense MLP's width.
+    weight-1 gates). Requires GELU-style experts of the dense MLP's width. The result has the MoE's
+    dtype and device; non-expert weights are copied bit for bit.
     """
     from ..models.vit import VisionTransformer
 
@@ -61,7 +68,7 @@ def merge_experts_to_dense(model: torch.nn.Module) -> torch.nn.Module:
     if cfg.expert_hidden_ratio and int(cfg.embed_dim * cfg.expert_hidden_ratio) != hidden:
         raise ConfigError("cannot merge: expert hidden width differs from the dense MLP width")
     cfg.moe_layers = "none"
-    dense = VisionTransformer(cfg)
+    dense = VisionTransformer(cfg).to(next(model.parameters()).dtype)  # keep the MoE's dtype (fp64 too)
     state = {}
     for k, v in model.state_dict().items():
         if ".mlp.router." in k:
@@ -86,9 +93,14 @@ def _ewa_hooks(cfg, model: torch.nn.Module) -> list:
     if not ec.enabled:
         return []
     layers = ewa_layers(model)
+    if not layers and ec.stop_fraction < 1.0:  # Early EWA on a router-based MoE kept at inference
+        layers = ewa_layers(model, routers=None)
     if not layers:
+        routed = ewa_layers(model, routers=None)
         raise ConfigError("techniques.ewa.enabled=true needs MoE layers with model.router=random "
-                          "(EWA's random uniform partition)")
+                          "(EWA's random uniform partition)"
+                          + (f"; for Early EWA on this model's {routed[0].router_name!r}-routed MoE layers set "
+                             "techniques.ewa.stop_fraction < 1" if routed else ""))
 
     def hook(model: torch.nn.Module, step: int, total_steps: int) -> None:
         if step <= ec.stop_fraction * total_steps:

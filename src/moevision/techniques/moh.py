@@ -9,7 +9,10 @@ the output projection. Gates follow the official code (``gate_scaling="code"``, 
 so zero router weights with K = h_r give g == 1 and MoH == MHA exactly (``from_mha`` starts there).
 ``gate_scaling="paper"`` drops the constants K, h_s and 2 (the paper's equation, [R]).
 Head-balance loss on the routed heads: L_b = h_r * sum_i f_i P_i (f_i = fraction of tokens routing to
-head i, P_i = mean router probability), weight 0.01; it equals K at perfect balance.
+head i, P_i = mean router probability); it equals K at perfect balance. As in the reference training
+engine (``0.01 * sum(LOSSES) / len(LOSSES)``) the model's loss term is ``balance_loss_weight`` (0.01)
+times the MEAN of L_b over its MoH layers: each layer reports ``balance_loss_weight * L_b / aux_layers``,
+where ``aux_layers`` (default 1, a standalone layer) is set by the ViT to its number of MoH layers.
 
 This is the reference (masked) computation: every head is computed and inactive ones are zeroed, as in
 the official code, so it saves no FLOPs.
@@ -50,6 +53,8 @@ class MoHAttention(nn.Module):
         self.wg_shared = nn.Linear(dim, shared_heads, bias=False) if shared_heads else None
         self.wg_routed = nn.Linear(dim, routed, bias=False) if routed else None
         self.wg_mix = nn.Linear(dim, 2, bias=False) if (shared_heads and routed) else None
+        # number of MoH layers the balance loss is averaged over; the ViT sets it (not in the state dict)
+        self.aux_layers = 1
 
     @classmethod
     def from_mha(cls, mha: nn.Module, **kw) -> "MoHAttention":
@@ -97,7 +102,7 @@ class MoHAttention(nn.Module):
             p = r.mean(dim=(0, 1))
             losses["head_balance"] = self.routed_heads * (f * p).sum()
             if self.training and self.balance_loss_weight:
-                aux = self.balance_loss_weight * losses["head_balance"]
+                aux = self.balance_loss_weight * losses["head_balance"] / self.aux_layers
         with torch.no_grad():
             usage = mask.sum(dim=(0, 1)) if mask is not None else zero.new_zeros(0)
             stats = RoutingStats(tokens_per_expert=usage, dropped_fraction=zero, dropped_token_fraction=zero,

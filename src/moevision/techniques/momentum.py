@@ -13,6 +13,11 @@ Each MoE block's residual becomes an optimiser step on the MoE output f = MoE(LN
   (default the first, index 0 among MoE layers) a = b1 a + (1-b1) f, v = b2 v + (1-b2) f^2 from zero,
   x_{t+1} = x_t + gamma1 a / sqrt(v + 1e-8) (no bias correction) and the heavy-ball buffer is set to
   gamma2 f; later MoE layers use heavy ball with (mu, gamma2).
+``learnable=True`` (the paper's ablation, [R]; default False = fixed floats): in every MoE block mu and
+gamma become scalar ``nn.Parameter``s initialised to the configured values (one pair per block, in the
+state dict as ``blocks.i.mu`` / ``blocks.i.gamma``, trained by the optimiser without weight decay);
+heavy-ball and adam only (robust uses the (kappa, rho) constants). Dense blocks get no parameters; in an
+adam layer mu is unused (its grad stays None).
 Dense blocks pass the buffers through unchanged. ``post_residual_norm=True`` adds the vision reference
 code's extra LayerNorm after every block's MLP residual (off by default; a departure of that code).
 The buffers live in the per-forward ``state`` dict the ViT threads through its blocks.
@@ -50,11 +55,19 @@ class MomentumBlock(Block):
     def __init__(self, dim: int, num_heads: int, mlp: nn.Module, *, variant: str = "heavy_ball",
                  mu: float = 0.7, gamma: float = 1.0, kappa: float = 1.25, rho: float = 0.2,
                  beta1: float = 0.9, beta2: float = 0.999, gamma1: float = 1.0, adam_layers: list | None = None,
-                 post_residual_norm: bool = False, **kw):
+                 post_residual_norm: bool = False, learnable: bool = False, **kw):
         super().__init__(dim, num_heads, mlp, **kw)
         if variant not in ("heavy_ball", "robust", "adam"):
             raise ConfigError(f"momentum variant must be heavy_ball, robust or adam, got {variant!r}")
-        self.variant, self.mu, self.gamma = variant, mu, gamma
+        if learnable and variant == "robust":
+            raise ConfigError("momentum learnable=True makes mu and gamma parameters; the robust variant does "
+                              "not use them (it uses kappa, rho)")
+        self.variant, self.learnable = variant, bool(learnable)
+        if self.learnable and isinstance(mlp, MoE):  # scalar parameters, one pair per MoE block
+            self.mu = nn.Parameter(torch.tensor(float(mu)))
+            self.gamma = nn.Parameter(torch.tensor(float(gamma)))
+        else:
+            self.mu, self.gamma = mu, gamma
         self.beta1, self.beta2, self.gamma1 = beta1, beta2, gamma1
         self.adam_layers = set(adam_layers if adam_layers is not None else [0])
         if variant == "robust":

@@ -2,9 +2,10 @@
 Mixture-of-Experts from Dense Checkpoints", ICLR 2023; vision_moe.md §4).
 
 Every expert of an upcycled MoE layer is an exact copy of the dense MLP it replaces (vmoe's
-``expand_tile`` rule: add an expert axis and tile E times); every other weight is copied verbatim; only
-the router is new. The result is an ordinary ``VisionTransformer`` (``save_pretrained``,
-``from_pretrained`` and ``moevision train --init DIR`` handle it).
+``expand_tile`` rule: add an expert axis and tile E times); every other weight is copied verbatim, in
+the parent's dtype (an fp64 parent gives an fp64 MoE with bit-identical copies); only the router is new.
+The result is an ordinary ``VisionTransformer`` (``save_pretrained``, ``from_pretrained`` and
+``moevision train --init DIR`` handle it).
 
 Function preservation (tested): with identical experts an MoE layer computes ``s(x) * MLP(x)`` where
 ``s(x)`` is the token's summed combine weight. With top-k gates renormalised to sum to 1
@@ -174,7 +175,8 @@ def upcycle(model: VisionTransformer, *, num_experts: int, top_k: int = 2, moe_l
         raise ConfigError(f"router_init={router_init!r} must be one of {ROUTER_INITS}")
     cfg = upcycled_config(model.config, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, **moe_options)
     gen = torch.Generator().manual_seed(int(seed))
-    moe = VisionTransformer(cfg)
+    dtype = next(model.parameters()).dtype
+    moe = VisionTransformer(cfg).to(dtype)  # the parent's dtype before loading: copies are bit-exact (fp64 too)
     dense_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state = upcycle_named_tensors(dense_state, cfg, expert_noise=expert_noise, generator=gen)
     for i in cfg.moe_block_indices:
@@ -188,7 +190,7 @@ def upcycle(model: VisionTransformer, *, num_experts: int, top_k: int = 2, moe_l
                           f"{missing[:4]}, unexpected {unexpected[:4]})")
     moe.model_name = f"{getattr(model, 'model_name', None) or 'vit'}_upcycled"
     device = next(model.parameters()).device
-    return moe.to(device=device, dtype=next(model.parameters()).dtype)
+    return moe.to(device=device)
 
 
 def mlp_params(config: ViTConfig) -> int:

@@ -8,7 +8,10 @@ Weights here are in ``nn.Linear`` layout, W (R rows = output channels, C columns
 the Hessian of the layer's reconstruction loss, proportional to X^T X over the inputs X (N, C) the
 layer saw. Columns are quantised left to right; each column's rounding error is spread over the
 not-yet-quantised columns through the upper Cholesky factor U of H^-1 ("lazy batch" blocks of
-``blocksize`` columns). The result is invariant to scaling H by a positive constant.
+``blocksize`` columns). The result is invariant to scaling H by a positive constant (down to the
+1e-6 floor on the dampening), also with dead inputs (zero rows/columns of H): as in the reference
+``batch_gptq`` they get no special case, their diagonal is just the dampening and their weights are
+quantised (not zeroed), uncoupled from the other columns.
 
 Grids are per output row and fixed from the original row before GPTQ moves any weight (B2). Their
 parameters are rounded to ``scale_dtype`` (bf16, the storage type) *before* quantising, so what GPTQ
@@ -99,10 +102,9 @@ def _inverse_cholesky(H_ECC: torch.Tensor, percdamp: float) -> tuple[torch.Tenso
     eye = torch.eye(C, dtype=H.dtype, device=H.device)
     empty = H.diagonal(dim1=-2, dim2=-1).abs().sum(-1) == 0
     H[empty] = eye
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0  # an input that never fired: keep its column, let damp/1 regularise it
-    diag[dead] = 1.0
-    damp = (percdamp * diag.mean(-1)).clamp(min=1e-6)
+    # as the reference batch_gptq: an input that never fired keeps H_jj = 0 (and its weights), and the
+    # dampening alone fills that diagonal entry, so c * H gives the same result as H (B3)
+    damp = (percdamp * H.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp(min=1e-6)
     H = H + damp[:, None, None] * eye
     L, info = torch.linalg.cholesky_ex(H)
     failed = info != 0
