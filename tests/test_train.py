@@ -42,9 +42,10 @@ def test_smoke_run_learns_and_writes_run_dir(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    """Stopped at step 15 (last checkpoint at 10, mid-epoch), resumed: same final weights."""
+    """Stopped at step 15 (last checkpoint at 10, mid-epoch, inside a logging window of 4 steps), resumed:
+    same final weights and the same metrics records (the window's sums are in the checkpoint)."""
     cfg = _cfg(train__epochs="2", train__checkpoint_every="10", model__noise_std="1.0",
-               data__augment="flip_crop", model__drop_path_rate="0.1")
+               data__augment="flip_crop", model__drop_path_rate="0.1", train__log_every="4")
     fit(cfg, tmp_path / "a", progress=False, log=lambda *_: None)
 
     def boom(step):
@@ -62,6 +63,49 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a, b), k
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # the resumed log reads as one run
+
+    def records(run):  # all but the timing
+        return [{k: v for k, v in json.loads(l).items() if k != "images_per_s"}
+                for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert records("b") == records("a")
+
+
+def test_resume_from_a_checkpoint_without_log_window(tmp_path):
+    """Older checkpoints have no logging-window sums: they resume as before (the window restarts)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = _cfg(train__max_steps="12", train__checkpoint_every="6", train__log_every="4", train__epochs="1")
+
+    def boom(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "r", progress=False, log=lambda *_: None, on_step=boom)
+    p = tmp_path / "r" / "checkpoint.safetensors"
+    with safe_open(str(p), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(meta["state"])
+    assert state.pop("log_window")["n"] == 2 * cfg.data.batch_size  # steps 5 and 6
+    save_file(tensors, str(p), metadata={**meta, "state": json.dumps(state)})
+    s = fit(read_run_config(tmp_path / "r"), tmp_path / "r", resume=True, progress=False, log=lambda *_: None)
+    assert s["steps"] == 12
+
+
+def test_fresh_run_over_an_old_one_removes_its_artifacts_and_divergence_is_a_clear_error(tmp_path):
+    from moevision.errors import ConfigError, DivergenceError, MoEVisionError
+
+    run = tmp_path / "r"
+    fit(_cfg(train__max_steps="2"), run, progress=False, log=lambda *_: None)
+    (run / "analysis").mkdir()
+    with pytest.raises(DivergenceError, match=r"step \d+; lower train.lr \(now 10000\) or train.grad_clip") as e:
+        fit(_cfg(train__lr="1e4"), run, progress=False, log=lambda *_: None)
+    assert isinstance(e.value, MoEVisionError) and isinstance(e.value, FloatingPointError)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # no stale checkpoint, model/, metrics ...
+    with pytest.raises(ConfigError, match="train.lr=inf"):
+        _cfg(train__lr="inf")
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):

@@ -326,7 +326,11 @@ def run_bench(args) -> int:
     if dtype_name not in ("float32", "bfloat16"):
         raise MoEVisionError(f"--dtype must be float32 or bfloat16, got {dtype_name!r}")
     dtype = getattr(torch, dtype_name)
-    repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    repeats = args.repeats if args.repeats is not None else (20 if device.type == "cuda" else 5)
+    if repeats < 1:  # the CLI's argparse refuses these already; other callers of run_bench too
+        raise MoEVisionError(f"--repeats must be >= 1, got {repeats}")
+    if getattr(args, "batch", None) is not None and args.batch < 1:
+        raise MoEVisionError(f"--batch must be >= 1, got {args.batch}")
     result = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                             or platform.machine()), "torch": torch.__version__, "dtype": dtype_name,
               "threads": torch.get_num_threads(), "what": args.what,
@@ -373,7 +377,7 @@ def run_bench(args) -> int:
                         print(f"torch.compile {r['impl']:<20} fwd+bwd {r['compiled_fwdbwd_ms']:.3f} ms = "
                               f"{r['compiled_ratio']:.2f}x compiled dense{extra}")
     else:
-        batch = args.batch or 64
+        batch = args.batch if args.batch is not None else 64
         rows = bench_model(device, dtype, repeats, batch=batch, compile=getattr(args, "compile", False))
         result["rows"], result["batch"], result["compiled"] = rows, batch, bool(getattr(args, "compile", False))
         size = "224x224" if device.type == "cuda" else "28x28"

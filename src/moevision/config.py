@@ -100,7 +100,7 @@ def convert(tp, value: Any, key: str):
 def from_dict(cls, data: dict[str, Any], prefix: str = ""):
     """Build dataclass ``cls`` from a (possibly partial) dict, checking every key and type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -20,3 +20,7 @@ class DataError(MoEVisionError):
 
 class CheckpointError(MoEVisionError):
     """A run directory, checkpoint or pretrained directory is missing or corrupt."""
+
+
+class DivergenceError(MoEVisionError, FloatingPointError):
+    """Training diverged (a non-finite loss). The message names the step and the settings to change."""

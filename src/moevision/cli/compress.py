@@ -39,6 +39,7 @@ def register(sub) -> dict:
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("run_dir", help="a run directory (its final model) or a model directory")
     c.add_argument("--out", default=None, help="directory for the compressed checkpoint (required unless --table)")
+    c.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
     c.add_argument("--method", default="qmoe", choices=["qmoe", "rtn", "prune", "merge"], help="default qmoe")
     c.add_argument("--bits", default="ternary", choices=["ternary", "2", "2bit"],
                    help="grid: ternary {lo, 0, hi} per row (sub-1-bit code) or 2-bit (default ternary)")
@@ -111,7 +112,7 @@ def _options(args):
 def _cmd_compress(args) -> int:
     from ..train import RunConfig, evaluate, read_run_config
     from ..train.engine import load_data, resolve_device
-    from .main import _is_model_dir, _load_final_model
+    from .main import _is_model_dir, _load_final_model, check_out_dir
 
     if args.out is None and args.table is None:
         raise MoEVisionError("--out DIR is required (or --table PATH for the standard sweep)")
@@ -123,6 +124,9 @@ def _cmd_compress(args) -> int:
         raise MoEVisionError(f"--timing-images must be >= 1, got {args.timing_images}")
     opts = _options(args)
     run_dir = Path(args.run_dir)
+    if args.out is not None and args.table is None:
+        check_out_dir(args.out, overwrite=args.overwrite, source=run_dir)
+    device = resolve_device(args.device)
     model = _load_final_model(run_dir)
     if not getattr(model, "moe_layers", ()):
         raise MoEVisionError(f"{run_dir} holds a dense model: no experts to compress")
@@ -134,7 +138,6 @@ def _cmd_compress(args) -> int:
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
     cfg.data.test_subset = args.test_subset
-    device = resolve_device(args.device)
     train, test = load_data(cfg)
     bs = cfg.data.eval_batch_size
 

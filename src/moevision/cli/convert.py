@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -91,8 +92,20 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    for pattern in args.ignore_keys:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"--ignore-keys {pattern!r} is not a valid regular expression ({e}); escape special "
+                              f"characters with a backslash, e.g. '\\('") from None
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise MoEVisionError(f"--out {out} is a file, not a directory; pass another --out")
+    src = Path(args.source)
+    if src.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents):
+        raise MoEVisionError(f"--out {out} holds the source {src}: replacing it would delete the source; "
+                             f"pass another --out")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise MoEVisionError(f"{out} exists and is not empty; pass --overwrite or another --out")
     opts = dict(img_size=args.image_size, num_classes=args.num_classes, num_heads=args.num_heads,
                 in_chans=args.in_chans, interpolation=args.interpolation, antialias=args.antialias,

@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="start from the weights AND model config of a model directory (save_pretrained, "
                         "`moevision upcycle`, a run's model/); --set may still change non-structural model fields")
     t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's, auto)")
-    t.add_argument("--overwrite", action="store_true", help="allow --out to name an existing run directory")
+    t.add_argument("--overwrite", action="store_true",
+                   help="allow --out to name an existing run directory: its previous run's checkpoint, model/, "
+                        "metrics, summary, eval.json and analysis/ are deleted before the new run starts")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="evaluate a run directory (or a save_pretrained directory)")
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="EWA: average each MoE layer's experts into one FFN (a dense ViT)")
     mg.add_argument("run_dir", help="a run directory (its final model) or a model directory")
     mg.add_argument("--out", required=True, help="directory for the merged dense model (save_pretrained format)")
+    mg.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
 
     rp = sub.add_parser("reproduce", help="a technique against its baselines over seeds; writes a Markdown table")
     rp.add_argument("name", help="experiment: momentum, ewa or moh")
@@ -105,8 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     b.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     b.add_argument("--shapes", default=None, help="comma-separated shape names (default: all for the device)")
-    b.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement")
-    b.add_argument("--batch", type=int, default=None, help="model benchmark batch size (default 64, the recipe's)")
+    b.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed repetitions per measurement (default 5 on CPU, 20 on CUDA)")
+    b.add_argument("--batch", type=positive_int, default=None,
+                   help="model benchmark batch size (default 64, the recipe's)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     b.add_argument("--compile", action="store_true",
                    help="also time under torch.compile (moe-layer: compiled dense vs compiled fused layer; "
@@ -117,6 +122,36 @@ def _parser() -> argparse.ArgumentParser:
                         "0 or ~10k pages a step depending on the heap's layout, noise that hits candidates "
                         "unevenly (docs/performance.md); 'default' leaves glibc's behaviour")
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_out_dir(out, *, overwrite: bool, source=None) -> Path:
+    """Refuse an ``--out`` that would destroy data: always the source directory itself (or the run's
+    model/ it was read from) and a regular file; a non-empty directory unless ``overwrite``."""
+    out = Path(out)
+    if source is not None:
+        source = Path(source)
+        final = source / "model"  # a run directory's final model
+        if out.resolve() in (source.resolve(), final.resolve() if (final / "config.json").is_file() else None):
+            where = "the source directory" if out.resolve() == source.resolve() else "the final model/ of"
+            raise MoEVisionError(f"--out {out} is {where} {source}: writing there would replace the model it "
+                                 f"was read from; pass another --out")
+    if out.exists() and not out.is_dir():
+        raise MoEVisionError(f"--out {out} is a file, not a directory; pass another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MoEVisionError(f"{out} already exists and is not empty; pass --overwrite to write over its files, "
+                             f"or another --out")
+    return out
 
 
 def _cmd_train(args) -> int:
@@ -135,6 +170,12 @@ def _cmd_train(args) -> int:
             raise MoEVisionError("--resume takes the run's own config; drop --recipe/--set (only --device, "
                                  "--data-dir and --set parallel.* may change)")
         run_dir = Path(args.resume)
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise MoEVisionError(f"--resume {run_dir} continues the run in its own directory; drop --out {args.out} "
+                                 f"(to branch it, copy the run directory and resume the copy)")
+        if args.overwrite:
+            raise MoEVisionError(f"--resume {run_dir} continues the run; drop --overwrite (to start it afresh "
+                                 f"instead: moevision train --out {run_dir} --overwrite with its --recipe/--set)")
         cfg = read_run_config(run_dir)
         for key, value in overrides:  # a checkpoint loads at any world size: the layout may change
             C.set_by_path(cfg, key, value)
@@ -143,7 +184,9 @@ def _cmd_train(args) -> int:
             say(f"note: the run used parallel.ep={cfg.parallel.ep}; resuming it on this one process (parallel.ep=1)")
             cfg.parallel.ep = 1
         if not ((run_dir / "checkpoint.safetensors").is_file() or (run_dir / "stages" / "progress.json").is_file()):
-            raise MoEVisionError(f"{run_dir}/checkpoint.safetensors is missing: nothing to resume")
+            raise MoEVisionError(f"{run_dir}/checkpoint.safetensors is missing: nothing to resume (the run stopped "
+                                 f"before its first checkpoint); start it again with moevision train --recipe "
+                                 f"{cfg.recipe} --out {run_dir} --overwrite and its --set options")
     else:
         cfg = get_recipe(args.recipe or DEFAULT_RECIPE)
         if args.init:
@@ -155,9 +198,14 @@ def _cmd_train(args) -> int:
         if not args.out and launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise MoEVisionError("under torchrun, name the run directory with --out (every rank must agree on it)")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if main_rank and run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-            raise MoEVisionError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, "
-                                 f"--overwrite to replace it, or another --out")
+        if main_rank and run_dir.exists() and not run_dir.is_dir():
+            raise MoEVisionError(f"--out {run_dir} is a file, not a directory; pass another --out")
+        if main_rank and run_dir.is_dir() and any(run_dir.iterdir()) and not args.overwrite:
+            if (run_dir / "checkpoint.safetensors").is_file() or (run_dir / "stages" / "progress.json").is_file():
+                raise MoEVisionError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, "
+                                     f"--overwrite to replace it, or another --out")
+            raise MoEVisionError(f"{run_dir} already exists and has no checkpoint to resume; pass --overwrite to "
+                                 f"replace it (an earlier run's files in it are deleted), or another --out")
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
     if args.download:
@@ -165,6 +213,20 @@ def _cmd_train(args) -> int:
     if args.device:
         cfg.train.device = args.device
     C.validate_config(cfg)
+    if main_rank and not args.resume:
+        if args.overwrite and run_dir.is_dir():
+            from ..train.engine import RUN_ARTIFACTS, clear_run_artifacts
+
+            init, out = (Path(args.init).resolve() if args.init else None), run_dir.resolve()
+            if init is not None and (init == out or any(out / a in (init, *init.parents) for a in RUN_ARTIFACTS)):
+                raise MoEVisionError(f"--init {args.init} is part of {run_dir}'s previous run, which --overwrite "
+                                     f"deletes; copy the model directory elsewhere first, or pass another --out")
+            clear_run_artifacts(run_dir)  # nothing of the previous run may pass for the new one's
+        try:  # before loading data: an unwritable --out fails now, not after minutes
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MoEVisionError(f"cannot create the run directory {run_dir} ({e.strerror or e}); "
+                                 f"pass another --out") from None
     say(f"moevision train: recipe {cfg.recipe}, model {cfg.model_name}, run directory {run_dir}", flush=True)
     try:
         summary = fit(cfg, run_dir, resume=bool(args.resume), progress=progress)
@@ -184,6 +246,7 @@ def _cmd_eval(args) -> int:
     from ..train.engine import MODEL_DIR, load_data, make_summary, resolve_device
 
     run_dir = Path(args.run_dir)
+    device = resolve_device(args.device)
     model = _load_final_model(run_dir)
     if getattr(model, "arch_name", None) == "vlm":
         raise MoEVisionError(f"{run_dir} holds a vision-language model: its evaluation is in the run's summary.json "
@@ -198,7 +261,6 @@ def _cmd_eval(args) -> int:
         source = str(run_dir / MODEL_DIR) if finished else f"{run_dir}/checkpoint.safetensors (unfinished run)"
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
-    device = resolve_device(args.device)
     if args.eval_capacity_factor is not None:
         if not args.eval_capacity_factor > 0:
             raise MoEVisionError(f"--eval-capacity-factor must be > 0, got {args.eval_capacity_factor}")
@@ -265,6 +327,7 @@ def _load_final_model(path: Path):
 def _cmd_merge(args) -> int:
     from ..techniques import merge_experts_to_dense
 
+    check_out_dir(args.out, overwrite=args.overwrite, source=args.run_dir)
     model = _load_final_model(Path(args.run_dir))
     if not getattr(model, "moe_layers", ()):
         raise MoEVisionError(f"{args.run_dir} holds a dense model: nothing to merge")

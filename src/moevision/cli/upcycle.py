@@ -116,9 +116,9 @@ def _cmd_upcycle(args) -> int:
     from ..techniques.upcycling import MOE_OPTIONS, expected_num_params, step0_gap, upcycle, upcycle_optimizer_state
     from ..train.init_from import run_optimizer_state, save_optimizer_state
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise MoEVisionError(f"{out} already exists; pass --overwrite or another --out")
+    from .main import check_out_dir
+
+    out = check_out_dir(args.out, overwrite=args.overwrite, source=args.source)
     dense, run_dir = load_source(Path(args.source))
     if args.copy_optimizer_state and run_dir is None:
         raise MoEVisionError("--copy-optimizer-state needs SOURCE to be a run directory (with checkpoint.safetensors)")

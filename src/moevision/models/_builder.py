@@ -80,6 +80,11 @@ def read_model_config(directory: str | os.PathLike):
                               f"and model.safetensors written by save_pretrained)")
     try:
         meta = json.loads(path.read_text())
+        if isinstance(meta, dict) and "architecture" not in meta and "model_name" in meta and "train" in meta:
+            finished = (d / "model" / "config.json").is_file()
+            raise CheckpointError(f"{d} is a `moevision train` run directory, not a model directory; pass its "
+                                  f"model directory {d / 'model'}" + ("" if finished else
+                                                                       " (written when the run finishes)"))
         arch = meta["architecture"]
         raw = meta["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:

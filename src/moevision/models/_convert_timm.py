@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +99,15 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if p.suffix == ".safetensors":
             return load_file(str(p))
         if p.suffix in (".pth", ".pt", ".bin"):
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError,
+                    ImportError, IndexError, KeyError, zipfile.BadZipFile) as e:
+                # not the message: torch's asks to retry with weights_only=False, i.e. to run the file's code
+                raise CheckpointError(f"{p} is not a PyTorch state dict that loads without running code "
+                                      f"({type(e).__name__}): it is corrupt, not a .pth file, or holds Python "
+                                      f"objects besides tensors; re-save it with torch.save(model.state_dict()) "
+                                      f"or as .safetensors") from None
             for k in ("state_dict", "model"):  # training checkpoints nest the weights
                 if isinstance(obj, dict) and isinstance(obj.get(k), dict):
                     obj = obj[k]

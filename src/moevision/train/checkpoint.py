@@ -90,6 +90,20 @@ def optimizer_state_from(tensors: dict[str, torch.Tensor], opt_meta: dict) -> di
     return _unflatten_optimizer(tensors, opt_meta)
 
 
+def _mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], show: int = 3) -> str:
+    """What differs between a saved state dict and the model's, briefly: counts and the first few keys."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in saved and saved[k].shape != v.shape]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)):
+        if keys:
+            parts.append(f"{len(keys)} keys {what} (" + ", ".join(keys[:show]) + (", ..." if len(keys) > show else "")
+                         + ")")
+    return "; ".join(parts) or "the tensors differ"
+
+
 def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> dict[str, Any]:
     """Restore what is given; return the JSON state. Raises CheckpointError on a missing/corrupt file."""
@@ -99,16 +113,25 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = 
         sd = model_state_from(tensors)
         try:
             model.load_state_dict(sd)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0:2]
-            raise CheckpointError(f"checkpoint {path} does not match the model: {' '.join(first)}") from None
+        except RuntimeError:
+            raise CheckpointError(f"checkpoint {path} does not match the model: {_mismatch(sd, model.state_dict())}; "
+                                  f"it was saved from a different model config (restore the run's config.json, "
+                                  f"or start a new run with --overwrite or another --out)") from None
     if optimizer is not None:
         try:
             optimizer.load_state_dict(_unflatten_optimizer(tensors, opt_meta))
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {path}: optimizer state does not match ({e})") from None
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {path}: optimizer state does not match ({type(e).__name__}: {e})") \
+                from None
     if restore_rng:
-        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.torch" not in tensors:
+            raise CheckpointError(f"checkpoint {path} is corrupt: it lacks the RNG state rng.torch, so the run "
+                                  f"cannot resume exactly; resume from an intact copy, or start it again with "
+                                  f"--overwrite")
+        try:
+            torch.set_rng_state(tensors["rng.torch"])
+        except (RuntimeError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt: invalid RNG state rng.torch ({e})") from None
         cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)

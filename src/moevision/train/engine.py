@@ -12,6 +12,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import ImageDataset, build_augment, get_dataset, iterate_batches, normalize, num_batches
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DivergenceError
 from ..models import create_model
 from ..utils import atomic_write
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -31,9 +33,15 @@ from .optim import build_optimizer, set_lr, warmup_cosine
 from .run_config import RunConfig
 
 CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, MODEL_DIR = "config.json", "metrics.jsonl", "summary.json", "model"
+# what a run leaves in its directory (train, eval, analyze's default output, a vision-language run's stages)
+RUN_ARTIFACTS = (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, "eval.json", CONFIG_NAME, MODEL_DIR, "analysis", "stages")
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``--device`` / ``train.device``) -> a torch device."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device {name!r} (--device / train.device) is not supported; use auto, cpu, cuda "
+                          f"or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -169,6 +177,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda p: Path(p).write_text("".join(l + "\n" for l in keep)))
 
 
+def clear_run_artifacts(run_dir: Path) -> None:
+    """Delete what an earlier run left in ``run_dir`` (``RUN_ARTIFACTS``) before a fresh run starts there
+    (``train --overwrite``), so that its checkpoint or final model is never taken for the new run's."""
+    for name in RUN_ARTIFACTS:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     data = {"moevision_version": __version__, **cfg.to_dict()}
@@ -183,6 +202,9 @@ def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
         raise CheckpointError(f"{path} is missing: {run_dir} is not a moevision run directory")
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} is corrupt: expected a JSON object (a run config), got a JSON "
+                                  f"{type(data).__name__}; restore it, or start a new run")
         data.pop("moevision_version", None)
         if data.get("kind") == "vlm":  # a vision-language run (train/vlm.py)
             from .vlm import VLMRunConfig
@@ -234,11 +256,20 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     ckpt_path, metrics_path = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME
 
     step, epoch, batch_in_epoch, train_seconds, last_eval, prior_wall = 0, 0, 0, 0.0, None, 0.0
+    window = None
     if resume:
         st = par.load_checkpoint(ckpt_path, model=model, optimizer=optimizer)
+        lacks = [k for k in ("step", "epoch", "batch_in_epoch", "train_seconds")
+                 if not isinstance(st, dict) or not isinstance(st.get(k), (int, float))]
+        if lacks:
+            what = (f"has no valid {', '.join(lacks)}" if isinstance(st, dict) else
+                    f"is a JSON {type(st).__name__}, not an object")
+            raise CheckpointError(f"checkpoint {ckpt_path} is corrupt: its training state {what}; resume from an "
+                                  f"intact copy, or start the run again with --overwrite")
         step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         train_seconds, last_eval = st["train_seconds"], st.get("last_eval")
         prior_wall = st.get("wall_seconds", 0.0)
+        window = st.get("log_window")  # the logging window's sums (absent in older checkpoints)
         if par.is_main:
             _truncate_metrics(metrics_path, step)
         log(f"resumed {run_dir} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
@@ -250,15 +281,18 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
             if tc.init_optimizer_state:
                 load_init_optimizer_state(model, optimizer, tc.init_from)
         if par.is_main:
+            if run_dir.is_dir():  # a fresh run: nothing of an earlier one in run_dir may pass for its output
+                clear_run_artifacts(run_dir)
             write_run_config(cfg, run_dir)
-            if metrics_path.exists():
-                metrics_path.unlink()
 
     def checkpoint() -> None:
+        # the logging window's sums over all ranks, so the first record after a resume averages the same steps
+        loss_sum, correct, n = par.all_sum([run_loss, run_correct, run_n])
         par.save_checkpoint(ckpt_path, model=model, optimizer=optimizer, state={
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_seconds": train_seconds,
             "last_eval": last_eval, "total_steps": total_steps,
-            "wall_seconds": prior_wall + time.perf_counter() - wall_start})
+            "wall_seconds": prior_wall + time.perf_counter() - wall_start,
+            "log_window": {"loss": loss_sum, "correct": int(correct), "n": int(n)}})
 
     final = None
     start_step, prior_train_seconds = step, train_seconds  # where this process starts (resume)
@@ -269,6 +303,11 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     run_loss, run_correct, run_n, window_t, window_imgs = 0.0, 0, 0, time.perf_counter(), 0
+    if par.is_main and isinstance(window, dict):  # rank 0 holds the sums; all_sum adds the others' 0
+        try:
+            run_loss, run_correct, run_n = float(window["loss"]), int(window["correct"]), int(window["n"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"checkpoint {ckpt_path} is corrupt: invalid log_window {window!r}") from None
     try:
         while epoch < tc.epochs and step < total_steps:
             batches = iterate_batches(train_ds, bs, shuffle=True, seed=tc.seed, epoch=epoch,
@@ -288,8 +327,12 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                 task_loss = F.cross_entropy(logits, labels, label_smoothing=tc.label_smoothing)
                 loss = task_loss + tc.aux_loss_weight * out.aux_loss.float()
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower train.lr or enable "
-                                             f"train.grad_clip")
+                    bar.close()
+                    fix = (f"lower train.lr (now {tc.lr:g}) or train.grad_clip (now {tc.grad_clip:g})"
+                           if tc.grad_clip is not None else
+                           f"lower train.lr (now {tc.lr:g}) or enable gradient clipping (--set train.grad_clip=1.0)")
+                    raise DivergenceError(f"training diverged: the loss is {float(loss.detach())} at step {step}; "
+                                          f"{fix}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 par.reduce_gradients(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,15 +73,19 @@ class TrainConfig:
                 self.init_optimizer_state, "needs train.init_from")
         C.check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
         C.check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
-        C.check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        C.check(0 < self.lr < math.inf, "train.lr", self.lr, "must be a finite number > 0")
         C.check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        C.check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")
-        C.check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        C.check(0 <= self.warmup_epochs < math.inf, "train.warmup_epochs", self.warmup_epochs,
+                "must be a finite number >= 0")
+        C.check(0 <= self.weight_decay < math.inf, "train.weight_decay", self.weight_decay,
+                "must be a finite number >= 0")
         C.check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", self.betas,
                 "must be two numbers in [0, 1)")
         C.check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        C.check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0 or none")
-        C.check(self.aux_loss_weight >= 0, "train.aux_loss_weight", self.aux_loss_weight, "must be >= 0")
+        C.check(self.grad_clip is None or 0 < self.grad_clip < math.inf, "train.grad_clip", self.grad_clip,
+                "must be a finite number > 0 or none")
+        C.check(0 <= self.aux_loss_weight < math.inf, "train.aux_loss_weight", self.aux_loss_weight,
+                "must be a finite number >= 0")
         C.check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                 "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
         C.check(self.num_threads is None or self.num_threads >= 1, "train.num_threads", self.num_threads, ">= 1")
