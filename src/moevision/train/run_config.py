@@ -96,12 +96,14 @@ class TrainConfig:
 @dataclass
 class EWAConfig:
     """Experts Weights Averaging (Huang et al. 2023): after each optimiser step, pull every expert of the
-    random-routed MoE layers toward the others with share rate ``beta`` ([R] defaults)."""
+    random-routed MoE layers toward the others with share rate ``beta`` ([R] defaults). "Early EWA": with
+    ``stop_fraction`` < 1 only during that first fraction of the steps; a model without random-routed MoE
+    layers then gets it on its router-based ones (``techniques.ewa``)."""
 
     enabled: bool = False
     beta: float = 0.3
     mode: str = "others"  # "others" (paper's share-rate form) | "mean"
-    stop_fraction: float = 1.0  # "Early EWA": apply only during this fraction of training
+    stop_fraction: float = 1.0  # "Early EWA": apply only during this fraction of training (router-based MoEs too)
 
     def validate(self) -> None:
         C.check(0.0 <= self.beta <= 1.0, "techniques.ewa.beta", self.beta, "must be in [0, 1]")
