@@ -125,6 +125,8 @@ def test_bad_paths_and_devices_are_one_line_errors(trained, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "keep"
     for cmd in (["eval", str(trained)], ["compress", str(trained), "--out", str(tmp_path / "c")]):
         _error(cmd + ["--device", "tpu"], capsys, "'tpu'", "auto, cpu, cuda or cuda:N")
+    _error(["analyze", str(trained), "--out", str(tmp_path / "an"), "--device", "tpu"], capsys, "'tpu'")
+    assert not (tmp_path / "an").exists()  # nothing written before the device is checked
     (tmp_path / "garbage.pth").write_bytes(b"\x80\x02garbage, not a pickle")
     err = _error(["convert", str(tmp_path / "garbage.pth"), "--out", str(tmp_path / "d")], capsys, "garbage.pth")
     assert "weights_only" not in err

@@ -288,6 +288,7 @@ def analyze(source, *, split: str = "test", max_images: int | None = None, out_d
     if eval_capacity_factor is not None and not eval_capacity_factor > 0:
         raise MoEVisionError(f"--eval-capacity-factor must be > 0, got {eval_capacity_factor}")
     P._mpl()  # fail before the pass when matplotlib is missing
+    dev = resolve_device(device)  # a bad --device fails before anything is loaded or written
     t0 = time.perf_counter()
     model, data, cfg, records = load_source(source, split=split, dataset=dataset, data_dir=data_dir)
     if max_images is not None and max_images < len(data):
@@ -301,7 +302,6 @@ def analyze(source, *, split: str = "test", max_images: int | None = None, out_d
         for m in model.modules():
             if hasattr(m, "eval_capacity_factor") and m.__class__.__name__.endswith("Router"):
                 m.eval_capacity_factor = eval_capacity_factor
-    dev = resolve_device(device)
     model.to(dev)
     record = collect_routing(model, data, batch_size=batch_size or cfg.data.eval_batch_size, device=dev,
                              progress=progress)
