@@ -101,8 +101,16 @@ def test_resume_rejects_out_and_overwrite(trained, capsys, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     _error(["train", "--init", str(run / "model"), "--recipe", "smoke_synthetic", "--out", str(run), "--overwrite"],
-           capsys, "--overwrite deletes")
+           capsys, "part of", "a fresh run there deletes")
     assert (run / "model" / "model.safetensors").is_file()
+    # the same guard where fit() (the API) clears a fresh run's directory
+    from moevision.errors import ConfigError
+    from moevision.train.engine import clear_run_artifacts
+    with pytest.raises(ConfigError, match="part of"):
+        clear_run_artifacts(run, run / "model")
+    assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoint.safetensors").is_file()
+    clear_run_artifacts(run, trained / "model")  # weights from elsewhere: the old run's files go
+    assert not (run / "model").exists() and not (run / "checkpoint.safetensors").exists()
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -110,6 +118,7 @@ def test_resume_rejects_out_and_overwrite(trained, capsys, tmp_path):
     (["train", "--recipe", "smoke_synthetic", "--set", "train.grad_clip=inf"], "train.grad_clip=inf"),
     (["train", "--recipe", "smoke_synthetic", "--set", "model.moe_layers=[99]"], "model.moe_layers=[99]"),
     (["train", "--recipe", "smoke_synthetic", "--set", "train.device=tpu"], "train.device='tpu'"),
+    (["train", "--recipe", "smoke_synthetic", "--set", "train.device=cudafoo"], "train.device='cudafoo'"),
     (["train", "--recipe", "smoke_synthetic", "--out", "/proc/moevision-x"], "cannot create the run directory"),
     (["convert", "x.pth", "--out", "o", "--ignore-keys", "("], "--ignore-keys '('"),
 ])

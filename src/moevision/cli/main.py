@@ -214,14 +214,10 @@ def _cmd_train(args) -> int:
         cfg.train.device = args.device
     C.validate_config(cfg)
     if main_rank and not args.resume:
-        if args.overwrite and run_dir.is_dir():
-            from ..train.engine import RUN_ARTIFACTS, clear_run_artifacts
+        if args.overwrite and run_dir.is_dir():  # here too, not only in fit(): a VLM run does not pass there
+            from ..train.engine import clear_run_artifacts
 
-            init, out = (Path(args.init).resolve() if args.init else None), run_dir.resolve()
-            if init is not None and (init == out or any(out / a in (init, *init.parents) for a in RUN_ARTIFACTS)):
-                raise MoEVisionError(f"--init {args.init} is part of {run_dir}'s previous run, which --overwrite "
-                                     f"deletes; copy the model directory elsewhere first, or pass another --out")
-            clear_run_artifacts(run_dir)  # nothing of the previous run may pass for the new one's
+            clear_run_artifacts(run_dir, getattr(getattr(cfg, "train", None), "init_from", None))
         try:  # before loading data: an unwritable --out fails now, not after minutes
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -30,7 +30,7 @@ from ..utils import atomic_write
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .hooks import build_step_hooks
 from .optim import build_optimizer, set_lr, warmup_cosine
-from .run_config import RunConfig
+from .run_config import DEVICE_PATTERN, RunConfig
 
 CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, MODEL_DIR = "config.json", "metrics.jsonl", "summary.json", "model"
 # what a run leaves in its directory (train, eval, analyze's default output, a vision-language run's stages)
@@ -39,7 +39,7 @@ RUN_ARTIFACTS = (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, "eval.json", CONFI
 
 def resolve_device(name: str) -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``--device`` / ``train.device``) -> a torch device."""
-    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+    if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
         raise ConfigError(f"device {name!r} (--device / train.device) is not supported; use auto, cpu, cuda "
                           f"or cuda:N")
     if name == "auto":
@@ -177,9 +177,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda p: Path(p).write_text("".join(l + "\n" for l in keep)))
 
 
-def clear_run_artifacts(run_dir: Path) -> None:
+def clear_run_artifacts(run_dir: Path, init_from: str | os.PathLike | None = None) -> None:
     """Delete what an earlier run left in ``run_dir`` (``RUN_ARTIFACTS``) before a fresh run starts there
-    (``train --overwrite``), so that its checkpoint or final model is never taken for the new run's."""
+    (``train --overwrite``), so that its checkpoint or final model is never taken for the new run's. Refuses
+    (deleting nothing) when ``init_from``, the new run's starting weights, lies in one of those artifacts."""
+    if init_from is not None:
+        init, out = Path(init_from).resolve(), Path(run_dir).resolve()
+        if init == out or any(out / a in (init, *init.parents) for a in RUN_ARTIFACTS):
+            raise ConfigError(f"the initial weights {init_from} (--init / train.init_from) are part of {run_dir}'s "
+                              f"previous run, which a fresh run there deletes; copy that model directory "
+                              f"elsewhere first, or pass another --out")
     for name in RUN_ARTIFACTS:
         path = Path(run_dir) / name
         if path.is_dir() and not path.is_symlink():
@@ -282,7 +289,7 @@ def fit(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, pro
                 load_init_optimizer_state(model, optimizer, tc.init_from)
         if par.is_main:
             if run_dir.is_dir():  # a fresh run: nothing of an earlier one in run_dir may pass for its output
-                clear_run_artifacts(run_dir)
+                clear_run_artifacts(run_dir, tc.init_from)
             write_run_config(cfg, run_dir)
 
     def checkpoint() -> None:

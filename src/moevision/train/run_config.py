@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class DataConfig:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# what train.device / --device accept (engine.resolve_device reads the same)
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 
 @dataclass
@@ -86,7 +91,7 @@ class TrainConfig:
                 "must be a finite number > 0 or none")
         C.check(0 <= self.aux_loss_weight < math.inf, "train.aux_loss_weight", self.aux_loss_weight,
                 "must be a finite number >= 0")
-        C.check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        C.check(isinstance(self.device, str) and re.fullmatch(DEVICE_PATTERN, self.device) is not None,
                 "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
         C.check(self.num_threads is None or self.num_threads >= 1, "train.num_threads", self.num_threads, ">= 1")
         for k in ("log_every", "checkpoint_every", "eval_every"):
